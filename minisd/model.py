@@ -1,0 +1,130 @@
+"""The Stable Diffusion model: tokenizer, text encoder, UNet, VAE and config in one object, and its file format.
+
+A minisd file is a safetensors file with the weights under `text_encoder.`, `unet.` and `vae.` and the `SDConfig`
+as JSON in the file's metadata, so `load` needs nothing but the file. Tensors that the official checkpoints carry
+but minisd does not use (OpenCLIP's text projection, the stored schedule buffers, ...) live under `extra.` so that
+converting back gives the original file bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .clip import CLIPTextEncoder
+from .config import SDConfig
+from .unet import UNet
+from .vae import AutoencoderKL
+
+FORMAT_KEY = "minisd_config"
+PARTS = ("text_encoder", "unet", "vae")
+
+
+class StableDiffusion(nn.Module):
+    def __init__(self, config: SDConfig):
+        super().__init__()
+        self.config = config
+        self.text_encoder = CLIPTextEncoder(config.text)
+        self.unet = UNet(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.extras: dict[str, torch.Tensor] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import CLIPTokenizer
+            self._tokenizer = CLIPTokenizer(pad_token_id=self.config.text.pad_token_id)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def generate(self, *args, **kwargs):
+        """Text to image (and img2img, inpainting): see `minisd.pipeline.generate`."""
+        from .pipeline import generate
+        return generate(self, *args, **kwargs)
+
+
+def atomic_write(path: Union[str, Path], write) -> None:
+    """Call write(tmp_path), then rename onto `path`: a crash or an error never leaves a half-written file."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def state_dict_for_file(sd: StableDiffusion) -> dict[str, torch.Tensor]:
+    tensors = {f"{part}.{k}": v for part in PARTS for k, v in getattr(sd, part).state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in sd.extras.items()})
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save(sd: StableDiffusion, path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> None:
+    """Write `sd` as a minisd safetensors file (optionally cast to `dtype`, e.g. torch.float16)."""
+    from safetensors.torch import save_file
+    tensors = state_dict_for_file(sd)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={FORMAT_KEY: sd.config.to_json()}))
+
+
+def from_state_dict(config: SDConfig, tensors: dict[str, torch.Tensor], source: str = "weights") -> StableDiffusion:
+    """Build a model from a minisd-named state dict, with a clear error listing missing/unexpected/mis-shaped keys."""
+    sd = StableDiffusion(config)
+    expected = {k: v.shape for k, v in state_dict_for_file(sd).items() if not k.startswith("extra.")}
+    given = {k for k in tensors if not k.startswith("extra.")}
+    missing, unexpected = sorted(set(expected) - given), sorted(given - set(expected))
+    mismatched = [(k, tuple(expected[k]), tuple(tensors[k].shape)) for k in set(expected) & given
+                  if tuple(tensors[k].shape) != tuple(expected[k])]
+    if missing or unexpected or mismatched:
+        from .errors import describe_key_problems
+        raise ValueError(describe_key_problems(source, missing, unexpected, sorted(mismatched)))
+    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    for part in PARTS:
+        module = getattr(sd, part)
+        prefix = f"{part}."
+        module.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+    sd.extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return sd.eval()
+
+
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+         **convert_options) -> StableDiffusion:
+    """Load a minisd file, or convert an official checkpoint (.ckpt/.safetensors) or a diffusers folder in memory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    config_json = None
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                config_json = (f.metadata() or {}).get(FORMAT_KEY)
+        except Exception as error:  # safetensors raises its own types for truncated/corrupt headers
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    if config_json is not None:
+        from safetensors.torch import load_file
+        sd = from_state_dict(SDConfig.from_json(config_json), load_file(str(path)), source=str(path))
+    else:
+        from .convert import load_official_or_diffusers
+        sd = load_official_or_diffusers(path, **convert_options)
+    return sd.to(device=device, dtype=dtype)
