@@ -27,6 +27,7 @@ class SDConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    image_size: int = 512                  # the resolution the model was trained at: generate's default height/width
     name: str = "custom"
 
     def __post_init__(self):
@@ -76,7 +77,8 @@ def sd2(prediction_type: str = "v_prediction") -> SDConfig:
     return SDConfig(
         unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, linear_projection=True),
         text=TextEncoderConfig(width=1024, layers=24, heads=16, activation="gelu", use_layers=23, pad_token_id=0),
-        prediction_type=prediction_type, name="sd2" if prediction_type == "v_prediction" else "sd2-base")
+        prediction_type=prediction_type, image_size=768 if prediction_type == "v_prediction" else 512,
+        name="sd2" if prediction_type == "v_prediction" else "sd2-base")
 
 
 def tiny(**overrides) -> SDConfig:
@@ -86,7 +88,7 @@ def tiny(**overrides) -> SDConfig:
                         context_dim=32),
         vae=VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
         text=TextEncoderConfig(width=32, layers=2, heads=4),
-        name="tiny", **overrides)
+        image_size=32, name="tiny", **overrides)
 
 
 PRESETS = {"sd1": sd1, "sd1-inpainting": sd1_inpaint, "sd2": sd2, "sd2-base": lambda: sd2("epsilon"), "tiny": tiny}
