@@ -52,27 +52,29 @@ def transformers_clip(cfg: minisd.SDConfig):
         vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_ratio * t.width,
         num_hidden_layers=t.use_layers or t.layers, num_attention_heads=t.heads, max_position_embeddings=t.max_length,
         hidden_act=t.activation, layer_norm_eps=1e-5, projection_dim=t.width,
+        bos_token_id=min(49406, t.vocab_size - 2), eos_token_id=min(49407, t.vocab_size - 1),  # only pooling uses them
     )).eval()
 
 
 def minisd_from_references(cfg: minisd.SDConfig, unet=None, vae=None, text=None) -> minisd.StableDiffusion:
     """A minisd model holding the reference modules' weights (mapped by minisd's keymap); parts not given stay random."""
-    sd = minisd.StableDiffusion(cfg)
+    # Built on the meta device and filled by assignment: no time spent on random init, no second copy of the weights.
+    with torch.device("meta"):
+        sd = minisd.StableDiffusion(cfg)
     mapped = from_diffusers(unet=unet.state_dict() if unet is not None else None,
                             vae=vae.state_dict() if vae is not None else None,
                             text_encoder=text.state_dict() if text is not None else None)
     for part in ("unet", "vae", "text_encoder"):
         prefix = part + "."
         sub = {k[len(prefix):]: v for k, v in mapped.items() if k.startswith(prefix)}
-        if not sub:
-            continue
         own = getattr(sd, part).state_dict()
         unexpected = set(sub) - set(own)
         assert not unexpected, f"keymap produced keys minisd does not have: {sorted(unexpected)[:5]}"
         # Only SD 2's 24th text layer may be absent (the reference keeps 23): everything else must be covered.
         missing = {k for k in own if k not in sub and not (part == "text_encoder" and cfg.text.use_layers
                                                             and k.startswith(f"layers.{cfg.text.use_layers}."))}
-        assert not missing, f"keymap left minisd keys without weights: {sorted(missing)[:5]}"
-        own.update(sub)
-        getattr(sd, part).load_state_dict(own)
+        assert not sub or not missing, f"keymap left minisd keys without weights: {sorted(missing)[:5]}"
+        # Parts not given (and SD 2's unused 24th layer) get random weights.
+        sub.update({k: torch.randn(v.shape) * 0.02 for k, v in own.items() if k not in sub})
+        getattr(sd, part).load_state_dict(sub, assign=True)
     return sd.eval()
