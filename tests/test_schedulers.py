@@ -1,0 +1,357 @@
+"""Noise schedules and the DDIM / DDPM samplers, checked against diffusers and against the math they implement.
+
+Reference: diffusers' DDIMScheduler / DDPMScheduler configured as Stable Diffusion ships them. Without diffusers the
+fixture tests still replay trajectories that diffusers computed (tests/fixtures/make_scheduler_fixture.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minisd.ddim import DDIMSampler
+from minisd.ddpm import DDPMSampler
+from minisd.schedule import NoiseSchedule, ScheduleConfig
+
+FIXTURE = Path(__file__).parent / "fixtures" / "scheduler_reference.safetensors"
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def schedule(prediction_type="epsilon", kind="scaled_linear"):
+    return NoiseSchedule(ScheduleConfig(kind=kind, prediction_type=prediction_type))
+
+
+def toy_model(x, t):
+    """A deterministic stand-in for the UNet: output depends on x and t, so errors would feed back along the chain."""
+    return torch.sin(1.3 * x + 0.002 * float(t)) + 0.3 * x
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+# --------------------------------------------------------------------------------------------------- against diffusers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_alphas_cumprod_match_diffusers(diffusers, kind):
+    reference = diffusers.DDIMScheduler(beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012)
+    mine = schedule(kind=kind)
+    torch.testing.assert_close(mine.betas, reference.betas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mine.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_timesteps_match_diffusers_for_every_step_count(diffusers, spacing, steps_offset):
+    mine = schedule()
+    ddim = diffusers.DDIMScheduler(**{**SD, "steps_offset": steps_offset}, timestep_spacing=spacing)
+    ddpm = diffusers.DDPMScheduler(**{**SD, "steps_offset": steps_offset}, timestep_spacing=spacing)
+    for n in range(1, 1001):
+        ours = mine.sampling_timesteps(n, spacing, steps_offset)
+        assert len(ours) == n and bool((ours[:-1] > ours[1:]).all())
+        for reference in (ddim, ddpm) if n in (10, 50, 61, 1000) else (ddim,):
+            reference.set_timesteps(n)
+            theirs = reference.timesteps
+            if len(theirs) == n + 1:  # diffusers' np.arange overshoots for some N ("trailing", e.g. N=61) ...
+                assert spacing == "trailing" and theirs[-1] == -1  # ... with an invalid t = −1 that we drop
+                theirs = theirs[:n]
+            assert torch.equal(ours, theirs), (spacing, steps_offset, n)
+
+
+def test_sd_leading_timesteps(diffusers):
+    assert DDIMSampler(schedule(), 50).timesteps.tolist() == list(range(981, 0, -20))
+
+
+def _diffusers_prev_agrees(timesteps, num_steps):
+    """diffusers' DDIM steps to t − T//N; ours to the next listed timestep. Compare only where those coincide."""
+    ours = timesteps[1:].tolist() + [-1]
+    theirs = [t - 1000 // num_steps for t in timesteps.tolist()]
+    return all(p == q or (p == -1 and q < 0) for p, q in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing,num_steps", [("leading", 10), ("leading", 50), ("trailing", 50), ("trailing", 1000)])
+def test_ddim_trajectory_matches_diffusers(diffusers, prediction_type, spacing, num_steps):
+    for eta in (0.0, 0.5, 1.0):
+        sampler = DDIMSampler(schedule(prediction_type), num_steps, eta=eta, spacing=spacing)
+        assert _diffusers_prev_agrees(sampler.timesteps, num_steps)
+        reference = diffusers.DDIMScheduler(
+            **SD, set_alpha_to_one=False, prediction_type=prediction_type, timestep_spacing=spacing
+        )
+        reference.set_timesteps(num_steps)
+        assert torch.equal(sampler.timesteps, reference.timesteps)
+
+        gen = torch.Generator().manual_seed(num_steps)
+        x = x_ref = torch.randn(2, 4, 8, 8, generator=gen)
+        for t in sampler.timesteps:  # two independent chains, each fed its own model output
+            z = torch.randn(x.shape, generator=gen)
+            ours = sampler.step(toy_model(x, t), t, x, variance_noise=z)
+            theirs = reference.step(toy_model(x_ref, t), t, x_ref, eta=eta, variance_noise=z)
+            torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, **TOL)
+            torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, **TOL)
+            x, x_ref = ours.prev_sample, theirs.prev_sample
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("num_steps", [None, 50, 10])
+def test_ddpm_trajectory_matches_diffusers(diffusers, prediction_type, num_steps):
+    sampler = DDPMSampler(schedule(prediction_type), num_steps)
+    reference = diffusers.DDPMScheduler(**SD, prediction_type=prediction_type)
+    if num_steps is not None:
+        reference.set_timesteps(num_steps)
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+
+    x = x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    # Same seed on both sides: the chains agree only if both draw the same noise at the same steps (t > 0).
+    gen, gen_ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for t in sampler.timesteps:
+        ours = sampler.step(toy_model(x, t), t, x, generator=gen)
+        theirs = reference.step(toy_model(x_ref, t), t, x_ref, generator=gen_ref)
+        torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, **TOL)
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, **TOL)
+        x, x_ref = ours.prev_sample, theirs.prev_sample
+    assert torch.equal(gen.get_state(), gen_ref.get_state())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_q_sample_and_v_target_match_add_noise_and_get_velocity(diffusers, kind):
+    reference = diffusers.DDPMScheduler(beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    mine = schedule(kind=kind)
+    torch.testing.assert_close(mine.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), **TOL)
+    torch.testing.assert_close(mine.v_target(x0, noise, t), reference.get_velocity(x0, noise, t), **TOL)
+
+
+def test_img2img_timesteps_match_pipeline_rule(diffusers):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    for spacing, num_steps in [("leading", 1), ("leading", 7), ("leading", 50), ("trailing", 1000)]:
+        sampler = DDIMSampler(schedule(), num_steps, spacing=spacing)
+        reference = diffusers.DDIMScheduler(**SD, set_alpha_to_one=False, timestep_spacing=spacing)
+        reference.set_timesteps(num_steps)
+        pipeline = SimpleNamespace(scheduler=reference)  # get_timesteps only reads pipeline.scheduler
+        for strength in (0.0, 0.01, 0.3, 0.5, 0.75, 0.99, 1.0):
+            expected, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipeline, num_steps, strength, "cpu")
+            assert torch.equal(sampler.timesteps_for_strength(strength), expected), (spacing, num_steps, strength)
+
+
+def test_snr_matches_diffusers_training_utils(diffusers):
+    from diffusers.training_utils import compute_snr
+
+    reference = diffusers.DDPMScheduler(**SD)
+    t = torch.arange(1000)
+    snr = schedule().snr(t)
+    torch.testing.assert_close(snr, compute_snr(reference, t), rtol=1e-6, atol=0)
+    assert bool((snr[1:] < snr[:-1]).all()), "SNR must fall as t grows"
+
+
+# ---------------------------------------------------------------------------------------- fixture (no diffusers needed)
+
+
+def _load_fixture():
+    with safe_open(FIXTURE, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["cases"])
+
+
+def test_fixture_alphas_cumprod():
+    tensors, _ = _load_fixture()
+    for kind in KINDS:
+        expected = tensors[f"alphas_cumprod.{kind}"]
+        torch.testing.assert_close(schedule(kind=kind).alphas_cumprod, expected, rtol=1e-6, atol=0)
+
+
+def test_fixture_trajectories():
+    tensors, cases = _load_fixture()
+    assert len(cases) >= 4
+    for name, case in cases.items():
+        sched = schedule(case["prediction_type"])
+        if case["sampler"] == "ddim":
+            sampler = DDIMSampler(sched, case["num_steps"], eta=case["eta"], spacing=case["spacing"])
+        else:
+            sampler = DDPMSampler(sched, case["num_steps"], spacing=case["spacing"])
+        assert torch.equal(sampler.timesteps, tensors[f"{name}.timesteps"]), name
+        x = tensors[f"{name}.x_T"]
+        for i, t in enumerate(sampler.timesteps):
+            out = sampler.step(tensors[f"{name}.model_outputs"][i], t, x, variance_noise=tensors[f"{name}.noise"][i])
+            where = lambda message: f"{name}, step {i}: {message}"  # noqa: E731
+            torch.testing.assert_close(out.pred_x0, tensors[f"{name}.pred_x0"][i], **TOL, msg=where)
+            torch.testing.assert_close(out.prev_sample, tensors[f"{name}.prev_samples"][i], **TOL, msg=where)
+            x = out.prev_sample
+
+
+# ------------------------------------------------------------------------------------ properties the chapters teach
+
+
+def test_ddim_eta0_is_deterministic_and_draws_no_noise():
+    sampler = DDIMSampler(schedule(), 20, eta=0.0)
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    results = []
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        state = gen.get_state()
+        x = x_T
+        for t in sampler.timesteps:
+            x = sampler.step(toy_model(x, t), t, x, generator=gen).prev_sample
+        assert torch.equal(gen.get_state(), state)
+        results.append(x)
+    assert torch.equal(results[0], results[1])
+
+
+def _bayes_posterior_closed_form(x0, x_t, a_t, a_prev):
+    """q(x_prev | x_t, x0) ∝ q(x_t | x_prev) q(x_prev | x0), a product of two Gaussians in x_prev (float64).
+
+    q(x_t | x_prev) = N(√α' x_prev, β'),   α' = ᾱ_t / ᾱ_prev, β' = 1 − α'   → in x_prev: precision α'/β'
+    q(x_prev | x0)  = N(√ᾱ_prev x0, 1 − ᾱ_prev)
+    Precisions add; the mean is the precision-weighted average of the two means.
+    """
+    alpha_step = a_t / a_prev
+    beta_step = 1 - alpha_step
+    precision = alpha_step / beta_step + 1 / (1 - a_prev)
+    mean = (math.sqrt(alpha_step) * x_t / beta_step + math.sqrt(a_prev) * x0 / (1 - a_prev)) / precision
+    return mean, 1 / precision
+
+
+@pytest.mark.parametrize("num_steps", [None, 50, 7])
+def test_ddpm_posterior_is_bayes_of_two_gaussians(num_steps):
+    sampler = DDPMSampler(schedule(), num_steps)
+    alphas_cumprod = sampler.schedule.alphas_cumprod.double()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    timesteps = sampler.timesteps.tolist()
+    for t, prev in zip(timesteps[:-1], timesteps[1:]):
+        x_t = sampler.schedule.q_sample(x0, t, torch.randn(2, 3, generator=gen, dtype=torch.float64))
+        mean, variance = sampler.posterior(x0, x_t, t)
+        expected_mean, expected_variance = _bayes_posterior_closed_form(
+            x0, x_t, alphas_cumprod[t].item(), alphas_cumprod[prev].item()
+        )
+        torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-12)
+        assert math.isclose(variance.item(), expected_variance, rel_tol=1e-9)
+    # after the last timestep ᾱ_prev = 1: the posterior collapses onto x0 (variance clamped to 1e-20)
+    mean, variance = sampler.posterior(x0, x0 + 1.0, timesteps[-1])
+    torch.testing.assert_close(mean, x0)
+    assert variance.item() == pytest.approx(1e-20)
+
+
+def test_ddpm_posterior_matches_numerical_bayes_on_a_grid():
+    """The same posterior with no algebra at all: multiply the two densities on a fine 1-D grid and take moments."""
+    sampler = DDPMSampler(schedule(), 50)
+    alphas_cumprod = sampler.schedule.alphas_cumprod.double()
+    for t, x0, x_t in [(981, 0.7, -0.4), (501, -1.2, 0.3), (41, 0.5, 0.55), (21, 0.0, 0.1)]:
+        prev = sampler.previous_timestep(t)
+        a_t, a_prev = alphas_cumprod[t].item(), alphas_cumprod[prev].item()
+        alpha_step = a_t / a_prev
+        lik_std = math.sqrt((1 - alpha_step) / alpha_step)  # width of q(x_t | x_prev) as a function of x_prev
+        grid = torch.linspace(-8, 8, 400_001, dtype=torch.float64) * max(lik_std, math.sqrt(1 - a_prev)) + x_t
+        log_density = -((x_t - math.sqrt(alpha_step) * grid) ** 2) / (2 * (1 - alpha_step)) - (
+            (grid - math.sqrt(a_prev) * x0) ** 2
+        ) / (2 * (1 - a_prev))
+        weights = torch.softmax(log_density, dim=0)
+        numeric_mean = (weights * grid).sum()
+        numeric_variance = (weights * (grid - numeric_mean) ** 2).sum()
+        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731
+        mean, variance = sampler.posterior(as_tensor(x0), as_tensor(x_t), t)
+        assert mean.item() == pytest.approx(numeric_mean.item(), rel=1e-6, abs=1e-8)
+        assert variance.item() == pytest.approx(numeric_variance.item(), rel=1e-5)
+
+
+def test_ddim_eta1_variance_is_ddpm_posterior_variance():
+    sched = schedule()
+    ddim, ddpm = DDIMSampler(sched, 50, eta=1.0), DDPMSampler(sched, 50)
+    like = torch.zeros((), dtype=torch.float64)
+    for t in ddim.timesteps[:-1]:  # the last step differs on purpose: DDIM ends at ᾱ₀, DDPM at 1
+        _, variance = ddpm.posterior(like, like, t)
+        assert ddim.sigma(t, like).item() ** 2 == pytest.approx(variance.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_eps_v_x0_round_trip(prediction_type):
+    sched = schedule(prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 4, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(5, 4, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    x_t = sched.q_sample(x0, t, noise)
+    x0_back, eps_back = sched.predict_x0_and_eps(sched.training_target(x0, noise, t), x_t, t)
+    torch.testing.assert_close(x0_back, x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(eps_back, noise, rtol=0, atol=1e-10)
+    # the two parameterisations describe the same (x0, ε): v computed from either side agrees
+    v = sched.v_target(x0, noise, t)
+    x0_from_v, eps_from_v = schedule("v_prediction").predict_x0_and_eps(v, x_t, t)
+    x0_from_eps, _ = schedule("epsilon").predict_x0_and_eps(eps_from_v, x_t, t)
+    torch.testing.assert_close(x0_from_v, x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(x0_from_eps, x0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_with_perfect_oracle_recovers_x0(prediction_type):
+    sched = schedule(prediction_type)
+    sampler = DDIMSampler(sched, 50, eta=0.0)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+
+    def oracle(x_t, t):  # the true noise in x_t for this known x0, expressed as ε or v
+        a = sched.alphas_cumprod[t].double()
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    x = sched.q_sample(x0, sampler.timesteps[0], noise)
+    for t in sampler.timesteps:
+        out = sampler.step(oracle(x, t), t, x)
+        torch.testing.assert_close(out.pred_x0, x0, rtol=0, atol=1e-9)
+        x = out.prev_sample
+    # η = 0 keeps the same ε all the way down; SD's last step lands on ᾱ₀ (not 1), so a trace of it remains
+    torch.testing.assert_close(x, sched.q_sample(x0, 0, noise), rtol=0, atol=1e-9)
+
+
+def test_img2img_strength_examples():
+    sampler = DDIMSampler(schedule(), 50)
+    assert sampler.timesteps_for_strength(1.0).tolist() == sampler.timesteps.tolist()
+    assert sampler.timesteps_for_strength(0.3).tolist() == list(range(281, 0, -20))
+    assert sampler.timesteps_for_strength(0.0).tolist() == []
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+def test_validation_messages():
+    sched = schedule()
+    with pytest.raises(ValueError, match="num_steps must be in \\[1, 1000\\], got 0"):
+        DDIMSampler(sched, 0)
+    with pytest.raises(ValueError, match="got 1001"):
+        DDPMSampler(sched, 1001)
+    with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
+        DDIMSampler(sched, 50, spacing="karras")
+    with pytest.raises(ValueError, match="'scaled_linear', 'linear', 'cosine'"):
+        ScheduleConfig(kind="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction'"):
+        ScheduleConfig(prediction_type="sample")
+    for eta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
+            DDIMSampler(sched, 50, eta=eta)
+    with pytest.raises(ValueError, match="steps_offset=0 or spacing='trailing'"):
+        DDIMSampler(sched, 1000)  # leading + steps_offset=1 would visit t = 1000
+    with pytest.raises(ValueError, match="strength must be"):
+        DDIMSampler(sched, 50).timesteps_for_strength(1.5)
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="t=980 is not one of this sampler's timesteps"):
+        DDIMSampler(sched, 50).step(x, 980, x)
+    with pytest.raises(ValueError, match="either generator or variance_noise"):
+        DDIMSampler(sched, 50, eta=1.0).step(x, 981, x, generator=torch.Generator(), variance_noise=x)
+    with pytest.raises(ValueError, match="timesteps must be in \\[0, 999\\]"):
+        sched.q_sample(x, torch.tensor([1000]), x)
+    with pytest.raises(ValueError, match="same shape"):
+        sched.q_sample(x, torch.tensor([3]), torch.zeros(1, 4, 8, 7))
+    with pytest.raises(TypeError, match="integer timesteps"):
+        sched.q_sample(x, torch.tensor([3.0]), x)
