@@ -51,12 +51,13 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(model
     assert settings["guidance_scale"] == 7.5 and settings["sampler"] == "ddim" and settings["height"] == 32
 
     # The same image from the library, and again from its own file.
+    # Batch 1 against batch 2: the matrix kernels may round differently with the batch size, so allow ±1 level.
     expected = minisd.load(model_file).generate("a red (circle:1.2)", negative_prompt="blue", steps=3, seed=[11])[0]
-    assert np.array_equal(np.asarray(expected), pixels)
+    assert np.abs(np.asarray(expected).astype(int) - pixels.astype(int)).max() <= 1
     again = tmp_path / "again" / "x.png"
     again.parent.mkdir()
     assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--out", again, "--quiet"]) == 0
-    assert np.array_equal(np.asarray(Image.open(again)), pixels)
+    assert np.abs(np.asarray(Image.open(again)).astype(int) - pixels.astype(int)).max() <= 1
     # Flags next to --from-png override the stored settings.
     assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--seed", 3, "--out", again, "--quiet"]) == 0
     with Image.open(again) as image:
