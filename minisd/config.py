@@ -91,4 +91,22 @@ def tiny(**overrides) -> SDConfig:
         image_size=32, name="tiny", **overrides)
 
 
-PRESETS = {"sd1": sd1, "sd1-inpainting": sd1_inpaint, "sd2": sd2, "sd2-base": lambda: sd2("epsilon"), "tiny": tiny}
+def bundled(**overrides) -> SDConfig:
+    """The model shipped in minisd/assets/bundled.safetensors: 32×32 coloured shapes, trained from scratch.
+
+    Same three networks as SD, shrunk: a VAE with downscale 4 (32×32×3 -> 8×8×4 latents), a two-level UNet with
+    attention at both levels, a 3-layer CLIP-architecture text encoder of width 64 over CLIP's real 49,408-token
+    vocabulary, v-prediction. latent_scale is measured after training the VAE (1 / std of its latents).
+    """
+    values = dict(
+        unet=UNetConfig(channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True),
+                        num_heads=4, context_dim=64),
+        vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
+        text=TextEncoderConfig(width=64, layers=3, heads=4),
+        prediction_type="v_prediction", image_size=32, name="bundled")
+    values.update(overrides)
+    return SDConfig(**values)
+
+
+PRESETS = {"sd1": sd1, "sd1-inpainting": sd1_inpaint, "sd2": sd2, "sd2-base": lambda: sd2("epsilon"), "tiny": tiny,
+           "bundled": bundled}

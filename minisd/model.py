@@ -89,8 +89,9 @@ def save(sd: StableDiffusion, path: Union[str, Path], dtype: Optional[torch.dtyp
 
 def from_state_dict(config: SDConfig, tensors: dict[str, torch.Tensor], source: str = "weights") -> StableDiffusion:
     """Build a model from a minisd-named state dict, with a clear error listing missing/unexpected/mis-shaped keys."""
-    sd = StableDiffusion(config)
-    expected = {k: v.shape for k, v in state_dict_for_file(sd).items() if not k.startswith("extra.")}
+    with torch.device("meta"):  # shapes only: the weights come from `tensors`, so skip the random init
+        sd = StableDiffusion(config)
+    expected = {f"{part}.{k}": v.shape for part in PARTS for k, v in getattr(sd, part).state_dict().items()}
     given = {k for k in tensors if not k.startswith("extra.")}
     missing, unexpected = sorted(set(expected) - given), sorted(given - set(expected))
     mismatched = [(k, tuple(expected[k]), tuple(tensors[k].shape)) for k in set(expected) & given
@@ -98,11 +99,11 @@ def from_state_dict(config: SDConfig, tensors: dict[str, torch.Tensor], source: 
     if missing or unexpected or mismatched:
         from .errors import describe_key_problems
         raise ValueError(describe_key_problems(source, missing, unexpected, sorted(mismatched)))
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     for part in PARTS:
         module = getattr(sd, part)
         prefix = f"{part}."
-        module.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)},
+                               assign=True)
     sd.extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return sd.eval()
 
