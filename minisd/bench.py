@@ -1,0 +1,564 @@
+"""`python -m minisd bench`: minisd and diffusers timed side by side, in one process, on the same weights.
+
+For every model and image size, each variant below is measured for:
+    UNet ms, it/s   one UNet call on the guided batch (2 × images: unconditional + prompt rows), median of --iters;
+                    it/s = calls per second, the rate of the denoising loop's dominant work
+    s/image         text to image end to end: encode the prompts, --steps DDIM steps with guidance, decode (median)
+    first image     the same for the variant's first image: compilation and CUDA-graph recording included
+    peak GiB        (CUDA) the variant's weights + the most memory it held above them while making an image
+                    (after its first image: what that left allocated counts, its one-time scratch does not)
+
+Variants (the same weights in each):
+    minisd-math         the readable path: attention written out as einsum, softmax, einsum; eager
+    minisd              eager, fused attention (torch's scaled_dot_product_attention, which diffusers uses too)
+    minisd-cl           the same, channels_last weights
+    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU torch.compile of
+                        the UNet and VAE decoder and a CUDA graph of the UNet call (--no-compile, --no-cuda-graphs)
+    diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel, eager
+    diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last: diffusers' documented recipe
+    diffusers-compiled+cudnn   the same, re-timed with cudnn.benchmark on (which the minisd fast path turns on)
+
+The diffusers modules are built from the minisd config and filled with the minisd model's tensors through minisd's
+key map read backwards (keymap.from_diffusers maps every reference name to a minisd name). diffusers and
+transformers are needed only for the diffusers variants. Settings that cannot work are refused before anything
+runs (exit status 2); running out of GPU memory is reported with the options that need less (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+PROMPT = "a red circle on the left and a blue square at the top"
+ORDER = ("minisd-math", "minisd", "minisd-cl", "diffusers", "diffusers-cl", "diffusers-compiled", "minisd-fast",
+         "diffusers-compiled+cudnn")
+DEFAULT_VARIANTS = {"cuda": ORDER, "cpu": ("minisd-math", "minisd", "minisd-fast", "diffusers")}
+COUNTERPART = {"minisd-math": "diffusers", "minisd": "diffusers", "minisd-cl": "diffusers-cl",
+               "minisd-fast": "diffusers-compiled"}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16"}
+BUNDLED = Path(__file__).with_name("assets") / "bundled.safetensors"
+MEMORY_HELP = ("Options that need less GPU memory: fused attention (the default; never builds the tokens × tokens "
+               "matrix), --attention-slicing N (math attention, N batch·head rows at a time), --tiled-decode (decode "
+               "the latents in overlapping tiles), --dtype float16, a smaller --size or --batch, and one variant at a "
+               "time (--variants minisd) so that only one copy of the weights is on the GPU.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--device", help="cpu, cuda, cuda:1, … (default: cuda if there is one, else cpu)")
+    a("--dtype", help="float32 / float16 / bfloat16 (default: float16 on a GPU, float32 on the CPU)")
+    a("--preset", nargs="+", help="model sizes: sd1 sd2 sd2-base sd1-inpainting tiny bundled (default: sd1 on a GPU; "
+                                  "tiny, and the bundled model if present, on the CPU). Presets get random weights; "
+                                  "bundled is the trained model that ships with minisd.")
+    a("--model", help="a model file to time instead of a preset (minisd file or official checkpoint)")
+    a("--size", nargs="+", type=int, help="image sizes (square; default: each model's native size)")
+    a("--batch", type=int, default=1, help="images per prompt (the UNet batch is twice this, with guidance)")
+    a("--steps", type=int, default=50, help="DDIM steps per image (default 50)")
+    a("--iters", type=int, help="timed UNet calls per variant (default 20 on a GPU, 3 on the CPU)")
+    a("--images", type=int, help="timed images per variant after the first (default 3 on a GPU, 2 on the CPU)")
+    a("--only", choices=("unet", "image"), help="time only the UNet, or only whole images")
+    a("--variants", help=f"comma-separated, from {','.join(ORDER)} (default: all on a GPU; "
+                         f"{','.join(DEFAULT_VARIANTS['cpu'])} on the CPU)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="minisd-fast: torch.compile (default: on a GPU)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="minisd-fast: CUDA graphs (default: on a GPU)")
+    a("--compile-mode", help="torch.compile mode for the compiled variants (default: torch's default)")
+    a("--compile-options", help="minisd-fast: Inductor options to switch on instead of a mode, comma-separated "
+                                "(e.g. conv_1x1_as_mm,coordinate_descent_tuning)")
+    a("--attention-slicing", type=int, help="minisd variants: math attention, N batch·head rows at a time")
+    a("--tiled-decode", action="store_true", help="minisd variants: decode the image in 512-pixel tiles")
+    a("--max-memory", type=float, help="(CUDA) cap the memory torch may use, in GiB, to try a smaller card's budget")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    a("--json", help="also write every result to this JSON file (rewritten after each variant)")
+
+
+# ---------------------------------------------------------------- settings: refuse what cannot work, clearly
+def check_settings(args) -> dict:
+    import torch
+    from .config import PRESETS
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"--device {device_name!r} is not a device name (try cpu, cuda, cuda:0)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_name}: the benchmark runs on cpu or cuda devices, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device_name}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU found'})")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype {dtype_name!r} is not one of float32, float16, bfloat16")
+    dtype_name = DTYPES[dtype_name]
+    if device.type == "cpu" and dtype_name == "float16":
+        raise ValueError("--dtype float16 needs a GPU: the CPU has no fast float16 arithmetic (use float32 or bfloat16)")
+    if device.type == "cuda" and dtype_name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
+                         "(use float16)")
+
+    if args.model and args.preset:
+        raise ValueError("give --model or --preset, not both")
+    if args.model:
+        if not Path(args.model).exists():
+            raise FileNotFoundError(f"--model {args.model}: no such file or folder")
+        models = [args.model]
+    else:
+        models = args.preset or (["sd1"] if device.type == "cuda" else ["tiny"] + (["bundled"] if BUNDLED.exists() else []))
+        for name in models:
+            if name == "bundled" and not BUNDLED.exists():
+                raise ValueError(f"--preset bundled: the bundled model is not there ({BUNDLED}); use --preset tiny")
+            if name != "bundled" and name not in PRESETS:
+                raise ValueError(f"--preset {name!r} is not one of {', '.join(PRESETS)}, bundled")
+
+    for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--iters", args.iters, 1),
+                             ("--images", args.images, 0), ("--threads", args.threads, 1),
+                             ("--attention-slicing", args.attention_slicing, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    for size in args.size or []:
+        if size < 8 or size % 8:
+            raise ValueError(f"--size {size}: image sizes must be positive multiples of 8 (the VAE's downscale)")
+    for name in models:                      # presets: check the sizes before building anything
+        if name in PRESETS:
+            _check_sizes(name, PRESETS[name](), args.size or [])
+    variants = DEFAULT_VARIANTS[device.type] if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in ORDER]
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    on_gpu = device.type == "cuda"
+    if args.max_memory is not None:
+        if not on_gpu:
+            raise ValueError("--max-memory applies to CUDA devices only")
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if not 0 < args.max_memory <= total:
+            raise ValueError(f"--max-memory must be in (0, {total:.1f}] GiB for this card, got {args.max_memory}")
+    compile_ = on_gpu if args.compile is None else args.compile
+    graphs = on_gpu if args.cuda_graphs is None else args.cuda_graphs
+    if graphs and not on_gpu:
+        raise ValueError("--cuda-graphs needs a CUDA device (--device cuda)")
+    return dict(device=device, dtype=getattr(torch, dtype_name), models=models, sizes=args.size,
+                variants=[v for v in ORDER if v in variants], compile=compile_, cuda_graphs=graphs,
+                iters=args.iters or (20 if on_gpu else 3), images=args.images if args.images is not None else (3 if on_gpu else 2),
+                unet=args.only != "image", image=args.only != "unet")
+
+
+def _check_sizes(name, config, sizes) -> None:
+    multiple = 2 ** (len(config.vae.channel_mult) - 1) * 2 ** (len(config.unet.channel_mult) - 1)
+    for size in sizes:
+        if size % multiple:
+            raise ValueError(f"--size {size}: {name} needs image sizes that are multiples of {multiple} "
+                             f"(VAE downscale × UNet downsamplings)")
+
+
+# ---------------------------------------------------------------- the models: minisd, and diffusers on its weights
+def build_minisd(name: str, device, dtype):
+    import torch
+    from . import StableDiffusion, load
+    from .config import PRESETS
+    if name == "bundled" or Path(name).exists():
+        return load(BUNDLED if name == "bundled" else name, device=device, dtype=dtype).eval()
+    torch.manual_seed(0)
+    with torch.device(device):               # random initialisation right where the weights will live
+        sd = StableDiffusion(PRESETS[name]())
+    return sd.to(dtype).eval()
+
+
+def _fill(module, part: str, sd, device) -> None:
+    """Load minisd's `part` tensors into a reference module built on the meta device (names through keymap)."""
+    import torch
+    from .keymap import from_diffusers
+    names = from_diffusers(**{part: {k: k for k in module.state_dict()}})  # minisd name -> reference name
+    own = getattr(sd, part).state_dict()
+    tensors = {ref: own[mine[len(part) + 1:]].detach().clone() for mine, ref in names.items()}
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise RuntimeError(f"{part}: the key map left {missing[:3]} unfilled and {unexpected[:3]} unused")
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:                    # position ids: a buffer the reference rebuilds, never stored
+            owner, _, leaf = name.rpartition(".")
+            ids = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
+            module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
+
+
+def diffusers_twin(sd, with_pipeline: bool):
+    """(unet, pipeline or None, text model or None) from diffusers/transformers, holding sd's weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    cfg, device = sd.config, sd.device
+    u = cfg.unet
+    widths = [u.channels * m for m in u.channel_mult]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=cfg.image_size // sd.vae.downscale, in_channels=u.in_channels, out_channels=u.out_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels)),
+            block_out_channels=tuple(widths), layers_per_block=u.num_res_blocks, cross_attention_dim=u.context_dim,
+            attention_head_dim=tuple(u.heads_at(w)[0] for w in widths),  # diffusers' name for the head *count*
+            use_linear_projection=u.linear_projection, norm_num_groups=u.groups,
+            transformer_layers_per_block=u.transformer_depth)
+    _fill(unet, "unet", sd, device)
+    if not with_pipeline:
+        return unet.eval(), None, None
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+    v, t = cfg.vae, cfg.text
+    with torch.device("meta"):
+        vae = AutoencoderKL(
+            in_channels=v.in_channels, out_channels=v.out_channels, latent_channels=v.latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(v.channel_mult),
+            up_block_types=("UpDecoderBlock2D",) * len(v.channel_mult),
+            block_out_channels=tuple(v.channels * m for m in v.channel_mult), layers_per_block=v.num_res_blocks,
+            norm_num_groups=v.groups, scaling_factor=cfg.latent_scale)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_ratio * t.width,
+            num_hidden_layers=t.use_layers or t.layers, num_attention_heads=t.heads,
+            max_position_embeddings=t.max_length, hidden_act=t.activation, layer_norm_eps=1e-5))
+    _fill(vae, "vae", sd, device)
+    _fill(text, "text_encoder", sd, device)
+    scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                              beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=cfg.prediction_type,
+                              timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=None, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return unet, pipe, text
+
+
+# ---------------------------------------------------------------- timing
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def _params_bytes(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+class Case:
+    """One model at one size: the models, the inputs, and the outputs that later variants are compared with."""
+
+    def __init__(self, model_name, size, settings, sd):
+        import torch
+        self.name, self.size, self.s, self.sd = model_name, size, settings, sd
+        self.device, self.dtype = settings["device"], settings["dtype"]
+        cfg = sd.config
+        rows = 2 * settings["batch"]
+        h = size // sd.vae.downscale
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(rows, cfg.unet.in_channels, h, h, generator=g).to(self.device, self.dtype)
+        self.context = torch.randn(rows, 77, cfg.unet.context_dim, generator=g).to(self.device, self.dtype)
+        self.t_minisd = torch.tensor([500], device=self.device)    # as the minisd pipeline passes it
+        self.t_diffusers = torch.tensor(500, device=self.device)   # as diffusers' pipeline passes it
+        self.noise = torch.randn(settings["batch"], cfg.vae.latent_channels, h, h, generator=g)
+        self.unet_d = self.pipe = self.text_d = None
+        self.reference: dict = {}                                   # variant -> (UNet output, image)
+
+    def ensure_diffusers(self):
+        if self.unet_d is None:
+            self.unet_d, self.pipe, self.text_d = diffusers_twin(self.sd, with_pipeline=self.s["image"])
+        return self.unet_d
+
+    # one image, end to end
+    def minisd_image(self):
+        return self.sd.generate([PROMPT] * self.s["batch"], steps=self.s["steps"], guidance_scale=7.5,
+                                latents=self.noise, height=self.size, width=self.size, output_type="tensor")
+
+    def diffusers_image(self):
+        import torch
+        b = self.s["batch"]
+        with torch.no_grad():
+            ids = self.sd.tokenizer([""] * b + [PROMPT] * b).to(self.device)
+            embeddings = self.text_d(ids)[0]
+        out = self.pipe(prompt_embeds=embeddings[b:], negative_prompt_embeds=embeddings[:b], latents=self.noise.to(
+            self.device, self.dtype), num_inference_steps=self.s["steps"], guidance_scale=7.5, height=self.size,
+            width=self.size, output_type="pt")
+        return out.images.float().cpu()
+
+    def unet_call(self, library):
+        if library == "minisd":
+            return lambda: self.sd.unet(self.x, self.t_minisd, self.context)
+        unet = self.pipe.unet if self.pipe is not None else self.unet_d
+        return lambda: unet(self.x, self.t_diffusers, encoder_hidden_states=self.context, return_dict=False)[0]
+
+
+def prepare(case: Case, variant: str) -> str:
+    """Put the model(s) in the variant's state; returns the library that runs it."""
+    import torch
+    from .attention import set_attention_backend, set_attention_slicing
+    from .fastpath import speed_up
+    s = case.s
+    torch.backends.cudnn.benchmark = variant == "diffusers-compiled+cudnn"
+    set_attention_slicing(s["attention_slicing"])
+    if variant.startswith("minisd"):
+        set_attention_backend("math" if variant == "minisd-math" or s["attention_slicing"] else "fused")
+        if variant == "minisd-cl":
+            speed_up(case.sd, attention="fused", channels_last=True, attention_slicing=s["attention_slicing"],
+                     tiled_decode=s["tiled_decode"], cudnn_benchmark=False)
+        elif variant == "minisd-fast":
+            speed_up(case.sd, attention="math" if s["attention_slicing"] else "fused", channels_last=True,
+                     attention_slicing=s["attention_slicing"], compile=s["compile"], compile_mode=s["compile_mode"],
+                     compile_options=s["compile_options"],
+                     cuda_graphs=s["cuda_graphs"], tiled_decode=s["tiled_decode"])
+        elif s["tiled_decode"]:
+            speed_up(case.sd, attention="math" if variant == "minisd-math" or s["attention_slicing"] else "fused",
+                     channels_last=False, attention_slicing=s["attention_slicing"], tiled_decode=True,
+                     cudnn_benchmark=False)
+        return "minisd"
+    unet = case.ensure_diffusers()
+    if variant in ("diffusers-cl", "diffusers-compiled"):
+        unet.to(memory_format=torch.channels_last)
+    if variant == "diffusers-compiled":
+        compiled = torch.compile(unet, mode=s["compile_mode"], fullgraph=True)
+        if case.pipe is not None:
+            case.pipe.unet = compiled
+        else:
+            case.unet_d = compiled
+    return "diffusers"
+
+
+def run_variant(case: Case, variant: str) -> dict:
+    import torch
+    s, device = case.s, case.device
+    row = dict(model=case.name, size=case.size, dtype=str(case.dtype).replace("torch.", ""), device=str(device),
+               variant=variant)
+    library = prepare(case, variant)
+    models = ((case.sd,) if library == "minisd" else
+              (case.unet_d, case.pipe.vae if case.pipe else None, case.text_d))
+    if device.type == "cuda":
+        gc.collect()                 # garbage of earlier variants must not be freed during this one
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    image_fn = case.minisd_image if library == "minisd" else case.diffusers_image
+    image = unet_out = None
+    with torch.no_grad():
+        if s["image"]:
+            row["first_image_s"], image = _timed(image_fn, device)
+            if device.type == "cuda" and s["images"]:
+                # The peak counts from here: what the first image left allocated (CUDA graphs, caches) stays
+                # counted, its one-time scratch memory (compilation, autotuning) does not.
+                torch.cuda.reset_peak_memory_stats(device)
+            times = [_timed(image_fn, device)[0] for _ in range(s["images"])]
+            row["image_s"] = statistics.median(times) if times else row["first_image_s"]
+        if s["unet"]:
+            call = case.unet_call(library)
+            first, unet_out = _timed(call, device)
+            row.setdefault("first_image_s", None)
+            for _ in range(2 if device.type == "cuda" else 0):   # on the CPU the first call is warm-up enough
+                call()
+            times = [_timed(call, device)[0] for _ in range(s["iters"])]
+            row["unet_ms"] = 1e3 * statistics.median(times)
+            row["unet_its"] = 1e3 / row["unet_ms"]
+            unet_out = unet_out.float().cpu()
+    if device.type == "cuda":
+        row["peak_gib"] = (_params_bytes(*models) + torch.cuda.max_memory_allocated(device) - base) / 2**30
+    case.reference[variant] = (unet_out, image)
+    row.update(compare(case, variant))
+    return row
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def compare(case: Case, variant: str) -> dict:
+    """How far this variant's outputs are from minisd's eager ones (and minisd's eager from diffusers' eager)."""
+    out = {}
+    pairs = {"diffusers": "minisd", "minisd-fast": "minisd", "minisd-math": "minisd", "minisd-cl": "minisd"}
+    other = case.reference.get(pairs.get(variant))
+    mine = case.reference[variant]
+    if other is None:
+        return out
+    if mine[0] is not None and other[0] is not None:
+        out["unet_rel_err_vs_minisd"] = _rel(mine[0], other[0])
+    if mine[1] is not None and other[1] is not None:
+        out["image_max_abs_diff_vs_minisd"] = (mine[1] - other[1]).abs().max().item()
+        out["image_mean_abs_diff_vs_minisd"] = (mine[1] - other[1]).abs().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------- report
+def _fmt(value, spec):
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first image s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = _ratio(rows, r)
+        its = r.get("unet_its")
+        lines.append(f"| {r['model']} | {r['size']}² | {r['dtype']} | {r['variant']} | {_fmt(r.get('unet_ms'), '.2f')} "
+                     f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | {_fmt(r.get('image_s'), '.3f')} "
+                     f"| {_fmt(r.get('first_image_s'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} |"
+                     + (f" {r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def _find(rows, r, variant):
+    return next((o for o in rows if o["variant"] == variant and o["model"] == r["model"] and o["size"] == r["size"]
+                 and o["dtype"] == r["dtype"]), None)
+
+
+def _counterpart(rows, r):
+    """The diffusers row a minisd row is compared with (diffusers eager where nothing was compiled, as on the CPU)."""
+    name = COUNTERPART.get(r["variant"], "")
+    return _find(rows, r, name) or (_find(rows, r, "diffusers") if name == "diffusers-compiled" else None)
+
+
+def _ratio(rows, r) -> str:
+    other = _counterpart(rows, r)
+    if other is None or not r.get("unet_its") or not other.get("unet_its"):
+        return "—"
+    return f"{r['unet_its'] / other['unet_its']:.2f}× {other['variant']}"
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        others = [_counterpart(rows, r)] + ([_find(rows, r, "diffusers-compiled+cudnn")]
+                                            if r["variant"] == "minisd-fast" else [])
+        for other in others:
+            if other is None or r.get("error") or other.get("error"):
+                continue
+            theirs = other["variant"]
+            parts = []
+            for key, label, higher_better in (("unet_its", "UNet it/s", True), ("image_s", "s/image", False),
+                                              ("peak_gib", "peak memory", False)):
+                if r.get(key) and other.get(key):
+                    parts.append(f"{label} {r[key] / other[key]:.2f}×")
+            lines.append(f"{r['model']} {r['size']}² {r['dtype']}: {r['variant']} / {theirs}: " + ", ".join(parts))
+    return lines
+
+
+def header(settings) -> str:
+    import platform
+    import torch
+    device = settings["device"]
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}"
+    else:
+        where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    try:
+        import diffusers
+        versions = f"diffusers {diffusers.__version__}"
+    except ImportError:
+        versions = "diffusers not installed"
+    cap = f"; memory capped at {settings['max_memory']:g} GiB" if settings.get("max_memory") else ""
+    return (f"minisd bench on {where}; torch {torch.__version__}, {versions}; {settings['steps']} DDIM steps, "
+            f"guidance 7.5, batch {settings['batch']} (UNet batch {2 * settings['batch']}); presets have random weights"
+            + cap)
+
+
+def main(args) -> int:
+    import torch
+    settings = check_settings(args)
+    options = {name.strip(): True for name in args.compile_options.split(",")} if args.compile_options else None
+    settings.update(batch=args.batch, steps=args.steps, compile_mode=args.compile_mode, compile_options=options,
+                    max_memory=args.max_memory,
+                    attention_slicing=args.attention_slicing, tiled_decode=args.tiled_decode)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wants_diffusers = any(v.startswith("diffusers") for v in settings["variants"])
+    if wants_diffusers:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            print("diffusers/transformers are not installed: timing minisd only (pip install diffusers transformers)")
+            settings["variants"] = [v for v in settings["variants"] if not v.startswith("diffusers")]
+    device, dtype = settings["device"], settings["dtype"]
+    if args.max_memory:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(
+            args.max_memory * 2**30 / torch.cuda.get_device_properties(index).total_memory, index)
+    print(header(settings), flush=True)
+    _warm_up(device, dtype)
+    rows, failed = [], False
+    for model_name in settings["models"]:
+        try:
+            sd = build_minisd(model_name, device, dtype)
+        except torch.OutOfMemoryError:
+            print(f"out of GPU memory while loading {model_name}. {MEMORY_HELP}", flush=True)
+            return 1
+        _check_sizes(model_name, sd.config, settings["sizes"] or [])
+        for size in settings["sizes"] or [sd.config.image_size]:
+            case = Case(Path(model_name).stem if Path(model_name).exists() else model_name, size, settings, sd)
+            for variant in settings["variants"]:
+                if variant == "diffusers-compiled+cudnn" and "diffusers-compiled" not in settings["variants"]:
+                    continue
+                try:
+                    row = run_variant(case, variant)
+                except torch.OutOfMemoryError:
+                    failed = True
+                    row = dict(model=case.name, size=size, dtype=str(dtype).replace("torch.", ""),
+                               device=str(device), variant=variant, error="out of memory")
+                    print(f"{case.name} {size}² {variant}: out of GPU memory. {MEMORY_HELP}", flush=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                except Exception as error:     # one variant failing (a compiler error, say) must not lose the rest
+                    if os.environ.get("MINISD_TRACEBACK"):
+                        raise
+                    failed = True
+                    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    row = dict(model=case.name, size=size, dtype=str(dtype).replace("torch.", ""),
+                               device=str(device), variant=variant, error=message[:300])
+                rows.append(row)
+                print(_progress(row), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(dict(header=header(settings), rows=rows), indent=1))
+            from .fastpath import slow_down
+            slow_down(sd)
+            del case
+            gc.collect()
+        del sd
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(table(rows))
+    print()
+    print("\n".join(ratios(rows)))
+    return 1 if failed else 0
+
+
+def _progress(r: dict) -> str:
+    if r.get("error"):
+        return f"  {r['model']} {r['size']}² {r['variant']}: {r['error']}"
+    checks = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if "diff" in k or "err" in k)
+    return (f"  {r['model']} {r['size']}² {r['dtype']} {r['variant']}: UNet {_fmt(r.get('unet_ms'), '.2f')} ms, "
+            f"{_fmt(r.get('image_s'), '.3f')} s/image, first {_fmt(r.get('first_image_s'), '.2f')} s, "
+            f"peak {_fmt(r.get('peak_gib'), '.2f')} GiB" + (f" ({checks})" if checks else ""))
+
+
+def _warm_up(device, dtype) -> None:
+    """Load the math libraries' kernels once, so that the first variant does not pay for everyone."""
+    import torch
+    from torch.nn import functional as F
+    x = torch.randn(2, 64, 32, 32, device=device, dtype=dtype)
+    F.conv2d(x, torch.randn(64, 64, 3, 3, device=device, dtype=dtype), padding=1)
+    F.linear(x.flatten(2), torch.randn(64, 1024, device=device, dtype=dtype))   # cuBLAS and its workspace
+    torch.bmm(x.flatten(2), x.flatten(2).transpose(1, 2))
+    q = torch.randn(2, 8, 64, 40, device=device, dtype=dtype)
+    F.scaled_dot_product_attention(q, q, q)
+    _sync(device)
