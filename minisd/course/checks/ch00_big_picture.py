@@ -1,0 +1,56 @@
+"""Chapter 00 (the big picture): recover the clean image from a noisy one and the noise in it."""
+from __future__ import annotations
+
+
+import torch
+
+from minisd.schedule import NoiseSchedule
+
+from . import Task
+
+TITLE = "The big picture"
+GOALS = [
+    "Name the three networks of Stable Diffusion (text encoder, UNet, VAE) and what flows between them.",
+    "Explain the forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε and why predicting ε is enough to recover x₀.",
+    "Run the whole pipeline once and look at the intermediate results.",
+]
+
+
+def check_predict_x0(ctx):
+    schedule = NoiseSchedule()
+    batch = ctx.integer(1, 4)
+    shape = (batch, ctx.choice([1, 3, 4]), ctx.integer(2, 9), ctx.integer(2, 9))
+    x0, eps = ctx.randn(*shape), ctx.randn(*shape)
+
+    def mistakes(x_t, a):
+        return {
+            "your result matches (x_t − (1 − ᾱ)·ε)/ᾱ: the square roots are missing": lambda: (x_t - (1 - a) * eps) / a,
+            "your result matches (x_t − √(1 − ᾱ)·ε)·√ᾱ: divide by √ᾱ instead of multiplying":
+                lambda: (x_t - (1 - a) ** 0.5 * eps) * a ** 0.5,
+            "your result matches (x_t − √ᾱ·ε)/√(1 − ᾱ): the two coefficients are swapped":
+                lambda: (x_t - a ** 0.5 * eps) / (1 - a) ** 0.5,
+        }
+
+    t = ctx.integer(0, 999)
+    a = float(schedule.alphas_cumprod[t])
+    x_t = schedule.q_sample(x0, t, eps)
+    expected, _ = schedule.predict_x0_and_eps(eps, x_t, t)
+    with ctx.case(f"alpha_bar = {a:.4f} (a Python float)"):
+        ctx.expect_close(ctx.call(x_t, eps, a), expected, what="x̂₀", mistakes=mistakes(x_t, a))
+    with ctx.case("alpha_bar a 0-dim tensor"):
+        ctx.expect_close(ctx.call(x_t, eps, torch.tensor(a)), expected, what="x̂₀", mistakes=mistakes(x_t, a))
+    t = ctx.randint(0, 1000, (batch,))
+    a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = schedule.q_sample(x0, t, eps)
+    expected, _ = schedule.predict_x0_and_eps(eps, x_t, t)
+    with ctx.case(f"alpha_bar a tensor of shape {tuple(a.shape)} (one value per image)"):
+        ctx.expect_close(ctx.call(x_t, eps, a), expected, what="x̂₀", mistakes=mistakes(x_t, a))
+
+
+TASKS = [
+    Task("predict_x0", "(x_t, eps, alpha_bar)",
+         "Given a noisy sample x_t, the noise ε in it and the noise level ᾱ, return the clean sample x̂₀ by solving "
+         "x_t = √ᾱ·x₀ + √(1−ᾱ)·ε for x₀. `alpha_bar` is a Python float or a tensor that broadcasts against x_t.",
+         check_predict_x0,
+         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor."),
+]

@@ -1,0 +1,286 @@
+"""Train the latent diffusion model — UNet and CLIP-architecture text encoder together, from scratch.
+
+    python -m minisd train --vae runs/vae/vae.safetensors --out runs/ldm --steps 20000
+
+One training step (Rombach et al. 2022, eq. 2), for a batch of (image, caption) pairs:
+
+    z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)     the VAE is trained first and stays frozen
+    t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε                    (schedule.q_sample)
+    c = TextEncoder(tokens(caption)),  caption replaced by "" with probability p_drop      (for classifier-free guidance)
+    L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀  (schedule.training_target)
+
+Dropping the caption teaches the same network the unconditional prediction that guidance extrapolates away from.
+The weights that get saved are the exponential moving average (training.EMA). Images come from a pool of rendered
+shapes (training.render_pool) encoded once by the VAE; each step draws fresh posterior noise n, t and ε.
+Run it under `torchrun --nproc_per_node=N -m minisd train ...` for N processes (gloo on CPU, NCCL on GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import training as T
+from .attention import set_attention_backend
+from .model import StableDiffusion, save
+from .pipeline import noise_schedule
+from .train_vae import load_vae
+
+MODEL_FILE = "model.safetensors"
+RECIPE = ("batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "seed", "pool_size", "weight_decay")
+SAMPLE_PROMPTS = (
+    "a large red circle in the center", "a small blue square on the left", "a large green triangle at the top",
+    "a small yellow circle at the bottom", "a large magenta square on the right", "a small cyan triangle in the center",
+    "a large red square at the top and a small green circle at the bottom",
+    "a small yellow triangle on the left and a large blue square on the right",
+    # held-out colour-shape pairs (never in the training captions)
+    "a large red triangle in the center", "a large blue circle on the left", "a small yellow square at the top",
+    "a large magenta triangle on the right",
+)
+
+
+class Denoiser(nn.Module):
+    """The trainable part: ε_θ(z_t, t, caption ids) = UNet(z_t, t, TextEncoder(ids)), one module for DDP."""
+
+    def __init__(self, sd: StableDiffusion):
+        super().__init__()
+        self.unet = sd.unet
+        self.text_encoder = sd.text_encoder
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, self.text_encoder(ids))
+
+
+def diffusion_loss(model, schedule, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, ids: torch.Tensor,
+                   t_cpu: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖model(z_t, t, ids) − target‖² with z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε and target = ε or v (module docstring).
+
+    `t_cpu` (the same timesteps on the CPU) lets the schedule look ᾱ_t up without waiting for the GPU.
+    """
+    lookup = t if t_cpu is None else t_cpu
+    z_t = schedule.q_sample(z0, lookup, eps)
+    target = schedule.training_target(z0, eps, lookup)
+    return F.mse_loss(model(z_t, t, ids).float(), target)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt, model.safetensors, loss.jsonl, samples")
+    p.add_argument("--vae", default=None, help="vae.safetensors from `python -m minisd train-vae` (not with --resume)")
+    p.add_argument("--preset", default=None, help="architecture preset (default: the one the VAE was trained for)")
+    p.add_argument("--config", default=None, help="an SDConfig as a JSON file (instead of --preset)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the UNet learns to output (default: the config's)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty caption")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-size", type=int, default=20000, help="images rendered and encoded once, then drawn from")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop cleanly (and save) after this")
+    p.add_argument("--sample-every", type=int, default=2000, help="steps between sample grids (EMA weights); 0: none")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale for the sample grids")
+    p.add_argument("--checkpoint-every", type=int, default=2000)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of model.safetensors (float16 halves the file; loading casts back to float32)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on GPU")
+    p.add_argument("--workers", type=int, default=0, help="processes that render the pool (0: this one)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def same_architecture(a, b) -> bool:
+    return (a.unet, a.vae, a.text) == (b.unet, b.vae, b.text)
+
+
+def setup(args, dist: T.Distributed):
+    """Every check that can fail, before any work: returns (config, vae weights, checkpoint state or None)."""
+    state = None
+    asked = T.resolve_config(args.preset, args.config) if (args.preset or args.config) else None
+    if args.resume:
+        state = T.load_checkpoint(args.resume, "ldm")
+        config = T.config_from_json_or_error(state["config"], f"checkpoint {args.resume}")
+        if asked is not None and not same_architecture(asked, config):
+            raise T.UsageError(f"checkpoint {args.resume} was trained with a different architecture than "
+                               f"{args.config or args.preset!r}: resume with the checkpoint's own config")
+        if args.prediction_type and args.prediction_type != config.prediction_type:
+            raise T.UsageError(f"checkpoint {args.resume} learns {config.prediction_type}; cannot resume as "
+                               f"{args.prediction_type}")
+        for key in RECIPE:
+            setattr(args, key, state["args"][key])
+        vae_weights = state["vae"]
+    else:
+        if not args.vae:
+            raise T.UsageError("pass --vae (a vae.safetensors from `python -m minisd train-vae`) or --resume")
+        vae_config, vae_weights = load_vae(args.vae)
+        config = asked if asked is not None else vae_config
+        if config.vae != vae_config.vae:
+            raise T.UsageError(f"the VAE in {args.vae} ({vae_config.vae}) does not fit the architecture asked for "
+                               f"({config.vae})")
+        config.latent_scale, config.image_size = vae_config.latent_scale, vae_config.image_size
+        if args.prediction_type:
+            config.prediction_type = args.prediction_type
+    T.check_model_fits(config, config.image_size)
+    for name in ("steps", "batch_size", "pool_size"):
+        if getattr(args, name) < 1:
+            raise T.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.cfg_dropout < 1.0:
+        raise T.UsageError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
+    if args.batch_size % dist.world_size:
+        raise T.UsageError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    if dist.is_main:
+        T.prepare_output_folder(args.out, resume=bool(args.resume))
+    return config, vae_weights, state
+
+
+@torch.no_grad()
+def encode_pool(sd: StableDiffusion, images_uint8: torch.Tensor, device, batch: int = 1024):
+    """Posterior mean and std of every pool image, on `device` (a few MB for 10⁵ images of 8×8×4 latents)."""
+    means, stds = [], []
+    for start in range(0, len(images_uint8), batch):
+        posterior = sd.vae.encode(T.to_model_range(images_uint8[start:start + batch]).to(device))
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`python -m minisd train ...` (minisd/__main__.py parses the arguments); UsageError exits with status 2."""
+    dist, device = T.init_distributed(args.device)
+    try:
+        return train(args, dist, device)
+    finally:
+        T.finish_distributed(dist)
+
+
+def train(args, dist: T.Distributed, device: torch.device) -> int:
+    config = vae_weights = state = error = None
+    try:
+        config, vae_weights, state = setup(args, dist)
+    except T.UsageError as e:
+        error = str(e)
+    T.agree(dist, error)
+    out = Path(args.out)
+
+    torch.manual_seed(args.seed)
+    sd = StableDiffusion(config)
+    sd.vae.load_state_dict(vae_weights)
+    sd = sd.to(device)
+    sd.vae.requires_grad_(False).eval()
+    schedule = noise_schedule(sd)
+    denoiser = Denoiser(sd)
+    ema = T.EMA(denoiser, args.ema_decay)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    start = 0
+    if state is not None:
+        denoiser.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    model = denoiser
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # The data: rendered once, encoded once. Captions become token ids once (a few hundred distinct captions).
+    began_setup = time.time()
+    pool, captions = T.render_pool(config.image_size, args.pool_size, args.seed, "train", args.workers)
+    pool_mean, pool_std = encode_pool(sd, pool, device)
+    distinct = sorted(set(captions))
+    position = {c: i for i, c in enumerate(distinct)}
+    caption_index = torch.tensor([position[c] for c in captions], device=device)
+    caption_ids = sd.tokenizer(distinct + [""]).to(device)  # the last row is the empty caption
+    empty = len(distinct)
+    if dist.is_main:
+        print(f"UNet {T.count_parameters(sd.unet):,} + text encoder {T.count_parameters(sd.text_encoder):,} "
+              f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool {len(pool)} images "
+              f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device {device}, "
+              f"{dist.world_size} process(es), steps {start}->{args.steps}")
+    del pool
+    log = T.LossLog(out / T.LOSS_LOG_NAME, resume_step=start) if dist.is_main else None
+
+    def save_checkpoint(step):
+        if dist.is_main:
+            T.save_checkpoint(out / T.CHECKPOINT_NAME, {
+                "kind": "ldm", "step": step, "config": config.to_json(), "args": {k: getattr(args, k) for k in RECIPE},
+                "model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "vae": sd.vae.state_dict()})
+
+    def sample_grid(step):
+        if dist.is_main and args.sample_every > 0:
+            with ema.swapped_in(denoiser):
+                denoiser.eval()
+                images = sd.generate(list(SAMPLE_PROMPTS), steps=args.sample_steps, guidance_scale=args.guidance,
+                                     seed=list(range(len(SAMPLE_PROMPTS))), output_type="tensor")
+                denoiser.train()
+            T.save_image_grid(images * 2 - 1, out / f"samples_{step:06d}.png", columns=len(SAMPLE_PROMPTS) // 2)
+
+    progress = None
+    if dist.is_main and not args.no_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=args.steps, initial=start, desc="train", unit="step")
+    began, step = time.time(), start
+    if device.type == "cuda":
+        set_attention_backend("fused")  # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
+    denoiser.train()
+    latent_shape = pool_mean.shape[1:]
+    while step < args.steps:
+        if T.out_of_time(args.time_limit, began, dist):
+            break
+        # Every random number of this step, for the whole global batch, from the step's own stream.
+        g, B = T.step_generator(args.seed, step), args.batch_size
+        index = torch.randint(len(pool_mean), (B,), generator=g)
+        posterior_noise = torch.randn((B, *latent_shape), generator=g)
+        t = torch.randint(0, config.num_train_timesteps, (B,), generator=g)
+        eps = torch.randn((B, *latent_shape), generator=g)
+        drop = torch.rand(B, generator=g) < args.cfg_dropout
+        index, posterior_noise, t_cpu, eps, drop = (T.rank_slice(x, dist) for x in (index, posterior_noise, t, eps, drop))
+        index, posterior_noise, t, eps, drop = (T.to_device(x, device) for x in (index, posterior_noise, t_cpu, eps, drop))
+
+        z0 = config.latent_scale * (pool_mean[index] + pool_std[index] * posterior_noise)
+        ids = caption_ids[torch.where(drop, torch.full_like(index, empty), caption_index[index])]
+        for group in optimizer.param_groups:
+            group["lr"] = T.learning_rate(step, args.steps, args.lr, args.warmup)
+        with T.autocast(device, args.precision):
+            loss = diffusion_loss(model, schedule, z0, t, eps, ids, t_cpu)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        optimizer.step()
+        ema.update(denoiser, step)
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            mean_loss = T.mean_over_ranks(loss, dist)  # a collective: every rank must take part
+        if log is not None and (step % args.log_every == 0 or step == args.steps):
+            log.write(step=step, loss=mean_loss, grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"],
+                      seconds=round(time.time() - began, 2))
+        if progress is not None:
+            progress.update(1)
+            if step % 10 == 0:
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.checkpoint_every == 0:
+            save_checkpoint(step)
+        if args.sample_every > 0 and step % args.sample_every == 0:
+            sample_grid(step)
+    if progress is not None:
+        progress.close()
+
+    save_checkpoint(step)
+    if dist.is_main:
+        sample_grid(step)
+        with ema.swapped_in(denoiser):
+            save(sd, out / MODEL_FILE, dtype=getattr(torch, args.save_dtype) if args.save_dtype != "float32" else None)
+        print(f"saved {out / MODEL_FILE} (EMA weights) at step {step}, {time.time() - began:.0f} s of training")
+    return 0
+
