@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_vae_loss_decreases_on_a_fixed_batch():
     images, _ = T.render_pool(32, 4, seed=0)
     images = T.to_model_range(images)
     noise = torch.randn(4, 4, 16, 16)
-    args = type("Args", (), {"mse_weight": 1.0, "edge_weight": 0.5, "kl_weight": 1e-4})()
+    args = SimpleNamespace(mse_weight=1.0, edge_weight=0.5, kl_weight=1e-4)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):

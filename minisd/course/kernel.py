@@ -54,6 +54,9 @@ def kernel_env(fast: bool, add_checkout_to_path: bool = True) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if fast:
         env["MINISD_FAST"] = "1"
+        # Fast mode runs tiny models whose ops are too small to split across threads: with two threads on a busy
+        # 2-core machine each op waits for the other thread (measured 10-30x slower), so CI's kernels use one.
+        env.setdefault("OMP_NUM_THREADS", "1")
     else:
         env.pop("MINISD_FAST", None)
     env.setdefault("HF_HUB_OFFLINE", "1")  # the notebooks need no network; never wait on one
