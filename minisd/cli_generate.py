@@ -15,9 +15,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag left out.
 DEFAULTS = dict(prompt=None, negative_prompt="", steps=50, guidance_scale=7.5, sampler="ddim", eta=0.0, seed=None,
                 height=None, width=None, init_image=None, strength=None, mask=None, model=None, template=None,
-                prompt_weighting=True, batch=1, out="minisd.png", device="cpu", dtype="float32")
+                prompt_weighting=True, batch=1, out="minisd.png", device="cpu", dtype="float32", lora=None)
 STORED = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "eta", "seed", "height", "width",
-          "init_image", "strength", "mask", "model", "template", "prompt_weighting", "dtype")
+          "init_image", "strength", "mask", "model", "template", "prompt_weighting", "dtype", "lora")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--strength", type=float, help="how much of the init image to repaint, in [0, 1] (default 0.8; 1.0 with --mask)")
     a("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
     a("--model", help="a minisd file, an official .ckpt/.safetensors or a diffusers folder (default: the bundled model)")
+    a("--lora", help="a LoRA adapter (from `python -m minisd finetune`) to load on top of the model")
     a("--template", help='wrap the prompt, e.g. "a photo of {}, detailed"')
     a("--no-prompt-weighting", dest="prompt_weighting", action="store_const", const=False,
       help="read ( ) [ ] in the prompt literally")
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     s = resolve_settings(args)
     if s["batch"] < 1:
         raise ValueError(f"--batch must be >= 1, got {s['batch']}")
-    for name in ("init_image", "mask"):
+    for name in ("init_image", "mask", "lora"):
         if s[name] is not None and not Path(s[name]).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {s[name]!r} does not exist")
     device, dtype = check_device(s["device"], s["dtype"])
@@ -114,6 +115,9 @@ def main(args: argparse.Namespace) -> int:
     paths = output_paths(s["out"], seeds)   # before the slow part: a bad --out fails at once
 
     sd = load_model(s["model"], device, dtype)
+    if s["lora"] is not None:
+        from .lora import load_adapter
+        load_adapter(sd, s["lora"])   # a mismatched or foreign file is a ValueError: one line, exit 2
     images = sd.generate([s["prompt"]] * s["batch"], negative_prompt=s["negative_prompt"], steps=s["steps"],
                          guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"], seed=seeds,
                          height=s["height"], width=s["width"], init_image=s["init_image"], strength=s["strength"],

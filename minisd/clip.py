@@ -75,8 +75,11 @@ class CLIPTextEncoder(nn.Module):
         n = ids.shape[1]
         if n > self.cfg.max_length:
             raise ValueError(f"text encoder takes at most {self.cfg.max_length} tokens, got {n}")
-        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {int(ids.min())}, max {int(ids.max())}")
+        # Reading the range back is a host sync (and a graph break under torch.compile): one read, never when compiling.
+        if ids.numel() and not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(ids)).tolist()
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {low}, max {high}")
         positions = torch.arange(n, device=ids.device)
         h = self.token_embedding(ids) + self.position_embedding(positions)
         mask = causal_mask(n, device=ids.device)

@@ -27,6 +27,7 @@ be multiples of (VAE downscale) · 2^(UNet levels − 1): 64 for SD, 8 for tiny,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -40,6 +41,29 @@ from .prompts import apply_template, split_composition
 
 SAMPLERS = ("ddim", "ddpm")
 OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+# Up to this many latent positions (images × height × width) the CPU runs convolutions with PyTorch's own kernels.
+SMALL_LATENT_POSITIONS = 512
+
+
+@contextlib.contextmanager
+def plain_convolutions_for_small_latents(latents: torch.Tensor):
+    """On the CPU, run the denoising loop's convolutions with PyTorch's plain kernels when the latents are tiny.
+
+    oneDNN, PyTorch's default CPU convolution, spends ~0.1 ms setting up each call: on the bundled model's 8×8
+    latents that is most of the work, and the plain kernels make a 50-step image about a quarter faster. Larger
+    latents (SD's 64×64, or big batches) keep oneDNN, which is faster there. Same convolution, same result up to
+    float rounding; nothing changes on a GPU.
+    """
+    positions = latents.shape[0] * latents.shape[-2] * latents.shape[-1]
+    small = latents.device.type == "cpu" and positions <= SMALL_LATENT_POSITIONS
+    previous = torch.backends.mkldnn.enabled
+    if small:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def size_multiple(sd) -> int:
@@ -243,7 +267,7 @@ def generate(sd, prompt: Union[str, Sequence[str]], negative_prompt: Union[str, 
     if progress:
         from tqdm.auto import tqdm
         steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
-    with torch.no_grad():
+    with torch.no_grad(), plain_convolutions_for_small_latents(x):
         for i, t in enumerate(steps_iter):
             prediction = sum(weight * guided_prediction(model, x, t, cond, guidance_scale, extra)
                              for (model, weight), cond in zip(members, conds))

@@ -48,15 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-size", type=int, default=20000, help="images rendered once and drawn from")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop cleanly (and save) after this")
+    T.add_resume_arguments(p)
     p.add_argument("--sample-every", type=int, default=1000, help="steps between reconstruction grids; 0: none")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on GPU")
-    p.add_argument("--workers", type=int, default=0, help="processes that render the pool (0: this one)")
-    p.add_argument("--no-progress", action="store_true")
+    T.add_run_arguments(p)
 
 
 class Reconstruct(nn.Module):
@@ -121,47 +117,29 @@ def load_vae(path):
 
 def main(args: argparse.Namespace) -> int:
     """`python -m minisd train-vae ...` (minisd/__main__.py parses the arguments); UsageError exits with status 2."""
-    dist, device = T.init_distributed(args.device)
-    try:
-        return train(args, dist, device)
-    finally:
-        T.finish_distributed(dist)
+    return T.run_distributed(train, args)
 
 
 def setup(args, dist):
     """Every check that can fail, before any work: returns (config, checkpoint state or None)."""
     state = None
     if args.resume:
-        state = T.load_checkpoint(args.resume, "vae")
-        config = T.config_from_json_or_error(state["config"], f"checkpoint {args.resume}")
+        state, config = T.resume_run(args, "vae", RECIPE)
         if args.preset or args.config:
             asked = T.resolve_config(args.preset, args.config)
             if asked.vae != config.vae:
                 raise T.UsageError(f"checkpoint {args.resume} holds a VAE of a different architecture "
                                    f"({config.vae}) than the one asked for ({asked.vae})")
-        for key in RECIPE:
-            setattr(args, key, state["args"][key])
     else:
         config = T.resolve_config(args.preset or "bundled", args.config)
     args.image_size = args.image_size or config.image_size
     T.check_model_fits(config, args.image_size)
-    for name in ("steps", "batch_size", "pool_size"):
-        if getattr(args, name) < 1:
-            raise T.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size % dist.world_size:
-        raise T.UsageError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
-    if dist.is_main:
-        T.prepare_output_folder(args.out, resume=bool(args.resume))
+    T.check_run_settings(args, dist)
     return config, state
 
 
 def train(args, dist: T.Distributed, device: torch.device) -> int:
-    config = state = error = None
-    try:
-        config, state = setup(args, dist)
-    except T.UsageError as e:
-        error = str(e)
-    T.agree(dist, error)
+    config, state = T.setup_on_every_rank(setup, args, dist)
     out = Path(args.out)
 
     torch.manual_seed(args.seed)
@@ -187,9 +165,8 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
 
     def save(step):
         if dist.is_main:
-            T.save_checkpoint(out / T.CHECKPOINT_NAME, {
-                "kind": "vae", "step": step, "config": config.to_json(), "args": {k: getattr(args, k) for k in RECIPE},
-                "model": vae.state_dict(), "optimizer": optimizer.state_dict()})
+            T.save_checkpoint(out / T.CHECKPOINT_NAME, T.checkpoint_state(
+                "vae", step, config, args, RECIPE, model=vae.state_dict(), optimizer=optimizer.state_dict()))
 
     def sample(step):
         if dist.is_main and args.sample_every > 0:
@@ -199,10 +176,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
             vae.train()
             T.save_image_grid(torch.cat([preview, reconstruction]), out / f"reconstructions_{step:06d}.png")
 
-    progress = None
-    if dist.is_main and not args.no_progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=args.steps, initial=start, desc="train-vae", unit="step")
+    progress = T.progress_bar(args, dist, start, "train-vae")
     began, step = time.time(), start
     if device.type == "cuda":
         set_attention_backend("fused")  # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
@@ -230,10 +204,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{parts['loss']:.4f}")
-        if step % args.checkpoint_every == 0:
-            save(step)
-        if args.sample_every > 0 and step % args.sample_every == 0:
-            sample(step)
+        T.save_on_schedule(step, args, save, sample)
     if progress is not None:
         progress.close()
 

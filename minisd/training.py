@@ -1,4 +1,4 @@
-"""Pieces every training script shares: checks before work, checkpoints, EMA, loss logs, sample grids, DDP.
+"""Pieces every training script shares: checks, the command frame, checkpoints, EMA, loss logs, sample grids, DDP.
 
 Exponential moving average of the weights (the model we ship is the average, not the last iterate):
 
@@ -232,6 +232,84 @@ def rank_slice(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
     """This rank's equal share of a global batch (the batch size was checked to divide the world size)."""
     per_rank = tensor.shape[0] // dist.world_size
     return tensor[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+
+
+# ---------------------------------------------------------------- the frame of a command (train_vae, train_ldm)
+
+def add_resume_arguments(p) -> None:
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop cleanly (and save) after this")
+
+
+def add_run_arguments(p) -> None:
+    """Where and how a run goes, not what it learns: device, autocast precision, render workers, progress bar."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on GPU")
+    p.add_argument("--workers", type=int, default=0, help="processes that render the pool (0: this one)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_distributed(train, args) -> int:
+    """A command's main: join the processes torchrun started (if any), return train(args, dist, device), leave."""
+    dist, device = init_distributed(args.device)
+    try:
+        return train(args, dist, device)
+    finally:
+        finish_distributed(dist)
+
+
+def setup_on_every_rank(setup, args, dist: Distributed):
+    """setup(args, dist) — every check that can fail, before any work — on every rank; all stop if any rank failed."""
+    result, error = None, None
+    try:
+        result = setup(args, dist)
+    except UsageError as e:
+        error = str(e)
+    agree(dist, error)
+    return result
+
+
+def resume_run(args, kind: str, recipe: tuple[str, ...]):
+    """(checkpoint state, config) of --resume; the run's recipe arguments are taken from the checkpoint."""
+    state = load_checkpoint(args.resume, kind)
+    config = config_from_json_or_error(state["config"], f"checkpoint {args.resume}")
+    for key in recipe:
+        if key in state["args"]:  # a checkpoint from before a recipe option existed keeps that option's default
+            setattr(args, key, state["args"][key])
+    return state, config
+
+
+def checkpoint_state(kind: str, step: int, config, args, recipe: tuple[str, ...], **state_dicts) -> dict:
+    """What `resume_run` reads back: kind, step, config, the recipe arguments, and the given state dicts."""
+    return {"kind": kind, "step": step, "config": config.to_json(), "args": {k: getattr(args, k) for k in recipe},
+            **state_dicts}
+
+
+def check_run_settings(args, dist: Distributed) -> None:
+    """Counts ≥ 1 and a batch that splits evenly over the processes; then rank 0 makes the output folder."""
+    for name in ("steps", "batch_size", "pool_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    if dist.is_main:
+        prepare_output_folder(args.out, resume=bool(args.resume))
+
+
+def progress_bar(args, dist: Distributed, start: int, desc: str):
+    """A tqdm bar over the run's steps on rank 0; None on other ranks or with --no-progress."""
+    if not dist.is_main or args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=args.steps, initial=start, desc=desc, unit="step")
+
+
+def save_on_schedule(step: int, args, save_checkpoint, save_samples) -> None:
+    """After a step: a checkpoint every --checkpoint-every steps, samples every --sample-every steps (0: never)."""
+    if step % args.checkpoint_every == 0:
+        save_checkpoint(step)
+    if args.sample_every > 0 and step % args.sample_every == 0:
+        save_samples(step)
 
 
 # ---------------------------------------------------------------- schedule and EMA

@@ -2,6 +2,7 @@
 written) on bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,6 +89,40 @@ def test_out_folder_and_subprocess_entry_point(model_file, tmp_path):
     assert result.stdout.strip() == str(tmp_path / "minisd-7.png")
 
 
+def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
+    """--lora loads an adapter on top of the model: the PNG equals the library's image with the same adapter, differs
+    from the image without it, and records the adapter; an adapter made for another architecture is refused."""
+    from minisd.lora import add_lora, load_adapter, save_adapter
+    sd = minisd.load(model_file)
+    add_lora(sd.unet, rank=2)
+    add_lora(sd.text_encoder, rank=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in sd.named_parameters():
+            if name.endswith(".up"):
+                parameter.normal_(0, 0.5)   # a "trained" adapter: B is no longer zero
+    save_adapter(sd, tmp_path / "adapter.safetensors")
+    common = ["generate", "a red circle", "--model", model_file, "--steps", 3, "--seed", 5, "--quiet"]
+    assert run(common + ["--lora", tmp_path / "adapter.safetensors", "--out", tmp_path / "with.png"]) == 0
+    assert run(common + ["--out", tmp_path / "without.png"]) == 0
+    with_adapter, without = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "without.png"))
+    expected = minisd.load(model_file)
+    load_adapter(expected, tmp_path / "adapter.safetensors")
+    expected = np.asarray(expected.generate("a red circle", steps=3, seed=[5])[0]).astype(int)
+    assert np.abs(with_adapter - expected).max() <= 1
+    assert np.abs(with_adapter - without).max() > 10
+    with Image.open(tmp_path / "with.png") as image:
+        assert json.loads(image.text["minisd"])["lora"] == str(tmp_path / "adapter.safetensors")
+
+    wider = dataclasses.replace(minisd.tiny().text, layers=3)   # a text encoder with one more layer
+    other = minisd.StableDiffusion(dataclasses.replace(minisd.tiny(), text=wider))
+    add_lora(other.text_encoder, rank=2)
+    save_adapter(other, tmp_path / "other.safetensors")
+    capsys.readouterr()
+    assert run(common + ["--lora", tmp_path / "other.safetensors", "--out", tmp_path / "bad.png"]) == 2
+    assert "does not have" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps", 0], "steps must be in"),
     (["--strength", 1.5, "--init-image", "{img}"], "strength must be in"),
@@ -107,6 +142,8 @@ def test_out_folder_and_subprocess_entry_point(model_file, tmp_path):
     (["--out", "{tmp}/x.jpg"], "must be a .png"),
     (["--batch", 0], "--batch must be >= 1"),
     (["--from-png", "{img}"], "carries no minisd settings"),
+    (["--lora", "{tmp}/missing.safetensors"], "does not exist"),
+    (["--lora", "{img}"], "not a readable safetensors file"),
 ])
 def test_bad_arguments_exit_2_with_a_message_and_write_nothing(args, message, model_file, tmp_path, capsys):
     if "cuda" in args and torch.cuda.is_available():

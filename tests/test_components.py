@@ -8,6 +8,9 @@ Relative error max|a − b| / max|b| must stay at fp32 rounding (≤ 1e-5). Thre
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +227,19 @@ def test_bad_shapes_are_named_at_the_module_entry():
         sd.text_encoder(torch.zeros(1, 77))
     with pytest.raises(ValueError, match="token ids must lie"):
         sd.text_encoder(torch.full((1, 77), 49408))
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    ids[0, 3], ids[0, 9] = -2, 49410  # the message names the true extremes
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49408\), got min -2, max 49410"):
+        sd.text_encoder(ids)
+
+
+def test_token_id_check_does_not_break_a_compiled_graph():
+    """The id range check reads values back to the host; under torch.compile it must step aside, not split the graph."""
+    encoder = minisd.StableDiffusion(minisd.tiny()).text_encoder.eval()
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(encoder, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    with torch.no_grad():
+        assert torch.equal(compiled(ids), encoder(ids))
 
 
 def test_config_that_does_not_fit_is_refused():
@@ -244,3 +260,18 @@ def test_save_load_round_trip(tmp_path):
         assert k == k2 and torch.equal(a, b)
     assert torch.equal(back.extras["betas"], sd.extras["betas"])
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_file_has_the_mode_a_plain_open_gives(tmp_path, umask):
+    """The save goes through a temporary file and a rename; the file must not keep a private temporary-file mode."""
+    old = os.umask(umask)
+    try:
+        minisd.save(minisd.StableDiffusion(minisd.tiny()), tmp_path / "m.safetensors")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask

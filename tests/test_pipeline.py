@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from PIL import Image
 
 import minisd
@@ -341,3 +342,23 @@ def test_unreadable_init_image(sd, tmp_path):
         sd.generate("a", steps=2, init_image=tmp_path / "notes.png")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sd.generate("a", steps=2, init_image=tmp_path / "missing.png")
+
+
+def test_plain_cpu_convolutions_only_for_small_latents_and_restored_afterwards():
+    """The CPU speed switch of the denoising loop: on for tiny latents, off for SD-sized ones, always restored,
+    and the convolution it selects computes the same thing as oneDNN's (to float rounding)."""
+    from minisd.pipeline import plain_convolutions_for_small_latents
+    assert torch.backends.mkldnn.enabled
+    with plain_convolutions_for_small_latents(torch.zeros(2, 4, 8, 8)):
+        assert not torch.backends.mkldnn.enabled
+        x, w = torch.randn(2, 64, 8, 8), torch.randn(64, 64, 3, 3)
+        plain = F.conv2d(x, w, padding=1)
+    assert torch.backends.mkldnn.enabled
+    reference = F.conv2d(x, w, padding=1)
+    assert float((plain - reference).abs().max() / reference.abs().max()) < 1e-6  # sums of 576 products: rounding only
+    with plain_convolutions_for_small_latents(torch.zeros(1, 4, 64, 64)):
+        assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        with plain_convolutions_for_small_latents(torch.zeros(1, 4, 8, 8)):
+            raise RuntimeError("an error inside the loop")
+    assert torch.backends.mkldnn.enabled
