@@ -182,6 +182,19 @@ def test_existing_run_is_not_overwritten(tiny_vae, tmp_path, capsys):
     assert folder_state(out) == before
 
 
+def test_min_snr_option_is_checked_and_old_checkpoints_resume(tiny_vae, tmp_path, capsys):
+    assert cli(train_args(tiny_vae, tmp_path / "bad", 2, "--snr-gamma", "0")) == 2
+    assert "--snr-gamma must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # A checkpoint written before --snr-gamma existed has no such recipe entry: it resumes with the plain loss.
+    out = tmp_path / "old"
+    assert cli(train_args(tiny_vae, out, 1)) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["args"]["snr_gamma"]
+    torch.save(state, out / "checkpoint.pt")
+    assert cli(train_args(tiny_vae, out, 2, "--resume", str(out / "checkpoint.pt"))) == 0
+    assert [r["step"] for r in T.read_loss_log(out / "loss.jsonl")] == [1, 2]
+
+
 def test_config_that_does_not_fit_is_refused(tiny_vae, tmp_path, capsys):
     config = json.loads(tiny().to_json())
     config["unet"]["context_dim"] = 48  # the text encoder is 32 wide
