@@ -334,11 +334,12 @@ def test_bundled_model_is_small_and_complete(bundled):
 
 @pytest.mark.timeout(300)
 def test_bundled_model_draws_what_it_is_asked(bundled):
-    """Fixed seeds, DDIM 50 steps, the protocol's guidance scale: issue targets ≥ 80% seen, ≥ 60% held-out."""
+    """Fixed seeds, DDIM 50 steps, the protocol's guidance scale: the issue's targets on a sample of its protocol,
+    seen pairs ≥ 90% colour+shape and ≥ 80% also size and position, held-out pairs ≥ 60% colour+shape."""
     from minisd.evaluate import fidelity, prompts_of
     seen = fidelity(bundled, prompts_of("val", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
     heldout = fidelity(bundled, prompts_of("heldout", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
-    assert seen["colour_shape"] >= 0.8, seen
+    assert seen["colour_shape"] >= 0.9 and seen["full"] >= 0.8, seen
     assert heldout["colour_shape"] >= 0.6, heldout
 
 
