@@ -5,7 +5,7 @@
     python weights_convert.py v2-1_768-ema-pruned.ckpt -o sd21.safetensors --config v2-inference-v.yaml
     python weights_convert.py sd15.safetensors -o back.safetensors --to official
 
-The work is done by `minisd.convert.convert_file`; this file only reads the command line. Any failure prints one
+The work is done by `minisd.weights.convert.convert_file`; this file only reads the command line. Any failure prints one
 paragraph on stderr and exits with status 2, leaving no output file behind.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from minisd.convert import convert_file  # after argument parsing, so --help answers without importing torch
+    from minisd.weights.convert import convert_file  # after argument parsing, so --help answers without importing torch
     try:
         convert_file(args.src, args.output, to=args.to, config=args.config, prediction_type=args.prediction_type,
                      ema=args.ema, half=args.half)

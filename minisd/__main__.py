@@ -14,12 +14,12 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "generate": ("minisd.cli_generate", "make images from a text prompt (also img2img and inpainting)"),
-    "bench": ("minisd.bench", "time minisd against diffusers on the same weights (UNet it/s, s/image, memory)"),
-    "train-vae": ("minisd.train_vae", "train the autoencoder from scratch on the coloured-shapes dataset"),
-    "train": ("minisd.train_ldm", "train the UNet and text encoder from scratch (needs a VAE from train-vae)"),
-    "evaluate": ("minisd.evaluate", "measure prompt fidelity of a model on the coloured-shapes prompts"),
-    "finetune": ("minisd.finetune", "teach a model a new concept with a LoRA adapter"),
+    "generate": ("minisd.tools.cli_generate", "make images from a text prompt (also img2img and inpainting)"),
+    "bench": ("minisd.tools.bench", "time minisd against diffusers on the same weights (UNet it/s, s/image, memory)"),
+    "train-vae": ("minisd.train.train_vae", "train the autoencoder from scratch on the coloured-shapes dataset"),
+    "train": ("minisd.train.train_ldm", "train the UNet and text encoder from scratch (needs a VAE from train-vae)"),
+    "evaluate": ("minisd.train.evaluate", "measure prompt fidelity of a model on the coloured-shapes prompts"),
+    "finetune": ("minisd.train.finetune", "teach a model a new concept with a LoRA adapter"),
 }
 
 

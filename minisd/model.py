@@ -114,7 +114,7 @@ def from_state_dict(config: SDConfig, tensors: dict[str, torch.Tensor], source: 
     mismatched = [(k, tuple(expected[k]), tuple(tensors[k].shape)) for k in set(expected) & given
                   if tuple(tensors[k].shape) != tuple(expected[k])]
     if missing or unexpected or mismatched:
-        from .errors import describe_key_problems
+        from .weights.errors import describe_key_problems
         raise ValueError(describe_key_problems(source, missing, unexpected, sorted(mismatched)))
     for part in PARTS:
         module = getattr(sd, part)
@@ -143,6 +143,6 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype
         from safetensors.torch import load_file
         sd = from_state_dict(SDConfig.from_json(config_json), load_file(str(path)), source=str(path))
     else:
-        from .convert import load_official_or_diffusers
+        from .weights.convert import load_official_or_diffusers
         sd = load_official_or_diffusers(path, **convert_options)
     return sd.to(device=device, dtype=dtype)

@@ -176,7 +176,7 @@ def benchmark(keep: bool = False) -> None:
                  [sys.executable, script, str(out), "-o", str(back), "--to", "official"]),
                 ("minisd.load(official .safetensors)",
                  [sys.executable, "-c", f"import minisd; minisd.load({str(src)!r})"]),
-                ("python -c 'import minisd.convert'", [sys.executable, "-c", "import minisd.convert"]))
+                ("python -c 'import minisd.weights.convert'", [sys.executable, "-c", "import minisd.weights.convert"]))
         for name, command in runs:
             seconds, cpu, peak = _measure(command)
             print(f"{name:36} {seconds:6.1f} s wall {cpu:6.1f} s CPU   peak RSS {peak:5.2f} GB", flush=True)

@@ -1,14 +1,14 @@
 """Build the reference implementations (diffusers, transformers) with the same shapes as a minisd config.
 
 Only the translation of *configurations* lives here; weights always travel through minisd's own key mapping
-(`minisd.keymap.from_diffusers`), so the tests check that mapping too.
+(`minisd.weights.keymap.from_diffusers`), so the tests check that mapping too.
 """
 from __future__ import annotations
 
 import torch
 
 import minisd
-from minisd.keymap import from_diffusers
+from minisd.weights.keymap import from_diffusers
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

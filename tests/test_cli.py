@@ -92,7 +92,7 @@ def test_out_folder_and_subprocess_entry_point(model_file, tmp_path):
 def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     """--lora loads an adapter on top of the model: the PNG equals the library's image with the same adapter, differs
     from the image without it, and records the adapter; an adapter made for another architecture is refused."""
-    from minisd.lora import add_lora, load_adapter, save_adapter
+    from minisd.train.lora import add_lora, load_adapter, save_adapter
     sd = minisd.load(model_file)
     add_lora(sd.unet, rank=2)
     add_lora(sd.text_encoder, rank=2)
@@ -165,7 +165,7 @@ def test_bad_arguments_exit_2_with_a_message_and_write_nothing(args, message, mo
 
 
 def test_missing_bundled_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    import minisd.cli_generate as cli
+    import minisd.tools.cli_generate as cli
     monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "bundled.safetensors")
     assert run(["generate", "a cat", "--out", tmp_path / "x.png", "--quiet"]) == 2
     assert "bundled model" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import minisd
 from minisd.attention import Attention, attention_backend, set_attention_slicing
-from minisd.keymap import from_diffusers
+from minisd.weights.keymap import from_diffusers
 from reference_models import (diffusers_unet, diffusers_vae, minisd_from_references, rel_err,
                               transformers_clip)
 

@@ -27,10 +27,10 @@ import minisd  # noqa: E402
 import weights_convert  # noqa: E402
 from convert_helpers import (diffusers_text, diffusers_unet, diffusers_vae, layout, manifest,  # noqa: E402
                              random_tensors, with_ema_and_extras)
-from minisd import convert  # noqa: E402
-from minisd.convert import ConversionError, minisd_to_official, read_as_minisd, read_checkpoint  # noqa: E402
-from minisd.keymap import DIFFUSERS_UNET, DIFFUSERS_VAE, rename  # noqa: E402
-from minisd.official_keys import OfficialNames, explain_key, is_extra  # noqa: E402
+from minisd.weights import convert  # noqa: E402
+from minisd.weights.convert import ConversionError, minisd_to_official, read_as_minisd, read_checkpoint  # noqa: E402
+from minisd.weights.keymap import DIFFUSERS_UNET, DIFFUSERS_VAE, rename  # noqa: E402
+from minisd.weights.official_keys import OfficialNames, explain_key, is_extra  # noqa: E402
 from reference_models import rel_err  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 

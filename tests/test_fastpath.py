@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import minisd
-from minisd import bench
+from minisd.tools import bench
 from minisd.__main__ import main as cli
 from minisd.attention import attention_backend, get_attention_backend, set_attention_slicing
-from minisd.fastpath import CUDAGraphCall, FastPath, slow_down, speed_up
-from minisd.tiled_vae import WholeImageGroupNorm, decode_tiles, tiled_decode, _axis_tiles
+from minisd.tools.fastpath import CUDAGraphCall, FastPath, slow_down, speed_up
+from minisd.tools.tiled_vae import WholeImageGroupNorm, decode_tiles, tiled_decode, _axis_tiles
 
 TOL = 1e-5
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""Tests for the procedural shapes dataset (minisd.shapes_dataset) and the prompt-fidelity detector (minisd.fidelity).
+"""Tests for the procedural shapes dataset (minisd.train.shapes_dataset) and the prompt-fidelity detector (minisd.train.fidelity).
 
 References are independent of the code under test: the scene spec that produced an image (ground truth for the
 detector), analytic areas of the shapes, and scipy.ndimage.label for the connected components.
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd.fidelity import detect, evaluate, label_components, score
-from minisd.shapes_dataset import (BACKGROUND_RGB, COLOURS, DEFAULT_HELDOUT_PAIRS, FILL_RATIO, POSITION_ANCHOR,
+from minisd.train.fidelity import detect, evaluate, label_components, score
+from minisd.train.shapes_dataset import (BACKGROUND_RGB, COLOURS, DEFAULT_HELDOUT_PAIRS, FILL_RATIO, POSITION_ANCHOR,
                                    POSITIONS, SHAPES, SIZE_FRACTION, SIZES, SUPERSAMPLE, SceneObject, SceneSpec,
                                    ShapesConfig, ShapesDataset, caption, parse_prompt, render, sample_spec)
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import minisd
-from minisd import training as T
+from minisd.train import training as T
 from minisd.__main__ import main as cli
 from minisd.config import tiny
-from minisd.lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter,
+from minisd.train.lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter,
                          unmerge_lora)
 from minisd.pipeline import noise_schedule
-from minisd.train_ldm import Denoiser, diffusion_loss
-from minisd.train_vae import Reconstruct, vae_loss
+from minisd.train.train_ldm import Denoiser, diffusion_loss
+from minisd.train.train_vae import Reconstruct, vae_loss
 
 QUIET = ["--no-progress", "--log-every", "1", "--sample-every", "0", "--checkpoint-every", "1000"]
 BUNDLED = Path(minisd.__file__).with_name("assets") / "bundled.safetensors"
@@ -336,7 +336,7 @@ def test_bundled_model_is_small_and_complete(bundled):
 def test_bundled_model_draws_what_it_is_asked(bundled):
     """Fixed seeds, DDIM 50 steps, the protocol's guidance scale: the issue's targets on a sample of its protocol,
     seen pairs ≥ 90% colour+shape and ≥ 80% also size and position, held-out pairs ≥ 60% colour+shape."""
-    from minisd.evaluate import fidelity, prompts_of
+    from minisd.train.evaluate import fidelity, prompts_of
     seen = fidelity(bundled, prompts_of("val", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
     heldout = fidelity(bundled, prompts_of("heldout", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
     assert seen["colour_shape"] >= 0.9 and seen["full"] >= 0.8, seen
@@ -344,7 +344,7 @@ def test_bundled_model_draws_what_it_is_asked(bundled):
 
 
 def test_finetune_writes_an_adapter_that_reloads(bundled, tmp_path):
-    from minisd.finetune import finetune
+    from minisd.train.finetune import finetune
     sd = copy.deepcopy(bundled)
     summary = finetune(sd, tmp_path, images=4, steps=2, batch_size=4, log=lambda *a: None)
     assert summary["bytes"] < 1_000_000

@@ -14,9 +14,9 @@ GOALS = [
 
 
 def reference_split(in_proj):
-    """The converter's rule (minisd.official_keys.split_for_minisd): OpenCLIP (torch.nn.MultiheadAttention) stores
+    """The converter's rule (minisd.weights.official_keys.split_for_minisd): OpenCLIP (torch.nn.MultiheadAttention) stores
     [W_q; W_k; W_v] stacked along the output axis (dim 0)."""
-    from minisd.official_keys import split_for_minisd
+    from minisd.weights.official_keys import split_for_minisd
     parts = dict(split_for_minisd("text_encoder.layers.0.attn.to_qkv.weight", in_proj))
     return tuple(parts[f"text_encoder.layers.0.attn.to_{name}.weight"] for name in "qkv")
 

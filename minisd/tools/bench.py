@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- settings: refuse what cannot work, clearly
 def check_settings(args) -> dict:
     import torch
-    from .config import PRESETS
+    from ..config import PRESETS
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device_name)

@@ -26,11 +26,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import PREDICTION_TYPES, SDConfig
+from ..config import PREDICTION_TYPES, SDConfig
 from .convert_config import config_from_diffusers, config_from_official
 from .keymap import from_diffusers
-from .model import FORMAT_KEY, PARTS, StableDiffusion, atomic_write
-from .official_keys import explain_key  # noqa: F401  (minisd.convert.explain_key, for the conversion chapter)
+from ..model import FORMAT_KEY, PARTS, StableDiffusion, atomic_write
+from .official_keys import explain_key  # noqa: F401  (minisd.weights.convert.explain_key, for the conversion chapter)
 from .official_keys import (UNET_PREFIX, OfficialNames, ema_name, is_extra, join_for_official, official_schedule,
                             split_for_minisd)
 

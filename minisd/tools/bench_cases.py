@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 PROMPT = "a red circle on the left and a blue square at the top"
-BUNDLED = Path(__file__).with_name("assets") / "bundled.safetensors"
+BUNDLED = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 
 
 # ---------------------------------------------------------------- the models: minisd, and diffusers on its weights
 def build_minisd(name: str, device, dtype):
     import torch
-    from . import StableDiffusion, load
-    from .config import PRESETS
+    from .. import StableDiffusion, load
+    from ..config import PRESETS
     if name == "bundled" or Path(name).exists():
         return load(BUNDLED if name == "bundled" else name, device=device, dtype=dtype).eval()
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def build_minisd(name: str, device, dtype):
 def _fill(module, part: str, sd, device) -> None:
     """Load minisd's `part` tensors into a reference module built on the meta device (names through keymap)."""
     import torch
-    from .keymap import from_diffusers
+    from ..weights.keymap import from_diffusers
     names = from_diffusers(**{part: {k: k for k in module.state_dict()}})  # minisd name -> reference name
     own = getattr(sd, part).state_dict()
     tensors = {ref: own[mine[len(part) + 1:]].detach().clone() for mine, ref in names.items()}
@@ -168,7 +168,7 @@ class Case:
 def prepare(case: Case, variant: str) -> str:
     """Put the model(s) in the variant's state; returns the library that runs it."""
     import torch
-    from .attention import set_attention_backend, set_attention_slicing
+    from ..attention import set_attention_backend, set_attention_slicing
     from .fastpath import speed_up
     s = case.s
     torch.backends.cudnn.benchmark = variant == "diffusers-compiled+cudnn"

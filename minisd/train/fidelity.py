@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minisd.shapes_dataset import (COLOUR_HUES, FILL_RATIO, SHAPES, SIZE_FRACTION, SUPERSAMPLE, SceneSpec, parse_prompt,
+from minisd.train.shapes_dataset import (COLOUR_HUES, FILL_RATIO, SHAPES, SIZE_FRACTION, SUPERSAMPLE, SceneSpec, parse_prompt,
                                    shape_coverage)
 
 FOREGROUND_DISTANCE = 0.25

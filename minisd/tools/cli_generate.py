@@ -10,7 +10,7 @@ import argparse
 import random
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).with_name("assets") / "bundled.safetensors"
+BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 DTYPES = ("float32", "float16", "bfloat16")
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag left out.
 DEFAULTS = dict(prompt=None, negative_prompt="", steps=50, guidance_scale=7.5, sampler="ddim", eta=0.0, seed=None,
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_settings(args: argparse.Namespace) -> dict:
     stored = {}
     if args.from_png:
-        from .images import read_png_settings
+        from ..images import read_png_settings
         stored = {k: v for k, v in read_png_settings(args.from_png).items() if k in STORED}
     settings = {}
     for name, default in DEFAULTS.items():
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
     sd = load_model(s["model"], device, dtype)
     if s["lora"] is not None:
-        from .lora import load_adapter
+        from ..train.lora import load_adapter
         load_adapter(sd, s["lora"])   # a mismatched or foreign file is a ValueError: one line, exit 2
     images = sd.generate([s["prompt"]] * s["batch"], negative_prompt=s["negative_prompt"], steps=s["steps"],
                          guidance_scale=s["guidance_scale"], sampler=s["sampler"], eta=s["eta"], seed=seeds,
@@ -124,8 +124,8 @@ def main(args: argparse.Namespace) -> int:
                          mask=s["mask"], template=s["template"], prompt_weighting=s["prompt_weighting"],
                          progress=not args.quiet)
 
-    from . import __version__
-    from .images import save_png
+    from .. import __version__
+    from ..images import save_png
     for image, seed, path in zip(images, seeds, paths):
         stored = {name: s[name] for name in STORED}
         stored.update(seed=seed, height=image.height, width=image.width, minisd_version=__version__)

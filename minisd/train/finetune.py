@@ -87,7 +87,7 @@ def finetune(sd, out: Path, images: int = 48, steps: int = 400, batch_size: int 
              rank: int = 4, seed: int = 0, cfg_dropout: float = 0.1, log=print) -> dict:
     """Add LoRA + a trainable word row to `sd` (in place), train, save out/orange.safetensors; returns a summary."""
     from .lora import add_lora, lora_parameters, save_adapter
-    from .pipeline import noise_schedule
+    from ..pipeline import noise_schedule
     from .train_ldm import Denoiser, diffusion_loss, encode_pool
 
     torch.manual_seed(seed)
@@ -199,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .model import load
+    from ..model import load
     for name in ("images", "steps", "batch_size", "rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checks import check_tensor
+from ..checks import check_tensor
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -31,9 +31,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import SDConfig, sd1
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..config import SDConfig, sd1
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 Rule = tuple[str, str]  # (official fragment, minisd fragment)
 

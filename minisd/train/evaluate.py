@@ -11,7 +11,7 @@ Protocol (every number is a pure function of the seeds):
   3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape pair never seen
                in training. Report the colour+shape rate.
   4. Both again at s = 1 (no guidance), to show what guidance buys.
-Image i of a set is sampled with seed (image_seed + i), DDIM, --steps steps. The detector is minisd.fidelity.
+Image i of a set is sampled with seed (image_seed + i), DDIM, --steps steps. The detector is minisd.train.fidelity.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from .shapes_dataset import ShapesConfig, ShapesDataset, caption
 
-BUNDLED_MODEL = Path(__file__).with_name("assets") / "bundled.safetensors"
+BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 
 
@@ -105,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .model import load
+    from ..model import load
     for name in ("seen", "heldout", "select", "steps", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

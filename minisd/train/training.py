@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import atomic_write
+from ..model import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "loss.jsonl"
@@ -79,7 +79,7 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def config_from_json_or_error(text: str, source: str):
-    from .config import SDConfig
+    from ..config import SDConfig
     try:
         return SDConfig.from_json(text)
     except (ValueError, TypeError, KeyError) as error:
@@ -88,7 +88,7 @@ def config_from_json_or_error(text: str, source: str):
 
 def check_model_fits(config, image_size: int) -> None:
     """Raise UsageError if the networks cannot be built or the images cannot pass through them."""
-    from .model import StableDiffusion
+    from ..model import StableDiffusion
     if not isinstance(image_size, int) or image_size < 24:
         raise UsageError(f"image size must be an int >= 24 (the shapes dataset's smallest), got {image_size!r}")
     vae_down = 2 ** (len(config.vae.channel_mult) - 1)
@@ -114,7 +114,7 @@ def check_model_fits(config, image_size: int) -> None:
 
 def resolve_config(preset: Optional[str], config_file: Optional[str]):
     """--config FILE.json (an SDConfig as JSON) wins over --preset NAME."""
-    from .config import PRESETS
+    from ..config import PRESETS
     if config_file:
         try:
             text = Path(config_file).read_text()

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import attention as attention_module
+from .. import attention as attention_module
 
 CUDA_GRAPH_CACHE = 4  # recordings kept per model (one per input shape); each holds its own activation memory
 

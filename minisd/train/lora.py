@@ -24,8 +24,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .attention import Attention
-from .model import atomic_write
+from ..attention import Attention
+from ..model import atomic_write
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 ADAPTER_KEY = "minisd_lora"

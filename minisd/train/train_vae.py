@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from . import training as T
-from .attention import set_attention_backend
-from .model import FORMAT_KEY, atomic_write
-from .vae import AutoencoderKL
+from ..attention import set_attention_backend
+from ..model import FORMAT_KEY, atomic_write
+from ..vae import AutoencoderKL
 
 VAE_FILE = "vae.safetensors"
 # Values of these arguments define the run; a resumed run takes them from its checkpoint.

@@ -26,9 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import training as T
-from .attention import set_attention_backend
-from .model import StableDiffusion, save
-from .pipeline import noise_schedule
+from ..attention import set_attention_backend
+from ..model import StableDiffusion, save
+from ..pipeline import noise_schedule
 from .train_vae import load_vae
 
 MODEL_FILE = "model.safetensors"

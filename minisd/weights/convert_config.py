@@ -20,11 +20,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .clip import TextEncoderConfig
-from .config import SDConfig
+from ..clip import TextEncoderConfig
+from ..config import SDConfig
 from .official_keys import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, official_schedule
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 OPENCLIP_LAYERS = 24  # the official SD 2 code always builds OpenCLIP ViT-H/14's 24-layer tower ...
 PENULTIMATE = 1       # ... and stops 1 layer before its end (`layer: "penultimate"`)

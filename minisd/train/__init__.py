@@ -1,0 +1,1 @@
+"""Training: the procedural dataset, the fidelity metric, the training frame, trainers, LoRA, evaluation."""
