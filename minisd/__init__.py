@@ -7,5 +7,15 @@
 from .config import SDConfig, sd1, sd1_inpaint, sd2, tiny, PRESETS
 from .model import StableDiffusion, load, save
 
-__all__ = ["SDConfig", "StableDiffusion", "load", "save", "sd1", "sd1_inpaint", "sd2", "tiny", "PRESETS"]
+__all__ = [
+    "SDConfig",
+    "StableDiffusion",
+    "load",
+    "save",
+    "sd1",
+    "sd1_inpaint",
+    "sd2",
+    "tiny",
+    "PRESETS",
+]
 __version__ = "0.1.0"

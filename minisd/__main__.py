@@ -1,9 +1,10 @@
 """The command line: `python -m minisd COMMAND ...`.
 
-Each command lives in its own module with two functions, `add_arguments(parser)` and `main(args) -> exit status`,
-and is listed in COMMANDS below; that is all it takes to add one. Only the chosen command's module is imported.
-Bad input (ValueError, TypeError, FileNotFoundError raised by a command) is printed as one line and exits with
-status 2, like argparse's own usage errors; set MINISD_TRACEBACK=1 to see the full traceback instead.
+Each command lives in its own module with two functions, `add_arguments(parser)` and `main(args) ->
+exit status`, and is listed in COMMANDS below; that is all it takes to add one. Only the chosen
+command's module is imported. Bad input (ValueError, TypeError, FileNotFoundError raised by a
+command) is printed as one line and exits with status 2, like argparse's own usage errors; set
+MINISD_TRACEBACK=1 to see the full traceback instead.
 """
 from __future__ import annotations
 
@@ -14,19 +15,38 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "generate": ("minisd.tools.cli_generate", "make images from a text prompt (also img2img and inpainting)"),
-    "bench": ("minisd.tools.bench", "time minisd against diffusers on the same weights (UNet it/s, s/image, memory)"),
-    "train-vae": ("minisd.train.train_vae", "train the autoencoder from scratch on the coloured-shapes dataset"),
-    "train": ("minisd.train.train_ldm", "train the UNet and text encoder from scratch (needs a VAE from train-vae)"),
-    "evaluate": ("minisd.train.evaluate", "measure prompt fidelity of a model on the coloured-shapes prompts"),
+    "generate": (
+        "minisd.tools.cli_generate",
+        "make images from a text prompt (also img2img and inpainting)",
+    ),
+    "bench": (
+        "minisd.tools.bench",
+        "time minisd against diffusers on the same weights (UNet it/s, s/image, memory)",
+    ),
+    "train-vae": (
+        "minisd.train.train_vae",
+        "train the autoencoder from scratch on the coloured-shapes dataset",
+    ),
+    "train": (
+        "minisd.train.train_ldm",
+        "train the UNet and text encoder from scratch (needs a VAE from train-vae)",
+    ),
+    "evaluate": (
+        "minisd.train.evaluate",
+        "measure prompt fidelity of a model on the coloured-shapes prompts",
+    ),
     "finetune": ("minisd.train.finetune", "teach a model a new concept with a LoRA adapter"),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The top-level parser; only `command`'s own arguments are added (so other commands are never imported)."""
-    parser = argparse.ArgumentParser(prog="python -m minisd", description="minisd: Stable Diffusion, written out.")
+    """The top-level parser; only `command`'s own arguments are added (so other commands are never
+    imported)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m minisd", description="minisd: Stable Diffusion, written out."
+    )
     from . import __version__
+
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

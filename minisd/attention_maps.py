@@ -2,17 +2,19 @@
 
 Every cross-attention layer of the UNet computes, for each latent pixel p and prompt token k,
     A[p, k] = softmax_k(q_p · k_k / √d)          (a distribution over the 77 tokens: Σₖ A[p, k] = 1)
-Averaging A over heads, layers (each upsampled bilinearly to the latent resolution) and steps gives one map per
-token, the picture behind "prompt-to-prompt" (Hertz et al. 2022). Averages of distributions are distributions, so
-the maps still sum to 1 over the tokens at every pixel.
+Averaging A over heads, layers (each upsampled bilinearly to the latent resolution) and steps gives
+one map per token, the picture behind "prompt-to-prompt" (Hertz et al. 2022). Averages of
+distributions are distributions, so the maps still sum to 1 over the tokens at every pixel.
 
     with record_cross_attention(sd) as maps:
         sd.generate("a red circle", steps=20)
     maps.per_token(image=0)      # [77, h, w]   (latent resolution)
     maps.tokens(image=0)         # ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', '<|endoftext|>', …]
 
-The maps are those of the last `generate` call inside the block, for the conditional rows of the batch.
+The maps are those of the last `generate` call inside the block, for the conditional rows of the
+batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,20 +24,25 @@ import torch
 from einops import reduce
 from torch.nn import functional as F
 
-_active: dict[int, "CrossAttentionMaps"] = {}   # id(model) -> the recorder attached to it
+_active: dict[int, "CrossAttentionMaps"] = {}  # id(model) -> the recorder attached to it
 
 
 class CrossAttentionMaps:
     def __init__(self, sd):
         self.sd = sd
-        self._sum: Optional[torch.Tensor] = None    # [rows, tokens, h, w], float32, summed over calls
+        # [rows, tokens, h, w], float32, summed over calls
+        self._sum: Optional[torch.Tensor] = None
         self._calls = 0
-        self._rows: list[list[int]] = []            # per image: its conditional rows of the UNet batch
-        self._ids: Optional[torch.Tensor] = None    # [rows, tokens]
+        # per image: its conditional rows of the UNet batch
+        self._rows: list[list[int]] = []
+        self._ids: Optional[torch.Tensor] = None  # [rows, tokens]
         self._size = (0, 0)
 
-    def begin(self, part_rows: list[list[int]], ids: torch.Tensor, latent_size: tuple[int, int]) -> None:
-        """Called by generate before its first step: which batch rows to keep, their token ids, the latent size."""
+    def begin(
+        self, part_rows: list[list[int]], ids: torch.Tensor, latent_size: tuple[int, int]
+    ) -> None:
+        """Called by generate before its first step: which batch rows to keep, their token ids, the
+        latent size."""
         self._rows, self._ids, self._size = part_rows, ids.cpu(), tuple(latent_size)
         self._sum, self._calls = None, 0
 
@@ -45,7 +52,8 @@ class CrossAttentionMaps:
             return
         height, width = self._size
         per_pixel = reduce(probs.detach().float(), "b heads n m -> b m n", "mean")
-        factor = round((height * width / per_pixel.shape[-1]) ** 0.5)   # how far this layer is downsampled
+        # how far this layer is downsampled
+        factor = round((height * width / per_pixel.shape[-1]) ** 0.5)
         maps = per_pixel.reshape(*per_pixel.shape[:2], height // factor, width // factor)
         if factor != 1:
             maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
@@ -55,14 +63,19 @@ class CrossAttentionMaps:
 
     def _row(self, image: int, part: int) -> int:
         if self._sum is None:
-            raise ValueError("no cross-attention was recorded: call generate inside the `with` block")
+            raise ValueError(
+                "no cross-attention was recorded: call generate inside the `with` block"
+            )
         if not 0 <= image < len(self._rows) or not 0 <= part < len(self._rows[image]):
-            raise ValueError(f"no image {image} / part {part}: the last generate made {len(self._rows)} images "
-                             f"with {[len(r) for r in self._rows]} parts")
+            raise ValueError(
+                f"no image {image} / part {part}: the last generate made {len(self._rows)} images "
+                f"with {[len(r) for r in self._rows]} parts"
+            )
         return self._rows[image][part]
 
     def per_token(self, image: int = 0, part: int = 0) -> torch.Tensor:
-        """[tokens, h, w]: the attention each latent pixel paid to each token, averaged over heads, layers, steps."""
+        """[tokens, h, w]: the attention each latent pixel paid to each token, averaged over heads,
+        layers, steps."""
         return self._sum[self._row(image, part)] / self._calls
 
     def tokens(self, image: int = 0, part: int = 0) -> list[str]:
@@ -77,7 +90,8 @@ def active_recorder(sd) -> Optional[CrossAttentionMaps]:
 
 @contextlib.contextmanager
 def record_cross_attention(sd):
-    """Attach a recorder to every cross-attention layer of `sd.unet` for the duration of the block."""
+    """Attach a recorder to every cross-attention layer of `sd.unet` for the duration of the
+    block."""
     if id(sd) in _active:
         raise ValueError("cross-attention of this model is already being recorded")
     recorder = CrossAttentionMaps(sd)

@@ -1,14 +1,15 @@
-"""The CLIP text encoder: token ids [B, 77] -> one context vector per token [B, 77, width] for cross-attention.
+"""The CLIP text encoder: token ids [B, 77] -> one context vector per token [B, 77, width] for
+cross-attention.
 
     h⁰ = TokenEmbedding(ids) + PositionEmbedding(0 … 76)
     hˡ = hˡ⁻¹ + CausalSelfAttention(LayerNorm(hˡ⁻¹))          # token i sees tokens 0 … i only
     hˡ = hˡ  + MLP(LayerNorm(hˡ)),   MLP(x) = W₂ act(W₁ x)
     context = LayerNorm_final(h^L)
 
-SD 1.x uses OpenAI's CLIP ViT-L/14 text tower: 12 layers, width 768, act = quick-GELU x·σ(1.702x), output of the
-last layer. SD 2.x uses OpenCLIP ViT-H/14: 24 layers, width 1024, exact GELU, and takes the output of layer 23 (the
-penultimate) before the final LayerNorm — `use_layers=23`. The weights of layer 24 are kept so that official files
-round-trip, but it is never run.
+SD 1.x uses OpenAI's CLIP ViT-L/14 text tower: 12 layers, width 768, act = quick-GELU x·σ(1.702x),
+output of the last layer. SD 2.x uses OpenCLIP ViT-H/14: 24 layers, width 1024, exact GELU, and
+takes the output of layer 23 (the penultimate) before the final LayerNorm — `use_layers=23`. The
+weights of layer 24 are kept so that official files round-trip, but it is never run.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ class TextEncoderConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: int = 4
-    activation: str = "quick_gelu"      # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
-    use_layers: Optional[int] = None    # run only the first `use_layers` layers; None = all. SD 2.x: 23 of 24
+    # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
+    activation: str = "quick_gelu"
+    # run only the first `use_layers` layers; None = all. SD 2.x: 23 of 24
+    use_layers: Optional[int] = None
     pad_token_id: int = 49407           # SD 1.x pads prompts with end-of-text, SD 2.x with 0
 
 
@@ -45,7 +48,9 @@ class TextEncoderLayer(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         if cfg.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unknown activation {cfg.activation!r}; choose 'quick_gelu' or 'gelu'")
+            raise ValueError(
+                f"unknown activation {cfg.activation!r}; choose 'quick_gelu' or 'gelu'"
+            )
         self.activation = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
         self.norm1 = nn.LayerNorm(cfg.width, eps=1e-5)
         self.attn = Attention(cfg.width, cfg.heads, cfg.width // cfg.heads, qkv_bias=True)
@@ -71,15 +76,20 @@ class CLIPTextEncoder(nn.Module):
         """ids [B, n ≤ 77] (LongTensor) -> context [B, n, width]."""
         check_tensor("text encoder ids", ids, 2, "[B, tokens]")
         if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"text encoder ids must be an integer tensor (token ids), got {ids.dtype}")
+            raise TypeError(
+                f"text encoder ids must be an integer tensor (token ids), got {ids.dtype}"
+            )
         n = ids.shape[1]
         if n > self.cfg.max_length:
             raise ValueError(f"text encoder takes at most {self.cfg.max_length} tokens, got {n}")
-        # Reading the range back is a host sync (and a graph break under torch.compile): one read, never when compiling.
+        # Reading the range back is a host sync (and a graph break under torch.compile): one read,
+        # never when compiling.
         if ids.numel() and not torch.compiler.is_compiling():
             low, high = torch.stack(torch.aminmax(ids)).tolist()
             if low < 0 or high >= self.cfg.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {low}, max {high}")
+                raise ValueError(
+                    f"token ids must lie in [0, {self.cfg.vocab_size}), got min {low}, max {high}"
+                )
         positions = torch.arange(n, device=ids.device)
         h = self.token_embedding(ids) + self.position_embedding(positions)
         mask = causal_mask(n, device=ids.device)

@@ -1,7 +1,8 @@
 """Model configurations as dataclasses, and the presets for the architectures minisd knows.
 
-A `SDConfig` holds everything needed to rebuild a model from its weights: the three networks' shapes, the noise
-schedule, what the UNet predicts (ε or v) and the latent scale. It is stored as JSON inside every minisd file.
+A `SDConfig` holds everything needed to rebuild a model from its weights: the three networks'
+shapes, the noise schedule, what the UNet predicts (ε or v) and the latent scale. It is stored as
+JSON inside every minisd file.
 """
 from __future__ import annotations
 
@@ -21,24 +22,32 @@ class SDConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    prediction_type: str = "epsilon"       # what the UNet outputs: "epsilon" (ε) or "v_prediction" (v)
+    # what the UNet outputs: "epsilon" (ε) or "v_prediction" (v)
+    prediction_type: str = "epsilon"
     latent_scale: float = 0.18215          # the diffusion model sees latent_scale · z
     beta_schedule: str = "scaled_linear"   # β_t = (linspace(√β_start, √β_end, T))²
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
-    image_size: int = 512                  # the resolution the model was trained at: generate's default height/width
+    # the resolution the model was trained at: generate's default height/width
+    image_size: int = 512
     name: str = "custom"
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
         if self.unet.context_dim != self.text.width:
-            raise ValueError(f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text encoder "
-                             f"produces width={self.text.width}")
+            raise ValueError(
+                f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text encoder "
+                f"produces width={self.text.width}"
+            )
         if self.unet.out_channels != self.vae.latent_channels:
-            raise ValueError(f"the UNet predicts {self.unet.out_channels} channels but the VAE has "
-                             f"{self.vae.latent_channels} latent channels")
+            raise ValueError(
+                f"the UNet predicts {self.unet.out_channels} channels but the VAE has "
+                f"{self.vae.latent_channels} latent channels"
+            )
 
     @property
     def is_inpainting(self) -> bool:
@@ -55,70 +64,120 @@ class SDConfig:
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
             if unknown:
-                raise ValueError(f"unknown {kind.__name__} fields in stored config: {sorted(unknown)}")
+                raise ValueError(
+                    f"unknown {kind.__name__} fields in stored config: {sorted(unknown)}"
+                )
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
-        return cls(unet=build(UNetConfig, data.pop("unet")), vae=build(VAEConfig, data.pop("vae")),
-                   text=build(TextEncoderConfig, data.pop("text")), **data)
+        return cls(
+            unet=build(UNetConfig, data.pop("unet")),
+            vae=build(VAEConfig, data.pop("vae")),
+            text=build(TextEncoderConfig, data.pop("text")),
+            **data,
+        )
 
 
 def sd1(**overrides) -> SDConfig:
-    """Stable Diffusion 1.x (v1-inference.yaml): CLIP ViT-L/14, 8 heads, 1×1-conv projections, ε-prediction."""
+    """Stable Diffusion 1.x (v1-inference.yaml): CLIP ViT-L/14, 8 heads, 1×1-conv projections,
+    ε-prediction."""
     return SDConfig(name="sd1", **overrides)
 
 
 def sd1_inpaint() -> SDConfig:
-    """SD 1.5 inpainting: the UNet also reads the mask and the masked image's latents (4 + 1 + 4 channels)."""
+    """SD 1.5 inpainting: the UNet also reads the mask and the masked image's latents (4 + 1 + 4
+    channels)."""
     return SDConfig(unet=UNetConfig(in_channels=9), name="sd1-inpainting")
 
 
 def sd2(prediction_type: str = "v_prediction") -> SDConfig:
-    """Stable Diffusion 2.x (v2-inference-v.yaml; 'epsilon' gives the 512-base model): OpenCLIP ViT-H/14, 64-dim heads."""
+    """Stable Diffusion 2.x (v2-inference-v.yaml; 'epsilon' gives the 512-base model): OpenCLIP
+    ViT-H/14, 64-dim heads."""
     return SDConfig(
         unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, linear_projection=True),
-        text=TextEncoderConfig(width=1024, layers=24, heads=16, activation="gelu", use_layers=23, pad_token_id=0),
-        prediction_type=prediction_type, image_size=768 if prediction_type == "v_prediction" else 512,
-        name="sd2" if prediction_type == "v_prediction" else "sd2-base")
+        text=TextEncoderConfig(
+            width=1024, layers=24, heads=16, activation="gelu", use_layers=23, pad_token_id=0
+        ),
+        prediction_type=prediction_type,
+        image_size=768 if prediction_type == "v_prediction" else 512,
+        name="sd2" if prediction_type == "v_prediction" else "sd2-base",
+    )
 
 
 def tiny(**overrides) -> SDConfig:
     """A few-megabyte model with every feature of the real ones, for tests and CPU experiments."""
     return SDConfig(
-        unet=UNetConfig(channels=32, channel_mult=(1, 2, 2), attention_levels=(True, True, False), num_heads=2,
-                        context_dim=32),
+        unet=UNetConfig(
+            channels=32,
+            channel_mult=(1, 2, 2),
+            attention_levels=(True, True, False),
+            num_heads=2,
+            context_dim=32,
+        ),
         vae=VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
         text=TextEncoderConfig(width=32, layers=2, heads=4),
-        image_size=32, name="tiny", **overrides)
+        image_size=32,
+        name="tiny",
+        **overrides,
+    )
 
 
 def bundled(**overrides) -> SDConfig:
-    """The model shipped in minisd/assets/bundled.safetensors: 32×32 coloured shapes, trained from scratch.
+    """The model shipped in minisd/assets/bundled.safetensors: 32×32 coloured shapes, trained from
+    scratch.
 
-    Same three networks as SD, shrunk: a VAE with downscale 4 (32×32×3 -> 8×8×4 latents), a two-level UNet with
-    attention at both levels, a 3-layer CLIP-architecture text encoder of width 64 over CLIP's real 49,408-token
-    vocabulary, v-prediction. latent_scale is measured after training the VAE (1 / std of its latents).
+    Same three networks as SD, shrunk: a VAE with downscale 4 (32×32×3 -> 8×8×4 latents), a
+    two-level UNet with attention at both levels, a 3-layer CLIP-architecture text encoder of width
+    64 over CLIP's real 49,408-token vocabulary, v-prediction. latent_scale is measured after
+    training the VAE (1 / std of its latents).
     """
     values = dict(
-        unet=UNetConfig(channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True),
-                        num_heads=4, context_dim=64),
+        unet=UNetConfig(
+            channels=64,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(True, True),
+            num_heads=4,
+            context_dim=64,
+        ),
         vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
         text=TextEncoderConfig(width=64, layers=3, heads=4),
-        prediction_type="v_prediction", image_size=32, name="bundled")
+        prediction_type="v_prediction",
+        image_size=32,
+        name="bundled",
+    )
     values.update(overrides)
     return SDConfig(**values)
 
 
 def bundled_cpu(**overrides) -> SDConfig:
-    """The reduced configuration that trains on a 2-core CPU in under 10 minutes (README model card, chapter 11).
+    """The reduced configuration that trains on a 2-core CPU in under 10 minutes (README model card,
+    chapter 11).
 
-    The bundled model with a UNet of half the width (channels 32 instead of 64): about a third of the compute per
-    step, so a short CPU run sees more examples. Same VAE and text encoder as `bundled`.
+    The bundled model with a UNet of half the width (channels 32 instead of 64): about a third of
+    the compute per step, so a short CPU run sees more examples. Same VAE and text encoder as
+    `bundled`.
     """
-    values = dict(unet=UNetConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True),
-                                  num_heads=4, context_dim=64), name="bundled-cpu")
+    values = dict(
+        unet=UNetConfig(
+            channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(True, True),
+            num_heads=4,
+            context_dim=64,
+        ),
+        name="bundled-cpu",
+    )
     values.update(overrides)
     return bundled(**values)
 
 
-PRESETS = {"sd1": sd1, "sd1-inpainting": sd1_inpaint, "sd2": sd2, "sd2-base": lambda: sd2("epsilon"), "tiny": tiny,
-           "bundled": bundled, "bundled-cpu": bundled_cpu}
+PRESETS = {
+    "sd1": sd1,
+    "sd1-inpainting": sd1_inpaint,
+    "sd2": sd2,
+    "sd2-base": lambda: sd2("epsilon"),
+    "tiny": tiny,
+    "bundled": bundled,
+    "bundled-cpu": bundled_cpu,
+}

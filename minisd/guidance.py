@@ -1,23 +1,27 @@
-"""Classifier-free guidance, prompt composition and model ensembles: how one denoising prediction is assembled.
+"""Classifier-free guidance, prompt composition and model ensembles: how one denoising prediction is
+assembled.
 
-Classifier-free guidance (Ho & Salimans 2022): run the UNet with the prompt (ε_c) and with the negative / empty
-prompt (ε_u) and extrapolate away from the unconditional prediction,
+Classifier-free guidance (Ho & Salimans 2022): run the UNet with the prompt (ε_c) and with the
+negative / empty prompt (ε_u) and extrapolate away from the unconditional prediction,
 
     ε = ε_u + s · (ε_c − ε_u)                                   s = guidance_scale; s = 1 gives ε_c, s = 0 gives ε_u
 
-Composition ("a cat AND a hat :0.5", prompts.py) guides every part i of a prompt separately and adds the pushes:
+Composition ("a cat AND a hat :0.5", prompts.py) guides every part i of a prompt separately and adds
+the pushes:
 
     ε = ε_u + s · Σᵢ wᵢ (εᵢ − ε_u)
 
-As diffusers does, the formula is applied to whatever the UNet predicts: ε, or v for v-prediction models (it is
-linear, so guiding v and guiding ε are the same step). The UNet runs once per step on one batch ordered
-[uncond rows of every image, then every part of every image]. When s = 1 and each image's weights sum to 1, the
-formula reduces to Σᵢ wᵢ εᵢ and the unconditional rows are skipped entirely (half the work for plain prompts).
+As diffusers does, the formula is applied to whatever the UNet predicts: ε, or v for v-prediction
+models (it is linear, so guiding v and guiding ε are the same step). The UNet runs once per step on
+one batch ordered [uncond rows of every image, then every part of every image]. When s = 1 and each
+image's weights sum to 1, the formula reduces to Σᵢ wᵢ εᵢ and the unconditional rows are skipped
+entirely (half the work for plain prompts).
 
-Ensembles mix models per step: ε = Σₖ λₖ ε⁽ᵏ⁾, each ε⁽ᵏ⁾ guided with model k's own text encoder. All members must
-share the latent space (same VAE layout and latent scale; the first member's VAE encodes and decodes), the
-tokenizer, the prediction type and the noise schedule.
+Ensembles mix models per step: ε = Σₖ λₖ ε⁽ᵏ⁾, each ε⁽ᵏ⁾ guided with model k's own text encoder. All
+members must share the latent space (same VAE layout and latent scale; the first member's VAE
+encodes and decodes), the tokenizer, the prediction type and the noise schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,11 +35,14 @@ from .prompts import encode_prompts
 
 @dataclass
 class Conditioning:
-    """Everything one model needs per step: the contexts of the UNet batch rows and how to combine the outputs."""
-    context: torch.Tensor        # [R, 77, width]: B unconditional rows (when has_uncond) then one row per part
-    row_image: torch.Tensor      # [R] long: the image each row belongs to
-    part_weights: torch.Tensor   # [P] float32: wᵢ of each part row
-    ids: torch.Tensor            # [R, 77] token ids of each row (for attention maps)
+    """Everything one model needs per step: the contexts of the UNet batch rows and how to combine
+    the outputs."""
+
+    # [R, 77, width]: B unconditional rows (when has_uncond) then one row per part
+    context: torch.Tensor
+    row_image: torch.Tensor  # [R] long: the image each row belongs to
+    part_weights: torch.Tensor  # [P] float32: wᵢ of each part row
+    ids: torch.Tensor  # [R, 77] token ids of each row (for attention maps)
     num_images: int
     has_uncond: bool
 
@@ -50,8 +57,13 @@ def needs_uncond(parts: Sequence[Sequence[tuple[str, float]]], guidance_scale: f
     return not (guidance_scale == 1 and all(math.isclose(sum(w for _, w in p), 1.0) for p in parts))
 
 
-def build_conditioning(sd, parts: Sequence[Sequence[tuple[str, float]]], negatives: Sequence[str],
-                       guidance_scale: float, weighting: bool = True) -> Conditioning:
+def build_conditioning(
+    sd,
+    parts: Sequence[Sequence[tuple[str, float]]],
+    negatives: Sequence[str],
+    guidance_scale: float,
+    weighting: bool = True,
+) -> Conditioning:
     """parts[b] = [(text, weight), …] of image b; negatives[b] = its negative prompt."""
     has_uncond = needs_uncond(parts, guidance_scale)
     texts = list(negatives) if has_uncond else []
@@ -63,8 +75,14 @@ def build_conditioning(sd, parts: Sequence[Sequence[tuple[str, float]]], negativ
             row_image.append(b)
             weights.append(weight)
     context, ids = encode_prompts(sd, texts, weighting)
-    return Conditioning(context, torch.tensor(row_image), torch.tensor(weights, dtype=torch.float32), ids,
-                        len(parts), has_uncond)
+    return Conditioning(
+        context,
+        torch.tensor(row_image),
+        torch.tensor(weights, dtype=torch.float32),
+        ids,
+        len(parts),
+        has_uncond,
+    )
 
 
 def combine(output: torch.Tensor, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
@@ -74,16 +92,27 @@ def combine(output: torch.Tensor, cond: Conditioning, guidance_scale: float) -> 
     parts = output[cond.part_rows.to(output.device)]
     shape = (cond.num_images, *output.shape[1:])
     if not cond.has_uncond:
-        return torch.zeros(shape, dtype=output.dtype, device=output.device).index_add_(0, owner, w * parts)
+        return torch.zeros(shape, dtype=output.dtype, device=output.device).index_add_(
+            0, owner, w * parts
+        )
     uncond = output[: cond.num_images]
-    pushes = torch.zeros(shape, dtype=output.dtype, device=output.device).index_add_(0, owner, w * (parts - uncond[owner]))
+    pushes = torch.zeros(shape, dtype=output.dtype, device=output.device).index_add_(
+        0, owner, w * (parts - uncond[owner])
+    )
     return uncond + guidance_scale * pushes
 
 
-def guided_prediction(sd, latents: torch.Tensor, t: int, cond: Conditioning, guidance_scale: float,
-                      extra_channels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One guided UNet prediction per image, in float32. latents [B, 4, h, w] float32; extra_channels [B, 5, h, w]
-    (inpainting models: mask and masked-image latents) are appended to every row of the image they belong to."""
+def guided_prediction(
+    sd,
+    latents: torch.Tensor,
+    t: int,
+    cond: Conditioning,
+    guidance_scale: float,
+    extra_channels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One guided UNet prediction per image, in float32. latents [B, 4, h, w] float32;
+    extra_channels [B, 5, h, w] (inpainting models: mask and masked-image latents) are appended to
+    every row of the image they belong to."""
     rows = cond.row_image.to(latents.device)
     unet_input = latents[rows]
     if extra_channels is not None:
@@ -94,26 +123,33 @@ def guided_prediction(sd, latents: torch.Tensor, t: int, cond: Conditioning, gui
 
 
 class ModelEnsemble:
-    """Several models denoising together: at every step ε = Σₖ λₖ ε⁽ᵏ⁾ (each guided with its own text encoder).
+    """Several models denoising together: at every step ε = Σₖ λₖ ε⁽ᵏ⁾ (each guided with its own
+    text encoder).
 
         ens = ModelEnsemble([sd_a, sd_b], weights=[0.5, 0.5]);  images = ens.generate("a red circle")
 
-    Weights default to equal shares summing to 1 (which keeps the prediction's scale). The first model's VAE,
-    tokenizer and config are used for everything outside the UNet.
+    Weights default to equal shares summing to 1 (which keeps the prediction's scale). The first
+    model's VAE, tokenizer and config are used for everything outside the UNet.
     """
 
     def __init__(self, models: Sequence, weights: Optional[Sequence[float]] = None):
         from .model import StableDiffusion
+
         models = list(models)
         if not models:
             raise ValueError("ModelEnsemble needs at least one model")
         for i, model in enumerate(models):
             if not isinstance(model, StableDiffusion):
-                raise TypeError(f"ModelEnsemble members must be StableDiffusion models, got {type(model).__name__} at {i}")
+                raise TypeError(
+                    f"ModelEnsemble members must be StableDiffusion models, got {type(model).__name__} at {i}"
+                )
         weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
         if len(weights) != len(models):
             raise ValueError(f"ModelEnsemble got {len(models)} models but {len(weights)} weights")
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        if not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            for w in weights
+        ):
             raise ValueError(f"ensemble weights must be finite numbers, got {weights}")
         check_compatible(models)
         self.models, self.weights = models, [float(w) for w in weights]
@@ -124,35 +160,49 @@ class ModelEnsemble:
 
     def generate(self, *args, **kwargs):
         from .pipeline import generate
+
         return generate(self, *args, **kwargs)
 
 
 def check_compatible(models: Sequence) -> None:
-    """Raise ValueError unless every model shares the first one's latent space, tokenizer, schedule and device."""
+    """Raise ValueError unless every model shares the first one's latent space, tokenizer, schedule
+    and device."""
     first = models[0]
 
     def facts(sd):
         c = sd.config
-        return {"VAE layout": c.vae, "latent_scale": c.latent_scale, "prediction_type": c.prediction_type,
-                "noise schedule": (c.beta_schedule, c.beta_start, c.beta_end, c.num_train_timesteps),
-                "UNet input channels": c.unet.in_channels,
-                "tokenizer (vocabulary, context length, pad id)": (c.text.vocab_size, c.text.max_length,
-                                                                   c.text.pad_token_id),
-                "device": sd.device}
+        return {
+            "VAE layout": c.vae,
+            "latent_scale": c.latent_scale,
+            "prediction_type": c.prediction_type,
+            "noise schedule": (c.beta_schedule, c.beta_start, c.beta_end, c.num_train_timesteps),
+            "UNet input channels": c.unet.in_channels,
+            "tokenizer (vocabulary, context length, pad id)": (
+                c.text.vocab_size,
+                c.text.max_length,
+                c.text.pad_token_id,
+            ),
+            "device": sd.device,
+        }
 
     reference = facts(first)
     for i, model in enumerate(models[1:], start=1):
         for name, value in facts(model).items():
             if value != reference[name]:
-                raise ValueError(f"ensemble member {i} ({model.config.name}) cannot be mixed with member 0 "
-                                 f"({first.config.name}): different {name}: {value} vs {reference[name]}")
+                raise ValueError(
+                    f"ensemble member {i} ({model.config.name}) cannot be mixed with member 0 "
+                    f"({first.config.name}): different {name}: {value} vs {reference[name]}"
+                )
 
 
 def ensemble_members(sd_or_ensemble) -> list[tuple]:
     """A model or a ModelEnsemble -> [(model, weight), …]."""
     from .model import StableDiffusion
+
     if isinstance(sd_or_ensemble, ModelEnsemble):
         return sd_or_ensemble.members
     if isinstance(sd_or_ensemble, StableDiffusion):
         return [(sd_or_ensemble, 1.0)]
-    raise TypeError(f"expected a StableDiffusion model or a ModelEnsemble, got {type(sd_or_ensemble).__name__}")
+    raise TypeError(
+        f"expected a StableDiffusion model or a ModelEnsemble, got {type(sd_or_ensemble).__name__}"
+    )

@@ -1,22 +1,27 @@
-"""From prompt text to the context the UNet cross-attends to: templates, composition, emphasis weights.
+"""From prompt text to the context the UNet cross-attends to: templates, composition, emphasis
+weights.
 
 Template:     template="a photo of {}, detailed" wraps every prompt (each part of a composed prompt) before encoding.
 
 Composition:  "a cat AND a hat :0.5" -> [("a cat", 1.0), ("a hat", 0.5)]. Each part is encoded and guided
-              separately (Liu et al. 2022, "Compositional Visual Generation"; the AUTOMATIC1111 webui syntax):
+              separately (Liu et al. 2022, "Compositional Visual Generation"; the AUTOMATIC1111
+              webui syntax):
                   ε = ε_u + s · Σᵢ wᵢ (εᵢ − ε_u)          (see guidance.py)
-              "AND" must be upper case with spaces around it; a part's weight is a trailing ":number".
+              "AND" must be upper case with spaces around it; a part's weight is a trailing
+              ":number".
 
 Emphasis:     "a (red:1.3) circle" scales the context vectors of the emphasised tokens, as the AUTOMATIC1111
               webui does (not compel, which instead blends with an empty prompt):
                   (text) ×1.1     [text] ÷1.1     (text:w) ×w     nesting multiplies     \\( \\) \\[ \\] literal
-              An unmatched ')' or ']' is literal text; a bracket left open applies to the rest of the prompt.
-              With per-token weights wₖ the context z [77, D] of one prompt becomes
+              An unmatched ')' or ']' is literal text; a bracket left open applies to the rest of
+              the prompt. With per-token weights wₖ the context z [77, D] of one prompt becomes
                   z' = z ⊙ w  rescaled by mean(z) / mean(z ⊙ w)
-              so its overall mean (over tokens and channels) is unchanged. The webui takes that mean over the whole
-              batch; here it is taken per prompt, so a prompt's context does not depend on its neighbours.
-              A prompt without emphasis is tokenized and encoded exactly as plain text (weights all 1: no rescale).
+              so its overall mean (over tokens and channels) is unchanged. The webui takes that mean
+              over the whole batch; here it is taken per prompt, so a prompt's context does not
+              depend on its neighbours. A prompt without emphasis is tokenized and encoded exactly
+              as plain text (weights all 1: no rescale).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +41,15 @@ def apply_template(text: str, template: str | None) -> str:
     if template is None:
         return text
     if not isinstance(template, str) or "{}" not in template:
-        raise ValueError(f"template must be a string containing '{{}}' where the prompt goes, got {template!r}")
+        raise ValueError(
+            f"template must be a string containing '{{}}' where the prompt goes, got {template!r}"
+        )
     return template.replace("{}", text)
 
 
 def split_composition(prompt: str) -> list[tuple[str, float]]:
-    """'a cat AND a hat :0.5' -> [('a cat', 1.0), ('a hat', 0.5)]; a prompt without AND is one part of weight 1."""
+    """'a cat AND a hat :0.5' -> [('a cat', 1.0), ('a hat', 0.5)]; a prompt without AND is one part
+    of weight 1."""
     parts = []
     for part in _AND.split(prompt):
         match = _PART_WEIGHT.match(part)
@@ -50,12 +58,15 @@ def split_composition(prompt: str) -> list[tuple[str, float]]:
 
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """'a (red:1.3) [dull] circle' -> [('a ', 1.0), ('red', 1.3), (' ', 1.0), ('dull', 0.909…), (' circle', 1.0)].
+    """'a (red:1.3) [dull] circle' -> [('a ', 1.0), ('red', 1.3), (' ', 1.0), ('dull', 0.909…), ('
+    circle', 1.0)].
 
-    Adjacent pieces of equal weight are merged, so text without emphasis comes back whole with weight 1.
+    Adjacent pieces of equal weight are merged, so text without emphasis comes back whole with
+    weight 1.
     """
-    pieces: list[list] = []             # [text, weight]; weights are multiplied in when a bracket closes
-    open_round: list[int] = []          # index into `pieces` where each open '(' started
+    # [text, weight]; weights are multiplied in when a bracket closes
+    pieces: list[list] = []
+    open_round: list[int] = []  # index into `pieces` where each open '(' started
     open_square: list[int] = []
     buffer, i = "", 0
 
@@ -108,16 +119,22 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
-def tokenize_weighted(tokenizer, text: str, max_length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prompt with emphasis -> (ids [max_length] long, weights [max_length] float32); BOS/EOS/padding weigh 1."""
+def tokenize_weighted(
+    tokenizer, text: str, max_length: int = 77
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt with emphasis -> (ids [max_length] long, weights [max_length] float32);
+    BOS/EOS/padding weigh 1."""
     ids, weights = [], []
     for piece, weight in parse_emphasis(text):
         piece_ids = tokenizer.encode(piece)
         ids += piece_ids
         weights += [weight] * len(piece_ids)
     if len(ids) > max_length - 2:
-        warnings.warn(f"prompt longer than CLIP's {max_length}-token context: dropped its last "
-                      f"{len(ids) - (max_length - 2)} token(s) from {text[:60]!r}", stacklevel=3)
+        warnings.warn(
+            f"prompt longer than CLIP's {max_length}-token context: dropped its last "
+            f"{len(ids) - (max_length - 2)} token(s) from {text[:60]!r}",
+            stacklevel=3,
+        )
         ids, weights = ids[: max_length - 2], weights[: max_length - 2]
     row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
     row += [tokenizer.pad_token_id] * (max_length - len(row))
@@ -130,7 +147,9 @@ def has_emphasis(text: str) -> bool:
 
 
 @torch.no_grad()
-def encode_prompts(sd, prompts: list[str], weighting: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    sd, prompts: list[str], weighting: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (context [B, 77, width] in the model's dtype and device, token ids [B, 77]).
 
     weighting=False reads brackets as plain text (what diffusers does).
@@ -150,6 +169,8 @@ def encode_prompts(sd, prompts: list[str], weighting: bool = True) -> tuple[torc
         weighted = z * weights[b, :, None]
         scale = z.mean() / weighted.mean()
         if not math.isfinite(scale.item()):
-            raise ValueError(f"emphasis weights make the context's mean zero in prompt {prompts[b]!r}")
+            raise ValueError(
+                f"emphasis weights make the context's mean zero in prompt {prompts[b]!r}"
+            )
         context[b] = (weighted * scale).to(context.dtype)
     return context, ids

@@ -11,7 +11,8 @@ Sinusoidal timestep embedding (Vaswani et al. 2017, as used by DDPM), for i = 0 
 
     ω_i = exp(−ln(10000) · i / (d/2)),    emb(t) = [cos(t·ω_0), …, cos(t·ω_{d/2−1}), sin(t·ω_0), …]
 
-cos first, as the original Stable Diffusion code orders it (diffusers: flip_sin_to_cos=True, freq_shift=0).
+cos first, as the original Stable Diffusion code orders it (diffusers: flip_sin_to_cos=True,
+freq_shift=0).
 """
 from __future__ import annotations
 
@@ -23,16 +24,23 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
     """[B] timesteps (integers or floats) -> [B, dim] sinusoidal features, cos half first."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    frequencies = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
     angles = timesteps.float()[:, None] * frequencies[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class TimestepMLP(nn.Module):
-    """Linear(d → 4d), SiLU, Linear(4d → 4d): lets the network learn its own features of the sinusoidal embedding."""
+    """Linear(d → 4d), SiLU, Linear(4d → 4d): lets the network learn its own features of the
+    sinusoidal embedding."""
 
     def __init__(self, dim: int, time_dim: int):
         super().__init__()
@@ -44,10 +52,18 @@ class TimestepMLP(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """The ResNet block above. `time_dim=None` gives the VAE's variant, which has no timestep input."""
+    """The ResNet block above. `time_dim=None` gives the VAE's variant, which has no timestep
+    input."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: Optional[int] = None,
-                 groups: int = 32, eps: float = 1e-5, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_dim: Optional[int] = None,
+        groups: int = 32,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -55,7 +71,9 @@ class ResnetBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor, t_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -69,14 +87,17 @@ class ResnetBlock(nn.Module):
 class Downsample(nn.Module):
     """Halve height and width with a stride-2 3×3 conv.
 
-    The UNet pads 1 on every side. The VAE encoder pads only right and bottom, (0, 1, 0, 1): padding both sides
-    there would shift every decoded image by half a latent pixel (8 image pixels after three levels).
+    The UNet pads 1 on every side. The VAE encoder pads only right and bottom, (0, 1, 0, 1): padding
+    both sides there would shift every decoded image by half a latent pixel (8 image pixels after
+    three levels).
     """
 
     def __init__(self, channels: int, asymmetric_padding: bool = False):
         super().__init__()
         self.asymmetric_padding = asymmetric_padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1)
+        self.conv = nn.Conv2d(
+            channels, channels, 3, stride=2, padding=0 if asymmetric_padding else 1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_padding:

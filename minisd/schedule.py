@@ -1,6 +1,7 @@
 """The forward (noising) process of a diffusion model, and the pieces every sampler shares.
 
-Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at step t, αₜ = 1 − βₜ and ᾱₜ = ∏ₛ≤ₜ αₛ,
+Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at step t, αₜ = 1 − βₜ and ᾱₜ
+= ∏ₛ≤ₜ αₛ,
 
     q(xₜ | x₀) = N(√ᾱₜ · x₀, (1 − ᾱₜ) · I)     so     xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε,   ε ~ N(0, I).
 
@@ -17,10 +18,12 @@ Beta schedules (index t = 0 … T−1):
     cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999) with ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
                    (Nichol & Dhariwal 2021, eq. 17; diffusers calls it "squaredcos_cap_v2")
 
-Precision: the schedule is held in float32 and ᾱ is a float32 cumulative product, as diffusers does. The original
-CompVis code takes the product in float64 and rounds afterwards; the two ᾱ differ by up to 1.1e-6 relative and
-1/√ᾱ (the factor that turns ε into x₀) by 5.5e-6, so a float64 schedule could not match diffusers to 1e-6.
+Precision: the schedule is held in float32 and ᾱ is a float32 cumulative product, as diffusers does.
+The original CompVis code takes the product in float64 and rounds afterwards; the two ᾱ differ by up
+to 1.1e-6 relative and 1/√ᾱ (the factor that turns ε into x₀) by 5.5e-6, so a float64 schedule could
+not match diffusers to 1e-6.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +39,16 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
+        )
 
 
 def check_int_in_range(name: str, value, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int in [{low}, {high}], got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be an int in [{low}, {high}], got {type(value).__name__} {value!r}"
+        )
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
@@ -64,8 +71,11 @@ class ScheduleConfig:
             )
 
 
-def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """βₜ = 1 − ᾱ(t+1)/ᾱ(t), ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2); capped so the last steps don't destroy everything."""
+def cosine_betas(
+    num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999
+) -> torch.Tensor:
+    """βₜ = 1 − ᾱ(t+1)/ᾱ(t), ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2); capped so the last steps don't
+    destroy everything."""
     t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
     alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
@@ -75,23 +85,29 @@ def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
     T = config.num_train_timesteps
     if config.kind == "scaled_linear":
-        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+        return (
+            torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
+            ** 2
+        )
     if config.kind == "linear":
         return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     return cosine_betas(T)
 
 
 class NoiseSchedule:
-    """βₜ, αₜ, ᾱₜ for t = 0 … T−1, the forward process q(xₜ | x₀), and conversions between ε, v and x₀.
+    """βₜ, αₜ, ᾱₜ for t = 0 … T−1, the forward process q(xₜ | x₀), and conversions between ε, v and
+    x₀.
 
-    `t` arguments are integer timesteps: a Python int, a 0-dim tensor, or a LongTensor [B] (one per batch item).
+    `t` arguments are integer timesteps: a Python int, a 0-dim tensor, or a LongTensor [B] (one per
+    batch item).
     """
 
     def __init__(self, config: ScheduleConfig | None = None):
         self.config = config if config is not None else ScheduleConfig()
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱₜ, float32 like diffusers (see module docstring)
+        # ᾱₜ, float32 like diffusers (see module docstring)
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -102,7 +118,8 @@ class NoiseSchedule:
         return self.config.prediction_type
 
     def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
-        """ᾱₜ in the dtype and device of `like`, shaped to broadcast against it ([B, 1, 1, …] for a per-item t)."""
+        """ᾱₜ in the dtype and device of `like`, shaped to broadcast against it ([B, 1, 1, …] for a
+        per-item t)."""
         if isinstance(t, torch.Tensor):
             if t.is_floating_point() or t.is_complex():
                 raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
@@ -113,16 +130,21 @@ class NoiseSchedule:
         if t.ndim > 1:
             raise ValueError(f"t must be a scalar or have shape [B], got shape {tuple(t.shape)}")
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
+            raise ValueError(
+                f"timesteps must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}"
+            )
         value = self.alphas_cumprod[t]
         if t.ndim == 1:
             if like.ndim == 0 or like.shape[0] != t.shape[0]:
-                raise ValueError(f"t has {t.shape[0]} entries but the batch has shape {tuple(like.shape)}")
+                raise ValueError(
+                    f"t has {t.shape[0]} entries but the batch has shape {tuple(like.shape)}"
+                )
             value = value.reshape(-1, *([1] * (like.ndim - 1)))
         return value.to(device=like.device, dtype=like.dtype)
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
-        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε: jump straight from clean data to noise level t (diffusers' add_noise)."""
+        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε: jump straight from clean data to noise level t (diffusers'
+        add_noise)."""
         _check_same_shape(x0=x0, noise=noise)
         a = self.alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -140,7 +162,9 @@ class NoiseSchedule:
             return noise
         return self.v_target(x0, noise, t)
 
-    def predict_x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_x0_and_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Recover (x₀, ε) from the network's output at xₜ (formulas in the module docstring)."""
         _check_same_shape(model_output=model_output, x_t=x_t)
         a = self.alpha_bar(t, x_t)
@@ -159,15 +183,17 @@ class NoiseSchedule:
         a = self.alpha_bar(t, torch.empty(shape))
         return a / (1 - a)
 
-    def sampling_timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 1) -> torch.Tensor:
+    def sampling_timesteps(
+        self, num_steps: int, spacing: str = "leading", steps_offset: int = 1
+    ) -> torch.Tensor:
         """The descending timesteps a sampler visits, as diffusers' `set_timesteps` picks them.
 
         With T training steps and N sampling steps:
           leading   t = i·(T // N) + steps_offset, i = N−1 … 0   (SD: T=1000, N=50 → 981, 961, …, 1)
           trailing  t = round(T − i·T/N) − 1, i = 0 … N−1        (starts at T−1, the pure-noise end)
           linspace  t = round(linspace(0, T−1, N)) reversed
-        `steps_offset` only shifts "leading". Leading with steps_offset ≥ 1 and N = T reaches t = T, which no sampler
-        accepts (diffusers lists it too, and fails when it steps).
+        `steps_offset` only shifts "leading". Leading with steps_offset ≥ 1 and N = T reaches t = T,
+        which no sampler accepts (diffusers lists it too, and fails when it steps).
         """
         T = self.num_train_timesteps
         check_int_in_range("num_steps", num_steps, 1, T)
@@ -178,12 +204,14 @@ class NoiseSchedule:
             return timesteps.flip(0)
         i = torch.arange(num_steps, dtype=torch.float64)
         if spacing == "trailing":
-            # Written as T + i·δ with δ = (T − T/N) − T, which is how numpy's arange (used by diffusers) steps, so the
-            # float64 values round to the same integers. (diffusers' arange also yields an extra, invalid t = −1 for
-            # some N, e.g. 61; we return exactly N timesteps.)
+            # Written as T + i·δ with δ = (T − T/N) − T, which is how numpy's arange (used by
+            # diffusers) steps, so the float64 values round to the same integers. (diffusers' arange
+            # also yields an extra, invalid t = −1 for some N, e.g. 61; we return exactly N
+            # timesteps.)
             delta = (T - T / num_steps) - T
             return torch.round(T + i * delta).long() - 1
-        # linspace: i·(T−1)/(N−1) with the last entry set to exactly T−1, as numpy's linspace computes it
+        # linspace: i·(T−1)/(N−1) with the last entry set to exactly T−1, as numpy's linspace
+        # computes it
         if num_steps == 1:
             return torch.zeros(1, dtype=torch.long)
         timesteps = i * ((T - 1) / (num_steps - 1))
@@ -195,7 +223,9 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
     (name_a, a), *rest = tensors.items()
     for name_b, b in rest:
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise TypeError(f"{name_a} and {name_b} must be tensors, got {type(a).__name__}, {type(b).__name__}")
+            raise TypeError(
+                f"{name_a} and {name_b} must be tensors, got {type(a).__name__}, {type(b).__name__}"
+            )
         if a.shape != b.shape:
             raise ValueError(
                 f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -219,10 +249,12 @@ class Sampler(Protocol):
 
 
 class TimestepSampler:
-    """A reverse process over a descending list of timesteps τ_N > … > τ_1: each step goes from τᵢ to τᵢ₋₁.
+    """A reverse process over a descending list of timesteps τ_N > … > τ_1: each step goes from τᵢ
+    to τᵢ₋₁.
 
     After the last timestep there is no τ₀ in the schedule; subclasses say which ᾱ stands in for it
-    (`final_alpha_bar`): DDIM uses ᾱ₀ (SD's `set_alpha_to_one=False`), DDPM uses 1 (i.e. lands on clean data).
+    (`final_alpha_bar`): DDIM uses ᾱ₀ (SD's `set_alpha_to_one=False`), DDPM uses 1 (i.e. lands on
+    clean data).
     """
 
     final_alpha_bar: float | None = None  # None means ᾱ₀
@@ -249,7 +281,9 @@ class TimestepSampler:
         """τᵢ₋₁ for t = τᵢ: the next entry of `timesteps`, or −1 after the last one."""
         t = int(t)
         if t not in self._previous:
-            raise ValueError(f"t={t} is not one of this sampler's timesteps {self.timesteps.tolist()}")
+            raise ValueError(
+                f"t={t} is not one of this sampler's timesteps {self.timesteps.tolist()}"
+            )
         return self._previous[t]
 
     def alpha_bars(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,14 +299,20 @@ class TimestepSampler:
         return a_t, a_prev
 
     def timesteps_for_strength(self, strength: float) -> torch.Tensor:
-        """img2img: the tail of `timesteps` to run when starting from a noised image instead of pure noise.
+        """img2img: the tail of `timesteps` to run when starting from a noised image instead of pure
+        noise.
 
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
         t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every step (the image is
         fully replaced by noise); strength = 0.3 with N = 50 runs the last 15. Start from
-        `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned timesteps.
+        `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
+        timesteps.
         """
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not 0.0 <= strength <= 1.0
+        ):
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         n = self.num_steps
         init_timestep = min(int(n * strength), n)
@@ -280,13 +320,18 @@ class TimestepSampler:
         return self.timesteps[t_start:]
 
     @staticmethod
-    def draw_noise(like: torch.Tensor, generator: torch.Generator | None, variance_noise: torch.Tensor | None):
+    def draw_noise(
+        like: torch.Tensor, generator: torch.Generator | None, variance_noise: torch.Tensor | None
+    ):
         """z ~ N(0, I) shaped like `like`: the given `variance_noise`, or fresh from `generator`."""
         if variance_noise is not None:
             if generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
             _check_same_shape(variance_noise=variance_noise, x_t=like)
             return variance_noise.to(device=like.device, dtype=like.dtype)
-        # drawn on the generator's device (CPU generators give the same numbers whatever the target device)
+        # drawn on the generator's device (CPU generators give the same numbers whatever the target
+        # device)
         device = generator.device if generator is not None else like.device
-        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(
+            like.device
+        )

@@ -1,22 +1,26 @@
 """CLIP's byte-level BPE tokenizer: a prompt becomes the 77 token ids the text encoder reads.
 
-This reproduces OpenAI CLIP's ``SimpleTokenizer`` id for id (SD 1.x and 2.x both use it). For one prompt:
+This reproduces OpenAI CLIP's ``SimpleTokenizer`` id for id (SD 1.x and 2.x both use it). For one
+prompt:
 
 1. Clean:        ftfy.fix_text, html.unescape twice (web captions are often double-escaped, ``&amp;amp;``),
                  strip, collapse whitespace runs to one space, lowercase.
 2. Pre-tokenize: a regex cuts the text into pieces: runs of letters, single digits, runs of other non-space
-                 characters (punctuation, emoji), and the contractions 's 't 're 've 'm 'll 'd. Whitespace is dropped.
+                 characters (punctuation, emoji), and the contractions 's 't 're 've 'm 'll 'd.
+                 Whitespace is dropped.
 3. Bytes:        each piece is written as UTF-8 and every byte is replaced by one printable character
-                 (``byte_to_symbol_table``), so any text at all is spelled with 256 base symbols: no unknown token.
+                 (``byte_to_symbol_table``), so any text at all is spelled with 256 base symbols: no
+                 unknown token.
 4. BPE:          the piece is split into those symbols, the last one marked with ``</w>`` (end of word), and then
-                 the adjacent pair with the lowest rank in CLIP's merge list is merged, again and again, until no
-                 adjacent pair is in the list.
+                 the adjacent pair with the lowest rank in CLIP's merge list is merged, again and
+                 again, until no adjacent pair is in the list.
 5. Ids:          each final symbol is looked up in the vocabulary.
 6. Batch:        [BOS] + ids + [EOS], cut to 77 with EOS kept last, padded with ``pad_token_id``
                  (SD1 pads with EOS = 49407, SD2 with 0).
 
-A worked BPE example with a toy merge list (rank 0 is merged first). ``lower`` starts as five symbols; the pair
-("l", "o") has the lowest rank, then ("lo", "w"), and so on until one symbol is left:
+A worked BPE example with a toy merge list (rank 0 is merged first). ``lower`` starts as five
+symbols; the pair ("l", "o") has the lowest rank, then ("lo", "w"), and so on until one symbol is
+left:
 
 >>> ranks = {("l", "o"): 0, ("lo", "w"): 1, ("e", "r</w>"): 2, ("low", "er</w>"): 3}
 >>> for split in merge_steps("lower", ranks):
@@ -29,9 +33,10 @@ A worked BPE example with a toy merge list (rank 0 is merged first). ``lower`` s
 
 ``CLIPTokenizer().bpe_steps(word)`` shows the same thing with CLIP's real 48,894 merges.
 
-Vocabulary layout (49,408 ids): 0-255 the byte symbols, 256-511 the same with ``</w>``, 512-49405 the result of
-each merge in rank order, 49406 ``<|startoftext|>`` (BOS), 49407 ``<|endoftext|>`` (EOS). The merge list is
-``minisd/assets/bpe_simple_vocab_16e6.txt.gz`` (OpenAI, MIT licence: see LICENSE-CLIP-BPE.txt there).
+Vocabulary layout (49,408 ids): 0-255 the byte symbols, 256-511 the same with ``</w>``, 512-49405
+the result of each merge in rank order, 49406 ``<|startoftext|>`` (BOS), 49407 ``<|endoftext|>``
+(EOS). The merge list is ``minisd/assets/bpe_simple_vocab_16e6.txt.gz`` (OpenAI, MIT licence: see
+LICENSE-CLIP-BPE.txt there).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ import regex
 import torch
 
 DEFAULT_VOCAB_FILE = Path(__file__).with_name("assets") / "bpe_simple_vocab_16e6.txt.gz"
-# The file lists about 262k merges after a version header line; CLIP uses the first 49152 - 256 - 2 of them.
+# The file lists about 262k merges after a version header line; CLIP uses the first 49152 - 256 - 2
+# of them.
 NUM_MERGES = 49152 - 256 - 2
 END_OF_WORD = "</w>"
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -60,13 +66,15 @@ PRETOKENIZE_PATTERN = regex.compile(
     r"|'s|'t|'re|'ve|'m|'ll|'d"  # English contractions become pieces of their own
     r"|[\p{L}]+"  # a run of letters, any script
     r"|[\p{N}]"  # numbers are split into single digits
-    r"|[^\s\p{L}\p{N}]+",  # a run of anything else that is not whitespace: punctuation, emoji, symbols
+    # a run of anything else that is not whitespace: punctuation, emoji, symbols
+    r"|[^\s\p{L}\p{N}]+",
     regex.IGNORECASE,
 )
 
 
 def clean_text(text: str) -> str:
-    """Step 1: ftfy, html.unescape twice, collapse whitespace (which also strips the ends), lowercase."""
+    """Step 1: ftfy, html.unescape twice, collapse whitespace (which also strips the ends),
+    lowercase."""
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     text = " ".join(text.split())
@@ -74,14 +82,19 @@ def clean_text(text: str) -> str:
 
 
 def byte_to_symbol_table() -> dict[int, str]:
-    """Map each byte 0-255 to one printable character; its insertion order is the order of vocabulary ids 0-255.
+    """Map each byte 0-255 to one printable character; its insertion order is the order of
+    vocabulary ids 0-255.
 
-    The 188 bytes that are printable, non-space Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
-    themselves and come first. The other 68 (control characters, space, DEL, no-break space, soft hyphen) would be
-    invisible or would clash with the space that separates symbols, so they become chr(256), chr(257), ... in byte
-    order.
+    The 188 bytes that are printable, non-space Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ')
+    stand for themselves and come first. The other 68 (control characters, space, DEL, no-break
+    space, soft hyphen) would be invisible or would clash with the space that separates symbols, so
+    they become chr(256), chr(257), ... in byte order.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {byte: chr(byte) for byte in printable}
     others = [byte for byte in range(256) if byte not in table]
     for offset, byte in enumerate(others):
@@ -90,7 +103,8 @@ def byte_to_symbol_table() -> dict[int, str]:
 
 
 def merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Merge every occurrence of the adjacent pair, scanning left to right (so 'a a a' with ('a','a') -> 'aa a')."""
+    """Merge every occurrence of the adjacent pair, scanning left to right (so 'a a a' with
+    ('a','a') -> 'aa a')."""
     first, second = pair
     merged, i = [], 0
     while i < len(symbols):
@@ -104,9 +118,11 @@ def merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ..
 
 
 def merge_steps(word: str, merge_rank: Mapping[tuple[str, str], int]) -> Iterator[tuple[str, ...]]:
-    """Step 4, the BPE merge loop: yield the split of `word` before the first merge and after every merge.
+    """Step 4, the BPE merge loop: yield the split of `word` before the first merge and after every
+    merge.
 
-    `word` is one pre-tokenized piece already written in byte symbols. The last split yielded is the final one.
+    `word` is one pre-tokenized piece already written in byte symbols. The last split yielded is the
+    final one.
     """
     symbols = (*word[:-1], word[-1] + END_OF_WORD)
     yield symbols
@@ -124,9 +140,12 @@ def load_merges(vocab_file: str) -> tuple[tuple[str, str], ...]:
     """Read CLIP's merge list (cached, so SD1 and SD2 tokenizers share one copy)."""
     with gzip.open(vocab_file, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = tuple(tuple(line.split()) for line in lines[1 : NUM_MERGES + 1])  # line 0 is a version header
+    # line 0 is a version header
+    merges = tuple(tuple(line.split()) for line in lines[1 : NUM_MERGES + 1])
     if len(merges) != NUM_MERGES or any(len(pair) != 2 for pair in merges):
-        raise ValueError(f"{vocab_file} is not CLIP's merge list: expected {NUM_MERGES} lines 'a b' after the header")
+        raise ValueError(
+            f"{vocab_file} is not CLIP's merge list: expected {NUM_MERGES} lines 'a b' after the header"
+        )
     return merges
 
 
@@ -136,7 +155,9 @@ def _as_token_id(value) -> int:
     try:
         return operator.index(value)  # int, numpy integer, 0-d integer tensor
     except TypeError:
-        raise TypeError(f"ids must be ints (a 1-D sequence), got an element of type {type(value).__name__}") from None
+        raise TypeError(
+            f"ids must be ints (a 1-D sequence), got an element of type {type(value).__name__}"
+        ) from None
 
 
 class CLIPTokenizer:
@@ -150,7 +171,9 @@ class CLIPTokenizer:
     bos_token_id = 49406
     eos_token_id = 49407
 
-    def __init__(self, pad_token_id: int = 49407, vocab_file: Union[str, Path] = DEFAULT_VOCAB_FILE):
+    def __init__(
+        self, pad_token_id: int = 49407, vocab_file: Union[str, Path] = DEFAULT_VOCAB_FILE
+    ):
         if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
             raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
         if not 0 <= pad_token_id < self.vocab_size:
@@ -167,18 +190,24 @@ class CLIPTokenizer:
         self.id_to_token = [*base, *(s + END_OF_WORD for s in base), *merged, *SPECIAL_TOKENS]
         self.token_to_id = {token: i for i, token in enumerate(self.id_to_token)}
         assert len(self.token_to_id) == self.vocab_size, "vocabulary tokens must be unique"
-        assert self.token_to_id[BOS_TOKEN] == self.bos_token_id and self.token_to_id[EOS_TOKEN] == self.eos_token_id
-        self._bpe_cache: dict[str, tuple[str, ...]] = {}  # prompts repeat words a lot; BPE is the slow part
+        assert (
+            self.token_to_id[BOS_TOKEN] == self.bos_token_id
+            and self.token_to_id[EOS_TOKEN] == self.eos_token_id
+        )
+        # prompts repeat words a lot; BPE is the slow part
+        self._bpe_cache: dict[str, tuple[str, ...]] = {}
 
     # ---- the pipeline, one step per method ----
 
     def pretokenize(self, text: str) -> list[str]:
-        """Steps 1-3: the pieces of the cleaned text, each written in byte symbols (plain ASCII is unchanged)."""
+        """Steps 1-3: the pieces of the cleaned text, each written in byte symbols (plain ASCII is
+        unchanged)."""
         pieces = PRETOKENIZE_PATTERN.findall(clean_text(text))
         return ["".join(self.byte_to_symbol[b] for b in piece.encode("utf-8")) for piece in pieces]
 
     def bpe_steps(self, word: str) -> list[tuple[str, ...]]:
-        """Every split of one piece during BPE, from single symbols to the final split (for teaching)."""
+        """Every split of one piece during BPE, from single symbols to the final split (for
+        teaching)."""
         if not isinstance(word, str) or not word:
             raise ValueError(f"word must be a non-empty string, got {word!r}")
         if word in SPECIAL_TOKENS:  # never split: one id of its own
@@ -196,19 +225,24 @@ class CLIPTokenizer:
         """Text -> BPE ids, without BOS/EOS."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        return [self.token_to_id[token] for word in self.pretokenize(text) for token in self.bpe(word)]
+        return [
+            self.token_to_id[token] for word in self.pretokenize(text) for token in self.bpe(word)
+        ]
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """Ids -> text. BOS/EOS are dropped, every ``</w>`` becomes a space, the ends are stripped.
 
-        A row made by ``__call__`` (it starts with BOS) is read only up to its first EOS, since the rest is padding
-        (for SD2 the padding is id 0, which is '!'). Each pre-tokenized piece comes back followed by a space, so
-        ``decode(encode(s))`` is the cleaned text's pieces joined by single spaces: "a cat, 42" -> "a cat , 4 2".
+        A row made by ``__call__`` (it starts with BOS) is read only up to its first EOS, since the
+        rest is padding (for SD2 the padding is id 0, which is '!'). Each pre-tokenized piece comes
+        back followed by a space, so ``decode(encode(s))`` is the cleaned text's pieces joined by
+        single spaces: "a cat, 42" -> "a cat , 4 2".
         """
         if hasattr(ids, "tolist"):  # torch tensor or numpy array
             ids = ids.tolist()
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-            raise TypeError(f"ids must be a sequence of ints or a 1-D tensor, got {type(ids).__name__}")
+            raise TypeError(
+                f"ids must be a sequence of ints or a 1-D tensor, got {type(ids).__name__}"
+            )
         ids = [_as_token_id(i) for i in ids]
         for i in ids:
             if not 0 <= i < self.vocab_size:
@@ -231,14 +265,18 @@ class CLIPTokenizer:
         return data.decode("utf-8", errors="replace").strip()
 
     def __call__(self, prompts: Union[str, Sequence[str]], max_length: int = 77) -> torch.Tensor:
-        """Prompts -> LongTensor [B, max_length]: BOS + ids + EOS, then padding. A single string is a batch of one.
+        """Prompts -> LongTensor [B, max_length]: BOS + ids + EOS, then padding. A single string is
+        a batch of one.
 
-        A prompt too long for the context keeps its first max_length - 2 ids and a final EOS, with a warning.
+        A prompt too long for the context keeps its first max_length - 2 ids and a final EOS, with a
+        warning.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+            raise TypeError(
+                f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
+            )
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise TypeError(
@@ -246,7 +284,9 @@ class CLIPTokenizer:
                     f"got a {type(prompts).__name__} holding a {type(prompt).__name__} at index {index}"
                 )
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}")
+            raise ValueError(
+                f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}"
+            )
 
         batch = torch.full((len(prompts), max_length), self.pad_token_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):

@@ -6,12 +6,14 @@ Per block (pre-LayerNorm, three residual sub-layers; x is the feature map flatte
     x = x + CrossAttention(LayerNorm(x), context)    # every pixel looks at the prompt's 77 token embeddings
     x = x + FeedForward(LayerNorm(x))
 
-GEGLU feed-forward (Shazeer 2020): [a, g] = x W₁ (split in two halves, value first), out = (a ⊙ GELU(g)) W₂,
-with W₁: d → 8d and W₂: 4d → d and exact (erf) GELU.
+GEGLU feed-forward (Shazeer 2020): [a, g] = x W₁ (split in two halves, value first), out = (a ⊙
+GELU(g)) W₂, with W₁: d → 8d and W₂: 4d → d and exact (erf) GELU.
 
-Spatial transformer: out = x + proj_out(blocks(proj_in(GroupNorm(x)))), with the projections either 1×1 convs
-(SD 1.x) or linear layers on the tokens (SD 2.x). The two are the same function; only the weight shapes differ.
+Spatial transformer: out = x + proj_out(blocks(proj_in(GroupNorm(x)))), with the projections either
+1×1 convs (SD 1.x) or linear layers on the tokens (SD 2.x). The two are the same function; only the
+weight shapes differ.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +61,16 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int, depth: int = 1,
-                 linear_projection: bool = False, groups: int = 32):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        linear_projection: bool = False,
+        groups: int = 32,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.linear_projection = linear_projection
@@ -68,8 +78,13 @@ class SpatialTransformer(nn.Module):
         if linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
         else:
-            self.proj_in, self.proj_out = nn.Conv2d(channels, inner, 1), nn.Conv2d(inner, channels, 1)
-        self.blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
+            self.proj_in, self.proj_out = (
+                nn.Conv2d(channels, inner, 1),
+                nn.Conv2d(inner, channels, 1),
+            )
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

@@ -1,14 +1,18 @@
-"""The variational autoencoder that moves diffusion from pixels to latents (Rombach et al. 2022, §3).
+"""The variational autoencoder that moves diffusion from pixels to latents (Rombach et al. 2022,
+§3).
 
-Encoder E: image x [B, 3, H, W] in [-1, 1] -> (μ, log σ²) [B, 4, H/8, W/8]: a diagonal Gaussian posterior q(z|x).
+Encoder E: image x [B, 3, H, W] in [-1, 1] -> (μ, log σ²) [B, 4, H/8, W/8]: a diagonal Gaussian
+posterior q(z|x).
     z = μ + σ ⊙ ε, ε ~ N(0, I)                        (reparameterisation: gradients flow through μ and σ)
     KL(q(z|x) ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²)
-Decoder D: z -> x̂ [B, 3, H, W]. log σ² is clamped to [−30, 20] as the original code does, to keep exp finite.
+Decoder D: z -> x̂ [B, 3, H, W]. log σ² is clamped to [−30, 20] as the original code does, to keep
+exp finite.
 
-The diffusion model never sees z directly: it sees 0.18215 · z, a constant chosen so the latents of the training
-images have roughly unit variance (the `latent_scale` in the model config). `encode`/`decode` here work in the
-unscaled space; the pipeline multiplies and divides.
+The diffusion model never sees z directly: it sees 0.18215 · z, a constant chosen so the latents of
+the training images have roughly unit variance (the `latent_scale` in the model config).
+`encode`/`decode` here work in the unscaled space; the pipeline multiplies and divides.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +42,8 @@ class VAEConfig:
 
 
 class DiagonalGaussian:
-    """q(z|x) = N(μ, diag σ²), from the encoder's 2·latent_channels output (μ first, then log σ²)."""
+    """q(z|x) = N(μ, diag σ²), from the encoder's 2·latent_channels output (μ first, then log
+    σ²)."""
 
     def __init__(self, moments: torch.Tensor):
         self.mean, logvar = moments.chunk(2, dim=1)
@@ -47,9 +52,12 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        # Drawn where the generator lives (a CPU generator gives the same noise on any device), then moved.
+        # Drawn where the generator lives (a CPU generator gives the same noise on any device), then
+        # moved.
         device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=device, dtype=torch.float32
+        )
         return self.mean + self.std * noise.to(self.mean)
 
     def mode(self) -> torch.Tensor:
@@ -57,11 +65,12 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q ‖ N(0, I)) per sample, summed over latent dimensions."""
-        return 0.5 * torch.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
 class VAEAttention(nn.Module):
-    """One head of self-attention over all H·W positions, 512 channels wide, with a residual connection."""
+    """One head of self-attention over all H·W positions, 512 channels wide, with a residual
+    connection."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -109,7 +118,9 @@ class Encoder(nn.Module):
                 resnets.append(ResnetBlock(width, cfg.channels * mult, None, cfg.groups, VAE_EPS))
                 width = cfg.channels * mult
             is_last = level == len(cfg.channel_mult) - 1
-            self.levels.append(VAELevel(resnets, None if is_last else Downsample(width, asymmetric_padding=True)))
+            self.levels.append(
+                VAELevel(resnets, None if is_last else Downsample(width, asymmetric_padding=True))
+            )
         self.middle = VAEMiddle(width, cfg.groups)
         self.norm_out = nn.GroupNorm(cfg.groups, width, eps=VAE_EPS)
         self.conv_out = nn.Conv2d(width, 2 * cfg.latent_channels, 3, padding=1)
@@ -131,7 +142,11 @@ class Decoder(nn.Module):
         for level in reversed(range(len(cfg.channel_mult))):
             resnets = []
             for _ in range(cfg.num_res_blocks + 1):
-                resnets.append(ResnetBlock(width, cfg.channels * cfg.channel_mult[level], None, cfg.groups, VAE_EPS))
+                resnets.append(
+                    ResnetBlock(
+                        width, cfg.channels * cfg.channel_mult[level], None, cfg.groups, VAE_EPS
+                    )
+                )
                 width = cfg.channels * cfg.channel_mult[level]
             self.levels.append(VAELevel(resnets, Upsample(width) if level > 0 else None))
         self.norm_out = nn.GroupNorm(cfg.groups, width, eps=VAE_EPS)
@@ -164,8 +179,11 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """unscaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w], roughly in [-1, 1] (not clamped)."""
-        check_tensor("VAE decode latents", latents, 4, "[B, latent_channels, h, w]", self.cfg.latent_channels)
+        """unscaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w], roughly in [-1, 1] (not
+        clamped)."""
+        check_tensor(
+            "VAE decode latents", latents, 4, "[B, latent_channels, h, w]", self.cfg.latent_channels
+        )
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):

@@ -1,5 +1,5 @@
-"""`python -m minisd generate`: files written, settings stored and read back, and clean failures (status 2, nothing
-written) on bad input."""
+"""`python -m minisd generate`: files written, settings stored and read back, and clean failures
+(status 2, nothing written) on bad input."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,63 +36,177 @@ def run(argv):
         return exit_.code
 
 
-def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(model_file, tmp_path, capsys):
+def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
+    model_file, tmp_path, capsys
+):
     out = tmp_path / "cat.png"
-    assert run(["generate", "a red (circle:1.2)", "--model", model_file, "--steps", 3, "--seed", 10, "--batch", 2,
-                "--negative-prompt", "blue", "--out", out, "--quiet"]) == 0
+    assert (
+        run(
+            [
+                "generate",
+                "a red (circle:1.2)",
+                "--model",
+                model_file,
+                "--steps",
+                3,
+                "--seed",
+                10,
+                "--batch",
+                2,
+                "--negative-prompt",
+                "blue",
+                "--out",
+                out,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["cat-0.png", "cat-1.png"]
-    assert capsys.readouterr().out.split() == [str(tmp_path / "cat-0.png"), str(tmp_path / "cat-1.png")]
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "cat-0.png"),
+        str(tmp_path / "cat-1.png"),
+    ]
     with Image.open(tmp_path / "cat-1.png") as image:
         assert image.size == (32, 32)
         settings = json.loads(image.text["minisd"])
         assert image.text["prompt"] == "a red (circle:1.2)"
         pixels = np.asarray(image)
-    assert settings["seed"] == 11 and settings["steps"] == 3 and settings["negative_prompt"] == "blue"
-    assert settings["guidance_scale"] == 7.5 and settings["sampler"] == "ddim" and settings["height"] == 32
+    assert (
+        settings["seed"] == 11 and settings["steps"] == 3 and settings["negative_prompt"] == "blue"
+    )
+    assert (
+        settings["guidance_scale"] == 7.5
+        and settings["sampler"] == "ddim"
+        and settings["height"] == 32
+    )
 
-    # The same image from the library, and again from its own file.
-    # Batch 1 against batch 2: the matrix kernels may round differently with the batch size, so allow ±1 level.
-    expected = minisd.load(model_file).generate("a red (circle:1.2)", negative_prompt="blue", steps=3, seed=[11])[0]
+    # The same image from the library, and again from its own file. Batch 1 against batch 2: the
+    # matrix kernels may round differently with the batch size, so allow ±1 level.
+    expected = minisd.load(model_file).generate(
+        "a red (circle:1.2)", negative_prompt="blue", steps=3, seed=[11]
+    )[0]
     assert np.abs(np.asarray(expected).astype(int) - pixels.astype(int)).max() <= 1
     again = tmp_path / "again" / "x.png"
     again.parent.mkdir()
     assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--out", again, "--quiet"]) == 0
     assert np.abs(np.asarray(Image.open(again)).astype(int) - pixels.astype(int)).max() <= 1
     # Flags next to --from-png override the stored settings.
-    assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--seed", 3, "--out", again, "--quiet"]) == 0
+    assert (
+        run(
+            [
+                "generate",
+                "--from-png",
+                tmp_path / "cat-1.png",
+                "--seed",
+                3,
+                "--out",
+                again,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     with Image.open(again) as image:
         assert json.loads(image.text["minisd"])["seed"] == 3
 
 
 def test_img2img_and_inpainting_from_files(model_file, tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        tmp_path / "in.png"
+    )
     mask = np.zeros((32, 32), np.uint8)
     mask[:, 16:] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    assert run(["generate", "a cat", "--model", model_file, "--steps", 4, "--seed", 1, "--quiet",
-                "--init-image", tmp_path / "in.png", "--strength", 0.5, "--out", tmp_path / "img2img.png"]) == 0
-    assert run(["generate", "a cat", "--model", model_file, "--steps", 4, "--seed", 1, "--quiet",
-                "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "inp.png"]) == 0
-    original, inpainted = np.asarray(Image.open(tmp_path / "in.png")), np.asarray(Image.open(tmp_path / "inp.png"))
-    assert np.array_equal(inpainted[:, :16], original[:, :16])       # the kept half is the input, pixel for pixel
+    assert (
+        run(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                model_file,
+                "--steps",
+                4,
+                "--seed",
+                1,
+                "--quiet",
+                "--init-image",
+                tmp_path / "in.png",
+                "--strength",
+                0.5,
+                "--out",
+                tmp_path / "img2img.png",
+            ]
+        )
+        == 0
+    )
+    assert (
+        run(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                model_file,
+                "--steps",
+                4,
+                "--seed",
+                1,
+                "--quiet",
+                "--init-image",
+                tmp_path / "in.png",
+                "--mask",
+                tmp_path / "mask.png",
+                "--out",
+                tmp_path / "inp.png",
+            ]
+        )
+        == 0
+    )
+    original, inpainted = (
+        np.asarray(Image.open(tmp_path / "in.png")),
+        np.asarray(Image.open(tmp_path / "inp.png")),
+    )
+    # the kept half is the input, pixel for pixel
+    assert np.array_equal(inpainted[:, :16], original[:, :16])
     assert not np.array_equal(inpainted[:, 16:], original[:, 16:])
 
 
 def test_out_folder_and_subprocess_entry_point(model_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "minisd", "generate", "a square", "--model", str(model_file),
-                             "--steps", "2", "--seed", "7", "--out", str(tmp_path), "--quiet"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minisd",
+            "generate",
+            "a square",
+            "--model",
+            str(model_file),
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["minisd-7.png"]
     assert result.stdout.strip() == str(tmp_path / "minisd-7.png")
 
 
 def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
-    """--lora loads an adapter on top of the model: the PNG equals the library's image with the same adapter, differs
+    """--lora loads an adapter on top of the model: the PNG equals the library's image with the same
+    adapter, differs
     from the image without it, and records the adapter; an adapter made for another architecture is refused."""
     from minisd.train.lora import add_lora, load_adapter, save_adapter
+
     sd = minisd.load(model_file)
     add_lora(sd.unet, rank=2)
     add_lora(sd.text_encoder, rank=2)
@@ -100,12 +214,27 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     with torch.no_grad():
         for name, parameter in sd.named_parameters():
             if name.endswith(".up"):
-                parameter.normal_(0, 0.5)   # a "trained" adapter: B is no longer zero
+                parameter.normal_(0, 0.5)  # a "trained" adapter: B is no longer zero
     save_adapter(sd, tmp_path / "adapter.safetensors")
-    common = ["generate", "a red circle", "--model", model_file, "--steps", 3, "--seed", 5, "--quiet"]
-    assert run(common + ["--lora", tmp_path / "adapter.safetensors", "--out", tmp_path / "with.png"]) == 0
+    common = [
+        "generate",
+        "a red circle",
+        "--model",
+        model_file,
+        "--steps",
+        3,
+        "--seed",
+        5,
+        "--quiet",
+    ]
+    assert (
+        run(common + ["--lora", tmp_path / "adapter.safetensors", "--out", tmp_path / "with.png"])
+        == 0
+    )
     assert run(common + ["--out", tmp_path / "without.png"]) == 0
-    with_adapter, without = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "without.png"))
+    with_adapter, without = (
+        np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "without.png")
+    )
     expected = minisd.load(model_file)
     load_adapter(expected, tmp_path / "adapter.safetensors")
     expected = np.asarray(expected.generate("a red circle", steps=3, seed=[5])[0]).astype(int)
@@ -114,38 +243,45 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     with Image.open(tmp_path / "with.png") as image:
         assert json.loads(image.text["minisd"])["lora"] == str(tmp_path / "adapter.safetensors")
 
-    wider = dataclasses.replace(minisd.tiny().text, layers=3)   # a text encoder with one more layer
+    wider = dataclasses.replace(minisd.tiny().text, layers=3)  # a text encoder with one more layer
     other = minisd.StableDiffusion(dataclasses.replace(minisd.tiny(), text=wider))
     add_lora(other.text_encoder, rank=2)
     save_adapter(other, tmp_path / "other.safetensors")
     capsys.readouterr()
-    assert run(common + ["--lora", tmp_path / "other.safetensors", "--out", tmp_path / "bad.png"]) == 2
+    assert (
+        run(common + ["--lora", tmp_path / "other.safetensors", "--out", tmp_path / "bad.png"]) == 2
+    )
     assert "does not have" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--steps", 0], "steps must be in"),
-    (["--strength", 1.5, "--init-image", "{img}"], "strength must be in"),
-    (["--height", 30], "height must be a multiple of 8"),
-    (["--guidance-scale", -2], "guidance_scale must be >= 0"),
-    (["--eta", 3], "eta must be in"),
-    (["--sampler", "euler"], "invalid choice: 'euler'"),
-    (["--steps", "many"], "invalid int value"),
-    (["--init-image", "{tmp}/missing.png"], "does not exist"),
-    (["--init-image", "{tmp}/notes.png"], "not a readable image"),
-    (["--init-image", "{img}", "--mask", "{small_mask}"], "must have the same size"),
-    (["--mask", "{img}"], "needs the image"),
-    (["--model", "{tmp}/nothing.safetensors"], "does not exist"),
-    (["--device", "cuda"], "CUDA is not available"),
-    (["--dtype", "float16"], "float16 needs a GPU"),
-    (["--out", "{tmp}/no/such/folder/x.png"], "does not exist"),
-    (["--out", "{tmp}/x.jpg"], "must be a .png"),
-    (["--batch", 0], "--batch must be >= 1"),
-    (["--from-png", "{img}"], "carries no minisd settings"),
-    (["--lora", "{tmp}/missing.safetensors"], "does not exist"),
-    (["--lora", "{img}"], "not a readable safetensors file"),
-])
-def test_bad_arguments_exit_2_with_a_message_and_write_nothing(args, message, model_file, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", 0], "steps must be in"),
+        (["--strength", 1.5, "--init-image", "{img}"], "strength must be in"),
+        (["--height", 30], "height must be a multiple of 8"),
+        (["--guidance-scale", -2], "guidance_scale must be >= 0"),
+        (["--eta", 3], "eta must be in"),
+        (["--sampler", "euler"], "invalid choice: 'euler'"),
+        (["--steps", "many"], "invalid int value"),
+        (["--init-image", "{tmp}/missing.png"], "does not exist"),
+        (["--init-image", "{tmp}/notes.png"], "not a readable image"),
+        (["--init-image", "{img}", "--mask", "{small_mask}"], "must have the same size"),
+        (["--mask", "{img}"], "needs the image"),
+        (["--model", "{tmp}/nothing.safetensors"], "does not exist"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--dtype", "float16"], "float16 needs a GPU"),
+        (["--out", "{tmp}/no/such/folder/x.png"], "does not exist"),
+        (["--out", "{tmp}/x.jpg"], "must be a .png"),
+        (["--batch", 0], "--batch must be >= 1"),
+        (["--from-png", "{img}"], "carries no minisd settings"),
+        (["--lora", "{tmp}/missing.safetensors"], "does not exist"),
+        (["--lora", "{img}"], "not a readable safetensors file"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message_and_write_nothing(
+    args, message, model_file, tmp_path, capsys
+):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     inputs = tmp_path / "inputs"
@@ -157,7 +293,18 @@ def test_bad_arguments_exit_2_with_a_message_and_write_nothing(args, message, mo
     out.mkdir()
     names = {"img": inputs / "img.png", "small_mask": inputs / "small_mask.png", "tmp": inputs}
     args = [str(a).format(**names) for a in args]
-    argv = ["generate", "a cat", "--model", model_file, "--steps", 2, "--out", out / "x.png", "--quiet", *args]
+    argv = [
+        "generate",
+        "a cat",
+        "--model",
+        model_file,
+        "--steps",
+        2,
+        "--out",
+        out / "x.png",
+        "--quiet",
+        *args,
+    ]
     assert run(argv) == 2
     assert message in capsys.readouterr().err
     assert list(out.iterdir()) == []
@@ -166,6 +313,7 @@ def test_bad_arguments_exit_2_with_a_message_and_write_nothing(args, message, mo
 
 def test_missing_bundled_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
     import minisd.tools.cli_generate as cli
+
     monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "bundled.safetensors")
     assert run(["generate", "a cat", "--out", tmp_path / "x.png", "--quiet"]) == 2
     assert "bundled model" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

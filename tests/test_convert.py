@@ -1,9 +1,11 @@
-"""The weights converter: official checkpoints and diffusers folders in, minisd and official files out.
+"""The weights converter: official checkpoints and diffusers folders in, minisd and official files
+out.
 
-Full-size random-weight checkpoints in the exact official layouts (tests/data/*_manifest.json; fp16 to keep the
-files small) are read by minisd and by diffusers' own single-file conversion functions; the text encoder, UNet and
-VAE must agree in fp32. Official -> minisd -> official must return every tensor bit for bit. Every failure must be
-one paragraph on stderr, exit status 2, and no output file.
+Full-size random-weight checkpoints in the exact official layouts (tests/data/*_manifest.json; fp16
+to keep the files small) are read by minisd and by diffusers' own single-file conversion functions;
+the text encoder, UNet and VAE must agree in fp32. Official -> minisd -> official must return every
+tensor bit for bit. Every failure must be one paragraph on stderr, exit status 2, and no output
+file.
 """
 from __future__ import annotations
 
@@ -25,10 +27,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import minisd  # noqa: E402
 import weights_convert  # noqa: E402
-from convert_helpers import (diffusers_text, diffusers_unet, diffusers_vae, layout, manifest,  # noqa: E402
-                             random_tensors, with_ema_and_extras)
+from convert_helpers import (
+    diffusers_text,
+    diffusers_unet,
+    diffusers_vae,
+    layout,
+    manifest,  # noqa: E402
+    random_tensors,
+    with_ema_and_extras,
+)
 from minisd.weights import convert  # noqa: E402
-from minisd.weights.convert import ConversionError, minisd_to_official, read_as_minisd, read_checkpoint  # noqa: E402
+from minisd.weights.convert import (
+    ConversionError,
+    minisd_to_official,
+    read_as_minisd,
+    read_checkpoint,
+)  # noqa: E402
 from minisd.weights.keymap import DIFFUSERS_UNET, DIFFUSERS_VAE, rename  # noqa: E402
 from minisd.weights.official_keys import OfficialNames, explain_key, is_extra  # noqa: E402
 from reference_models import rel_err  # noqa: E402
@@ -73,29 +87,45 @@ def assert_same_files(original: Path, converted: Path):
     return a_info, b_info
 
 
-# ── the checkpoints, shared by the whole module and deleted at its end ───────────────────────────────────────────
+# ── the checkpoints, shared by the whole module and deleted at its end
+# ───────────────────────────────────────────
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("convert")
     yield folder
-    shutil.rmtree(folder, ignore_errors=True)  # ~15 GB: pytest would otherwise keep it for three runs
+    # ~15 GB: pytest would otherwise keep it for three runs
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def files(workdir):
     """sd1.safetensors: the SD 1.x manifest as is (text without text_model., int64 position_ids).
-    sd1-full.ckpt: the same weights as CompVis released v1-5-pruned.ckpt: text_model., float position_ids, EMA
-    copies, logvar, wrapped in {"state_dict", "global_step"}. sd2.ckpt / sd2.safetensors: the SD 2.x manifest.
-    sd1-inpainting.safetensors: the SD 1.x manifest with a 9-channel conv_in."""
-    paths = {name: workdir / name for name in ("sd1.safetensors", "sd1-full.ckpt", "sd2.ckpt", "sd2.safetensors",
-                                               "sd1-inpainting.safetensors")}
+    sd1-full.ckpt: the same weights as CompVis released v1-5-pruned.ckpt: text_model., float
+    position_ids, EMA copies, logvar, wrapped in {"state_dict", "global_step"}. sd2.ckpt /
+    sd2.safetensors: the SD 2.x manifest. sd1-inpainting.safetensors: the SD 1.x manifest with a
+    9-channel conv_in."""
+    paths = {
+        name: workdir / name
+        for name in (
+            "sd1.safetensors",
+            "sd1-full.ckpt",
+            "sd2.ckpt",
+            "sd2.safetensors",
+            "sd1-inpainting.safetensors",
+        )
+    }
     state = random_tensors(layout("sd1"), seed=1)
     save_file(state, str(paths["sd1.safetensors"]))
     with fast_torch_save():
-        torch.save({"state_dict": with_ema_and_extras(state), "global_step": 840000}, paths["sd1-full.ckpt"])
+        torch.save(
+            {"state_dict": with_ema_and_extras(state), "global_step": 840000},
+            paths["sd1-full.ckpt"],
+        )
     state["model.diffusion_model.input_blocks.0.0.weight"] = random_tensors(
-        {"w": ([320, 9, 3, 3], "float32")}, seed=3)["w"]
+        {"w": ([320, 9, 3, 3], "float32")}, seed=3
+    )["w"]
     save_file(state, str(paths["sd1-inpainting.safetensors"]))
     state = random_tensors(layout("sd2"), seed=2)
     save_file(state, str(paths["sd2.safetensors"]))
@@ -113,12 +143,23 @@ def original_config(family: str) -> dict:
 
 def make_inputs(config: minisd.SDConfig) -> dict:
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.tensor([[49406]]), torch.randint(0, 49406, (1, 20), generator=g),
-                     torch.full((1, 56), config.text.pad_token_id), ], dim=1)
+    ids = torch.cat(
+        [
+            torch.tensor([[49406]]),
+            torch.randint(0, 49406, (1, 20), generator=g),
+            torch.full((1, 56), config.text.pad_token_id),
+        ],
+        dim=1,
+    )
     ids[0, 21] = 49407
-    return dict(ids=ids, x=torch.randn(1, config.unet.in_channels, 8, 8, generator=g), t=torch.tensor([321]),
-                context=torch.randn(1, 77, config.unet.context_dim, generator=g),
-                image=torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, z=torch.randn(1, 4, 4, 4, generator=g))
+    return dict(
+        ids=ids,
+        x=torch.randn(1, config.unet.in_channels, 8, 8, generator=g),
+        t=torch.tensor([321]),
+        context=torch.randn(1, 77, config.unet.context_dim, generator=g),
+        image=torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
+        z=torch.randn(1, 4, 4, 4, generator=g),
+    )
 
 
 @torch.no_grad()
@@ -126,8 +167,13 @@ def minisd_outputs(sd, inputs, parts) -> dict:
     out = {"unet": sd.unet(inputs["x"], inputs["t"], inputs["context"])}
     if "vae" in parts:
         posterior = sd.vae.encode(inputs["image"])
-        out.update({"vae mean": posterior.mean, "vae logvar": posterior.logvar,
-                    "vae decode": sd.vae.decode(inputs["z"])})
+        out.update(
+            {
+                "vae mean": posterior.mean,
+                "vae logvar": posterior.logvar,
+                "vae decode": sd.vae.decode(inputs["z"]),
+            }
+        )
     if "text" in parts:
         out["text"] = sd.text_encoder(inputs["ids"])
     return out
@@ -135,44 +181,67 @@ def minisd_outputs(sd, inputs, parts) -> dict:
 
 @torch.no_grad()
 def diffusers_outputs(models, inputs) -> dict:
-    out = {"unet": models["unet"](inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]).sample}
+    out = {
+        "unet": models["unet"](
+            inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]
+        ).sample
+    }
     if "vae" in models:
         posterior = models["vae"].encode(inputs["image"]).latent_dist
-        out.update({"vae mean": posterior.mean, "vae logvar": posterior.logvar,
-                    "vae decode": models["vae"].decode(inputs["z"]).sample})
+        out.update(
+            {
+                "vae mean": posterior.mean,
+                "vae logvar": posterior.logvar,
+                "vae decode": models["vae"].decode(inputs["z"]).sample,
+            }
+        )
     if "text" in models:
         out["text"] = models["text"](inputs["ids"]).last_hidden_state
     return out
 
 
 def parity(path: Path, family: str, folder: Path | None, parts=("text", "unet", "vae")) -> dict:
-    """Relative errors of minisd (loading `path`, then the diffusers folder saved from the reference) vs diffusers."""
+    """Relative errors of minisd (loading `path`, then the diffusers folder saved from the
+    reference) vs diffusers."""
     sd = minisd.load(path)
     inputs = make_inputs(sd.config)
     ours = minisd_outputs(sd, inputs, parts)
     del sd
     checkpoint = {k: v.float() for k, v in read_checkpoint(path)[0].items()}
     config = original_config(family)
-    builders = {"text": lambda: diffusers_text(checkpoint), "unet": lambda: diffusers_unet(checkpoint, config),
-                "vae": lambda: diffusers_vae(checkpoint, config)}
+    builders = {
+        "text": lambda: diffusers_text(checkpoint),
+        "unet": lambda: diffusers_unet(checkpoint, config),
+        "vae": lambda: diffusers_vae(checkpoint, config),
+    }
     models = {part: builders[part]() for part in parts}
     del checkpoint, builders
     reference = diffusers_outputs(models, inputs)
     errors = {f"{part}": rel_err(ours[part], reference[part]) for part in ours}
-    if folder is not None:  # a diffusers pipeline folder: the same fp16 values, so the same reference outputs
+    # a diffusers pipeline folder: the same fp16 values, so the same reference outputs
+    if folder is not None:
         from diffusers import DDIMScheduler
+
         for part, name in (("text_encoder", "text"), ("unet", "unet"), ("vae", "vae")):
             models.pop(name).half().save_pretrained(folder / part)
-        DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon"
-                      ).save_pretrained(folder / "scheduler")
+        DDIMScheduler(
+            beta_schedule="scaled_linear",
+            prediction_type="v_prediction" if family == "sd2" else "epsilon",
+        ).save_pretrained(folder / "scheduler")
         sd = minisd.load(folder)
-        errors.update({f"folder {part}": rel_err(value, reference[part])
-                       for part, value in minisd_outputs(sd, inputs, parts).items()})
+        errors.update(
+            {
+                f"folder {part}": rel_err(value, reference[part])
+                for part, value in minisd_outputs(sd, inputs, parts).items()
+            }
+        )
         errors["folder prediction_type"] = sd.config.prediction_type
         del sd
         shutil.rmtree(folder)
-    print(f"\n{family} relative errors vs diffusers:",
-          {k: f"{v:.2e}" if isinstance(v, float) else v for k, v in errors.items()})
+    print(
+        f"\n{family} relative errors vs diffusers:",
+        {k: f"{v:.2e}" if isinstance(v, float) else v for k, v in errors.items()},
+    )
     return errors
 
 
@@ -192,7 +261,9 @@ def inpainting_errors(files):
     return parity(files["sd1-inpainting.safetensors"], "sd1-inpainting", None, parts=("unet",))
 
 
-# ── parity with diffusers ────────────────────────────────────────────────────────────────────────────────────────
+# ── parity with diffusers
+# ────────────────────────────────────────────────────────────────────────────────────────
+
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "inpainting"])
 def test_outputs_match_diffusers_single_file_conversion(family, request):
@@ -201,12 +272,17 @@ def test_outputs_match_diffusers_single_file_conversion(family, request):
     assert len(numeric) == (10 if family != "inpainting" else 1)
     assert all(error <= TOLERANCE for error in numeric.values()), numeric
     if "folder prediction_type" in errors:  # read from scheduler/scheduler_config.json
-        assert errors["folder prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+        assert errors["folder prediction_type"] == (
+            "v_prediction" if family == "sd2" else "epsilon"
+        )
 
 
-@pytest.mark.parametrize("first, second", [("sd1.safetensors", "sd1-full.ckpt"), ("sd2.ckpt", "sd2.safetensors")])
+@pytest.mark.parametrize(
+    "first, second", [("sd1.safetensors", "sd1-full.ckpt"), ("sd2.ckpt", "sd2.safetensors")]
+)
 def test_ckpt_and_safetensors_give_the_same_weights(files, first, second):
-    """The parity test reads one format; the other must give the very same minisd tensors, so the same outputs."""
+    """The parity test reads one format; the other must give the very same minisd tensors, so the
+    same outputs."""
     _, a = read_as_minisd(files[first], report=quiet)
     _, b = read_as_minisd(files[second], report=quiet)
     model_keys = [k for k in a if not k.startswith("extra.")]
@@ -216,24 +292,40 @@ def test_ckpt_and_safetensors_give_the_same_weights(files, first, second):
 
 
 def test_detected_configs_are_the_presets(files):
-    for name, preset in (("sd1.safetensors", minisd.sd1()), ("sd2.safetensors", minisd.sd2()),
-                         ("sd1-inpainting.safetensors", minisd.sd1_inpaint())):
+    for name, preset in (
+        ("sd1.safetensors", minisd.sd1()),
+        ("sd2.safetensors", minisd.sd2()),
+        ("sd1-inpainting.safetensors", minisd.sd1_inpaint()),
+    ):
         config, _ = read_as_minisd(files[name], report=quiet)
-        for field in ("unet", "vae", "text", "prediction_type", "latent_scale", "beta_start", "beta_end",
-                      "image_size"):
+        for field in (
+            "unet",
+            "vae",
+            "text",
+            "prediction_type",
+            "latent_scale",
+            "beta_start",
+            "beta_end",
+            "image_size",
+        ):
             assert getattr(config, field) == getattr(preset, field), (name, field)
     assert config.is_inpainting
 
 
-# ── round trips ──────────────────────────────────────────────────────────────────────────────────────────────────
+# ── round trips
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
 
 @pytest.mark.parametrize("name", ["sd1.safetensors", "sd2.safetensors"])
 def test_round_trip_through_files_bit_for_bit(files, workdir, name):
-    """The CLI both ways. SD 1.x in the manifest's spelling (no text_model., int64 position_ids); SD 2.x with its
-    fused OpenCLIP q/k/v, text_projection, logit_scale and the 24th text layer. The dtype (fp16) is kept."""
+    """The CLI both ways. SD 1.x in the manifest's spelling (no text_model., int64 position_ids); SD
+    2.x with its fused OpenCLIP q/k/v, text_projection, logit_scale and the 24th text layer. The
+    dtype (fp16) is kept."""
     middle, back = workdir / f"minisd-{name}", workdir / f"back-{name}"
     assert weights_convert.main([str(files[name]), "-o", str(middle)]) == 0
-    assert {v.dtype for v in read_checkpoint(middle)[0].values() if v.is_floating_point()} == {torch.float16}
+    assert {v.dtype for v in read_checkpoint(middle)[0].values() if v.is_floating_point()} == {
+        torch.float16
+    }
     assert weights_convert.main([str(middle), "-o", str(back), "--to", "official"]) == 0
     assert_same_files(files[name], back)
     middle.unlink(), back.unlink()
@@ -241,9 +333,10 @@ def test_round_trip_through_files_bit_for_bit(files, workdir, name):
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_round_trip_of_a_full_ckpt_bit_for_bit(files, monkeypatch, ema):
-    """EMA copies, model_ema.decay/num_updates, logvar, float position_ids, text_model. and global_step come back,
-    also when the UNet was taken from the EMA copies. In memory: the file is read once (memory-mapped), so
-    tensors that pass through untouched are recognised as the very same memory instead of being read twice."""
+    """EMA copies, model_ema.decay/num_updates, logvar, float position_ids, text_model. and
+    global_step come back, also when the UNet was taken from the EMA copies. In memory: the file is
+    read once (memory-mapped), so tensors that pass through untouched are recognised as the very
+    same memory instead of being read twice."""
     original, info = read_checkpoint(files["sd1-full.ckpt"])
     monkeypatch.setattr(convert, "read_checkpoint", lambda path: (original, info))
     config, tensors = read_as_minisd(files["sd1-full.ckpt"], ema=ema, report=quiet)
@@ -251,7 +344,10 @@ def test_round_trip_of_a_full_ckpt_bit_for_bit(files, monkeypatch, ema):
     assert set(official) == set(original)
     assert all(same_bits(official[k], original[k]) for k in original)
     assert back_info["ckpt"] == info["ckpt"] == {"global_step": 840000}
-    assert original["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.float32
+    assert (
+        original["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype
+        == torch.float32
+    )
 
 
 def test_ema_selection(files):
@@ -262,28 +358,46 @@ def test_ema_selection(files):
     lines.clear()
     _, ema = read_as_minisd(files["sd1-full.ckpt"], ema=True, report=lines.append)
     assert any("EMA copies (model_ema.*)" in line for line in lines)
-    for official_key, minisd_key in (("input_blocks.0.0.weight", "conv_in.weight"),
-                                     ("output_blocks.5.2.conv.bias", "up_levels.1.resample.conv.bias"),
-                                     ("middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-                                      "middle.attention.blocks.0.attn2.to_k.weight")):
+    for official_key, minisd_key in (
+        ("input_blocks.0.0.weight", "conv_in.weight"),
+        ("output_blocks.5.2.conv.bias", "up_levels.1.resample.conv.bias"),
+        (
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            "middle.attention.blocks.0.attn2.to_k.weight",
+        ),
+    ):
         flat = "model_ema.diffusion_model" + official_key.replace(".", "")
         assert same_bits(ema["unet." + minisd_key], original[flat])
-        assert same_bits(plain["unet." + minisd_key], original["model.diffusion_model." + official_key])
+        assert same_bits(
+            plain["unet." + minisd_key], original["model.diffusion_model." + official_key]
+        )
         plain_key = "model.diffusion_model." + official_key
         assert same_bits(ema["extra." + plain_key], original[plain_key])  # kept for the round trip
     assert same_bits(ema["vae.decoder.conv_out.weight"], plain["vae.decoder.conv_out.weight"])
 
 
 def test_export_of_a_minisd_trained_model(tmp_path):
-    """No extras: the model tensors (bf16 here, kept) under official names, plus the schedule buffers as the
-    official code computes them (float32 from float64), plus the minisd config so that sizes the official layout
-    cannot express (tiny's head counts) come back; --half stores fp16."""
+    """No extras: the model tensors (bf16 here, kept) under official names, plus the schedule
+    buffers as the official code computes them (float32 from float64), plus the minisd config so
+    that sizes the official layout cannot express (tiny's head counts) come back; --half stores
+    fp16."""
     from diffusers import DDPMScheduler
+
     torch.manual_seed(0)
     sd = minisd.StableDiffusion(minisd.tiny()).eval()
     minisd.save(sd, tmp_path / "tiny.safetensors", dtype=torch.bfloat16)
-    assert weights_convert.main([str(tmp_path / "tiny.safetensors"), "-o", str(tmp_path / "official.safetensors"),
-                                 "--to", "official"]) == 0
+    assert (
+        weights_convert.main(
+            [
+                str(tmp_path / "tiny.safetensors"),
+                "-o",
+                str(tmp_path / "official.safetensors"),
+                "--to",
+                "official",
+            ]
+        )
+        == 0
+    )
     official, _ = read_checkpoint(tmp_path / "official.safetensors")
     names = OfficialNames(sd.config, "clip")
     ours = read_checkpoint(tmp_path / "tiny.safetensors")[0]
@@ -296,33 +410,71 @@ def test_export_of_a_minisd_trained_model(tmp_path):
     reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     assert official["betas"].dtype == torch.float32
     torch.testing.assert_close(official["betas"], reference.betas, rtol=1e-6, atol=0)
-    torch.testing.assert_close(official["alphas_cumprod"], reference.alphas_cumprod, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        official["alphas_cumprod"], reference.alphas_cumprod, rtol=1e-5, atol=0
+    )
     assert official["scale_factor"].item() == pytest.approx(0.18215)
-    assert weights_convert.main([str(tmp_path / "official.safetensors"), "-o", str(tmp_path / "back.safetensors")]) == 0
+    assert (
+        weights_convert.main(
+            [str(tmp_path / "official.safetensors"), "-o", str(tmp_path / "back.safetensors")]
+        )
+        == 0
+    )
     config, back = read_as_minisd(tmp_path / "back.safetensors", report=quiet)
     assert config == sd.config and all(same_bits(ours[k], back[k]) for k in ours)
-    loaded = minisd.load(tmp_path / "back.safetensors")  # the converter writes what minisd.load reads
-    assert loaded.dtype == torch.float32 and all(torch.equal(v, ours["unet." + k].float())
-                                                 for k, v in loaded.unet.state_dict().items())
-    assert weights_convert.main([str(tmp_path / "tiny.safetensors"), "-o", str(tmp_path / "half.ckpt"),
-                                 "--to", "official", "--half"]) == 0
+    # the converter writes what minisd.load reads
+    loaded = minisd.load(tmp_path / "back.safetensors")
+    assert loaded.dtype == torch.float32 and all(
+        torch.equal(v, ours["unet." + k].float()) for k, v in loaded.unet.state_dict().items()
+    )
+    assert (
+        weights_convert.main(
+            [
+                str(tmp_path / "tiny.safetensors"),
+                "-o",
+                str(tmp_path / "half.ckpt"),
+                "--to",
+                "official",
+                "--half",
+            ]
+        )
+        == 0
+    )
     assert {v.dtype for v in read_checkpoint(tmp_path / "half.ckpt")[0].values()} == {torch.float16}
-    assert read_as_minisd(tmp_path / "half.ckpt", report=quiet)[0] == sd.config  # the config rides in the .ckpt too
+    # the config rides in the .ckpt too
+    assert read_as_minisd(tmp_path / "half.ckpt", report=quiet)[0] == sd.config
 
 
 def test_small_diffusers_folder_with_bin_files_and_legacy_names(tmp_path):
-    """A diffusers folder as older releases wrote it: pytorch .bin weights (read with weights_only=True), the VAE's
-    attention named query/key/value/proj_attn, transformers' text_model. level; no scheduler config (ε assumed)."""
-    from reference_models import diffusers_unet as tiny_unet, diffusers_vae as tiny_vae, transformers_clip
+    """A diffusers folder as older releases wrote it: pytorch .bin weights (read with
+    weights_only=True), the VAE's attention named query/key/value/proj_attn, transformers'
+    text_model. level; no scheduler config (ε assumed)."""
+    from reference_models import (
+        diffusers_unet as tiny_unet,
+        diffusers_vae as tiny_vae,
+        transformers_clip,
+    )
+
     torch.manual_seed(0)
     config = minisd.tiny()
-    models = {"unet": tiny_unet(config), "vae": tiny_vae(config), "text_encoder": transformers_clip(config)}
-    legacy = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    models = {
+        "unet": tiny_unet(config),
+        "vae": tiny_vae(config),
+        "text_encoder": transformers_clip(config),
+    }
+    legacy = {
+        ".to_q.": ".query.",
+        ".to_k.": ".key.",
+        ".to_v.": ".value.",
+        ".to_out.0.": ".proj_attn.",
+    }
     for part, model in models.items():
         (tmp_path / part).mkdir()
         state = model.state_dict()
         if part == "vae":
-            rename_legacy = lambda k: re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: legacy[m.group(0)], k)  # noqa
+            rename_legacy = lambda k: re.sub(
+                r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: legacy[m.group(0)], k
+            )  # noqa
             state = {rename_legacy(k) if "mid_block" in k else k: v for k, v in state.items()}
         if part == "text_encoder":
             model.config.save_pretrained(tmp_path / part)
@@ -332,17 +484,31 @@ def test_small_diffusers_folder_with_bin_files_and_legacy_names(tmp_path):
         name = "pytorch_model.bin" if part == "text_encoder" else "diffusion_pytorch_model.bin"
         torch.save(state, tmp_path / part / name)
     sd = minisd.load(tmp_path)
-    assert sd.config.prediction_type == "epsilon" and sd.config.unet == config.unet and sd.config.text == config.text
+    assert (
+        sd.config.prediction_type == "epsilon"
+        and sd.config.unet == config.unet
+        and sd.config.text == config.text
+    )
     inputs = make_inputs(config)
-    inputs.update(x=torch.randn(1, 4, 8, 8), context=torch.randn(1, 77, 32), image=torch.rand(1, 3, 16, 16) * 2 - 1,
-                  z=torch.randn(1, 4, 8, 8))
+    inputs.update(
+        x=torch.randn(1, 4, 8, 8),
+        context=torch.randn(1, 77, 32),
+        image=torch.rand(1, 3, 16, 16) * 2 - 1,
+        z=torch.randn(1, 4, 8, 8),
+    )
     models["text"] = models.pop("text_encoder")
-    ours, reference = minisd_outputs(sd, inputs, ("text", "unet", "vae")), diffusers_outputs(models, inputs)
-    assert all(rel_err(ours[part], reference[part]) <= TOLERANCE for part in ours), \
-        {part: rel_err(ours[part], reference[part]) for part in ours}
+    ours, reference = (
+        minisd_outputs(sd, inputs, ("text", "unet", "vae")),
+        diffusers_outputs(models, inputs),
+    )
+    assert all(rel_err(ours[part], reference[part]) <= TOLERANCE for part in ours), {
+        part: rel_err(ours[part], reference[part]) for part in ours
+    }
 
 
-# ── what was detected, and what --config settles ─────────────────────────────────────────────────────────────────
+# ── what was detected, and what --config settles
+# ─────────────────────────────────────────────────────────────────
+
 
 def test_detection_printout_and_prediction_type(files, tmp_path):
     yaml = pytest.importorskip("yaml")
@@ -350,13 +516,21 @@ def test_detection_printout_and_prediction_type(files, tmp_path):
     config, _ = read_as_minisd(files["sd2.safetensors"], report=lines.append)
     text = "\n".join(lines)
     assert config.prediction_type == "v_prediction"
-    assert "SD 2.x" in text and "OpenCLIP" in text and "--prediction-type epsilon" in text and "--config" in text
+    assert (
+        "SD 2.x" in text
+        and "OpenCLIP" in text
+        and "--prediction-type epsilon" in text
+        and "--config" in text
+    )
     v_yaml, eps_yaml = tmp_path / "v2-inference-v.yaml", tmp_path / "v2-inference.yaml"
     v_yaml.write_text(yaml.safe_dump(manifest("sd2")["config"]))
     base = copy.deepcopy(manifest("sd2")["config"])
     del base["model"]["params"]["parameterization"]  # v2-inference.yaml: the 512-base model, ε
     eps_yaml.write_text(yaml.safe_dump(base))
-    assert read_as_minisd(files["sd2.safetensors"], config=v_yaml, report=quiet)[0].prediction_type == "v_prediction"
+    assert (
+        read_as_minisd(files["sd2.safetensors"], config=v_yaml, report=quiet)[0].prediction_type
+        == "v_prediction"
+    )
     config, _ = read_as_minisd(files["sd2.safetensors"], config=eps_yaml, report=quiet)
     assert (config.prediction_type, config.name) == ("epsilon", "sd2-base")
     config, _ = read_as_minisd(files["sd2.safetensors"], prediction_type="epsilon", report=quiet)
@@ -364,27 +538,48 @@ def test_detection_printout_and_prediction_type(files, tmp_path):
     v1_yaml = tmp_path / "v1-inference.yaml"
     v1_yaml.write_text(yaml.safe_dump(manifest("sd1")["config"]))
     with pytest.raises(ConversionError, match="describes another model: its context_dim is 768"):
-        read_as_minisd(files["sd2.safetensors"], config=v1_yaml, report=quiet)  # its 8 heads would be silently wrong
+        # its 8 heads would be silently wrong
+        read_as_minisd(files["sd2.safetensors"], config=v1_yaml, report=quiet)
     lines.clear()
-    assert read_as_minisd(files["sd1.safetensors"], report=lines.append)[0].prediction_type == "epsilon"
+    assert (
+        read_as_minisd(files["sd1.safetensors"], report=lines.append)[0].prediction_type
+        == "epsilon"
+    )
     assert "SD 1.x" in lines[0] and "8 heads" in lines[0] and "1×1-conv" in lines[0]
 
 
 def test_explain_key_follows_diffusers_naming(capsys):
-    """Every UNet and VAE key: our rules give the name diffusers' converter + minisd's diffusers keymap give."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    for family, config, style in (("sd1", minisd.sd1(), "clip-flat"), ("sd2", minisd.sd2(), "openclip")):
-        checkpoint = {k: torch.empty(shape, device="meta") for k, (shape, _) in layout(family).items()}
+    """Every UNet and VAE key: our rules give the name diffusers' converter + minisd's diffusers
+    keymap give."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    for family, config, style in (
+        ("sd1", minisd.sd1(), "clip-flat"),
+        ("sd2", minisd.sd2(), "openclip"),
+    ):
+        checkpoint = {
+            k: torch.empty(shape, device="meta") for k, (shape, _) in layout(family).items()
+        }
         owner = {id(v): k for k, v in checkpoint.items()}
         original = manifest(family)["config"]
-        unet = convert_ldm_unet_checkpoint(checkpoint, create_unet_diffusers_config_from_ldm(original, checkpoint))
-        vae = convert_ldm_vae_checkpoint(checkpoint, create_vae_diffusers_config_from_ldm(original, checkpoint))
+        unet = convert_ldm_unet_checkpoint(
+            checkpoint, create_unet_diffusers_config_from_ldm(original, checkpoint)
+        )
+        vae = convert_ldm_vae_checkpoint(
+            checkpoint, create_vae_diffusers_config_from_ldm(original, checkpoint)
+        )
         names = OfficialNames(config, style)
-        pairs = [("unet." + rename(k, DIFFUSERS_UNET), v) for k, v in unet.items()] + \
-                [("vae." + rename(k, DIFFUSERS_VAE), v) for k, v in vae.items()]
-        assert len(pairs) == sum(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in checkpoint)
+        pairs = [("unet." + rename(k, DIFFUSERS_UNET), v) for k, v in unet.items()] + [
+            ("vae." + rename(k, DIFFUSERS_VAE), v) for k, v in vae.items()
+        ]
+        assert len(pairs) == sum(
+            k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in checkpoint
+        )
         for expected, tensor in pairs:
             official = owner[id(tensor if tensor._base is None else tensor._base)]
             assert names.to_minisd(official) == expected, official
@@ -395,25 +590,36 @@ def test_explain_key_follows_diffusers_naming(capsys):
     explain_key("cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight", minisd.sd2())
     explain_key("model_ema.decay")
     out = capsys.readouterr().out.splitlines()
-    assert ("  rule 'output_blocks.5.2.conv.' -> 'up_levels.1.resample.conv.': "
-            "unet.up_levels.1.resample.conv.weight") in out
+    assert (
+        "  rule 'output_blocks.5.2.conv.' -> 'up_levels.1.resample.conv.': "
+        "unet.up_levels.1.resample.conv.weight"
+    ) in out
     assert "  = unet.up_levels.1.resample.conv.weight" in out
-    assert any(line.startswith("  rule '{resnet}.norm1.' -> '{resnet}.in_layers.0.'") for line in out)
+    assert any(
+        line.startswith("  rule '{resnet}.norm1.' -> '{resnet}.in_layers.0.'") for line in out
+    )
     assert "  = model.diffusion_model.input_blocks.2.0.in_layers.0.weight" in out
     assert any("fused" in line for line in out) and out[-1].startswith("  not a model tensor")
 
 
-# ── errors: one paragraph on stderr, exit status 2, no file left ─────────────────────────────────────────────────
+# ── errors: one paragraph on stderr, exit status 2, no file left
+# ─────────────────────────────────────────────────
+
 
 def run_cli(capsys, *args) -> str:
     assert weights_convert.main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("weights_convert.py: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert (
+        err.startswith("weights_convert.py: error: ") and "\n" not in err and "Traceback" not in err
+    ), err
     return err
 
 
 def small_files(folder: Path) -> dict:
-    paths = {name: folder / name for name in ("t.safetensors", "t.ckpt", "notes.txt", "other.safetensors")}
+    paths = {
+        name: folder / name
+        for name in ("t.safetensors", "t.ckpt", "notes.txt", "other.safetensors")
+    }
     save_file({"model.diffusion_model.x": torch.zeros(1000, 100)}, str(paths["t.safetensors"]))
     torch.save({"state_dict": {"x": torch.zeros(1000, 100)}}, paths["t.ckpt"])
     for name in ("t.safetensors", "t.ckpt"):
@@ -440,10 +646,16 @@ def test_unreadable_files_fail_cleanly(tmp_path, capsys):
     assert "truncated" in run_cli(capsys, paths["t.ckpt"], "-o", out / "a.safetensors")
     message = run_cli(capsys, paths["notes.txt"], "-o", out / "a.safetensors")
     assert "neither a safetensors file nor a torch checkpoint" in message
-    assert "unknown layout" in run_cli(capsys, paths["other.safetensors"], "-o", out / "a.safetensors")
-    assert "no checkpoint at" in run_cli(capsys, inputs / "absent.ckpt", "-o", out / "a.safetensors")
+    assert "unknown layout" in run_cli(
+        capsys, paths["other.safetensors"], "-o", out / "a.safetensors"
+    )
+    assert "no checkpoint at" in run_cli(
+        capsys, inputs / "absent.ckpt", "-o", out / "a.safetensors"
+    )
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {"x": torch.zeros(2)}, "payload": Exploit(marker)}, inputs / "evil.ckpt")
+    torch.save(
+        {"state_dict": {"x": torch.zeros(2)}, "payload": Exploit(marker)}, inputs / "evil.ckpt"
+    )
     message = run_cli(capsys, inputs / "evil.ckpt", "-o", out / "a.safetensors")
     assert "weights_only=True" in message and "system" in message and not marker.exists()
     assert list(out.iterdir()) == []
@@ -451,18 +663,35 @@ def test_unreadable_files_fail_cleanly(tmp_path, capsys):
 
 def test_cli_process_exit_status(tmp_path):
     paths = small_files(tmp_path)
-    result = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(paths["t.safetensors"]), "-o",
-                             str(tmp_path / "out.safetensors")], capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "weights_convert.py"),
+            str(paths["t.safetensors"]),
+            "-o",
+            str(tmp_path / "out.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 2
+        and "Traceback" not in result.stderr
+        and result.stderr.count("\n") == 1
+    )
     assert not (tmp_path / "out.safetensors").exists()
 
 
 def _meta_layout(family, drop=(), add=(), reshape=None, dtype=torch.float16):
-    """The layout's model tensors on the meta device (shapes only), its few small buffers for real."""
+    """The layout's model tensors on the meta device (shapes only), its few small buffers for
+    real."""
     keys = layout(family)
     small = random_tensors({k: v for k, v in keys.items() if is_extra(k)}, dtype=dtype)
-    state = {k: small[k] if k in small else torch.empty(shape, device="meta", dtype=dtype)
-             for k, (shape, _) in keys.items() if k not in drop}
+    state = {
+        k: small[k] if k in small else torch.empty(shape, device="meta", dtype=dtype)
+        for k, (shape, _) in keys.items()
+        if k not in drop
+    }
     state.update({k: torch.empty(3, device="meta") for k in add})
     for key, shape in (reshape or {}).items():
         state[key] = torch.empty(shape, device="meta", dtype=torch.float16)
@@ -471,20 +700,36 @@ def _meta_layout(family, drop=(), add=(), reshape=None, dtype=torch.float16):
 
 @pytest.mark.parametrize("case", ["missing", "unexpected", "mismatch"])
 def test_keys_that_do_not_fit(case, tmp_path, capsys, monkeypatch):
-    """Layouts built on the meta device (shapes only, no 2 GB file): the errors arise before any data is read."""
+    """Layouts built on the meta device (shapes only, no 2 GB file): the errors arise before any
+    data is read."""
     u = "model.diffusion_model."
     to_v = u + "input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
     dropped = [k for k in layout("sd1") if k.startswith(u + "output_blocks.4.1.")]
-    state = {"missing": lambda: _meta_layout("sd1", drop=dropped + ["first_stage_model.decoder.conv_out.bias"]),
-             "unexpected": lambda: _meta_layout("sd1", add=[u + "input_blocks.1.2.weight", "first_stage_model.loss.w"]),
-             "mismatch": lambda: _meta_layout("sd1", reshape={to_v: [640, 1024]}),
-             }[case]()
+    state = {
+        "missing": lambda: _meta_layout(
+            "sd1", drop=dropped + ["first_stage_model.decoder.conv_out.bias"]
+        ),
+        "unexpected": lambda: _meta_layout(
+            "sd1", add=[u + "input_blocks.1.2.weight", "first_stage_model.loss.w"]
+        ),
+        "mismatch": lambda: _meta_layout("sd1", reshape={to_v: [640, 1024]}),
+    }[case]()
     monkeypatch.setattr(convert, "read_checkpoint", lambda path: (state, {}))
     (tmp_path / "in.safetensors").write_bytes(b"")
     message = run_cli(capsys, tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors")
-    expected = {"missing": ["missing keys", "model.diffusion_model.output_blocks.4.1.* (", "decoder.conv_out.bias"],
-                "unexpected": ["2 unexpected keys", u + "input_blocks.1.2.weight", "first_stage_model.loss.w"],
-                "mismatch": [f"shape mismatch at {to_v}: expected [640, 768], found [640, 1024]"]}[case]
+    expected = {
+        "missing": [
+            "missing keys",
+            "model.diffusion_model.output_blocks.4.1.* (",
+            "decoder.conv_out.bias",
+        ],
+        "unexpected": [
+            "2 unexpected keys",
+            u + "input_blocks.1.2.weight",
+            "first_stage_model.loss.w",
+        ],
+        "mismatch": [f"shape mismatch at {to_v}: expected [640, 768], found [640, 1024]"],
+    }[case]
     assert all(part in message for part in expected), message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 
@@ -499,12 +744,22 @@ def test_other_dtypes_are_kept(dtype, monkeypatch):
 
 
 def test_usage_errors(files, tmp_path, capsys, monkeypatch):
-    assert "does not exist" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "absent" / "x.safetensors")
+    assert "does not exist" in run_cli(
+        capsys, files["sd1.safetensors"], "-o", tmp_path / "absent" / "x.safetensors"
+    )
     assert "*.safetensors" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "x.ckpt")
-    assert "no EMA weights" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors", "--ema")
+    assert "no EMA weights" in run_cli(
+        capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors", "--ema"
+    )
     monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML is not a runtime dependency
-    assert "pip install pyyaml" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors",
-                                           "--config", tmp_path / "v1-inference.yaml")
+    assert "pip install pyyaml" in run_cli(
+        capsys,
+        files["sd1.safetensors"],
+        "-o",
+        tmp_path / "x.safetensors",
+        "--config",
+        tmp_path / "v1-inference.yaml",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -516,9 +771,12 @@ def test_a_failed_write_leaves_no_file(files, tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    assert "No space left" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors")
+    assert "No space left" in run_cli(
+        capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_conversion_error_is_a_value_error():
-    assert issubclass(ConversionError, ValueError)  # minisd.load's callers catch ValueError for bad input
+    # minisd.load's callers catch ValueError for bad input
+    assert issubclass(ConversionError, ValueError)

@@ -1,10 +1,10 @@
-"""The fast path computes the same function as the readable path; tiled decoding ≈ plain decoding; the benchmark
-refuses bad settings clearly and produces its table.
+"""The fast path computes the same function as the readable path; tiled decoding ≈ plain decoding;
+the benchmark refuses bad settings clearly and produces its table.
 
-CPU tests use the tiny preset with perturbed weights (so no norm sits at its default 1/0 and nothing is trivially
-equal). Fused and sliced attention and channels_last change only the order of floating-point operations, so they must
-agree with the readable path to fp32 rounding (≤ 1e-5 relative). GPU tests (compile, CUDA graphs, float16) skip
-without a GPU.
+CPU tests use the tiny preset with perturbed weights (so no norm sits at its default 1/0 and nothing
+is trivially equal). Fused and sliced attention and channels_last change only the order of
+floating-point operations, so they must agree with the readable path to fp32 rounding (≤ 1e-5
+relative). GPU tests (compile, CUDA graphs, float16) skip without a GPU.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def tiny_model(seed=0) -> minisd.StableDiffusion:
 def sd():
     model = tiny_model()
     yield model
-    slow_down(model)                       # attention backend and slicing are process-wide: leave them as found
+    # attention backend and slicing are process-wide: leave them as found
+    slow_down(model)
     set_attention_slicing(None)
 
 
@@ -59,7 +60,8 @@ def test_fused_and_sliced_attention_match_the_readable_path(sd):
     with torch.no_grad():
         with attention_backend("math"):
             readable = sd.unet(x, t, ctx)
-            set_attention_slicing(3)       # 3 does not divide batch·heads = 4: the last slice is short
+            # 3 does not divide batch·heads = 4: the last slice is short
+            set_attention_slicing(3)
             sliced = sd.unet(x, t, ctx)
             set_attention_slicing(None)
         with attention_backend("fused"):
@@ -81,7 +83,9 @@ def test_channels_last_matches_and_slow_down_restores(sd):
         assert rel_err(sd.unet(x, t, ctx), ref_unet) < TOL
         assert rel_err(sd.vae.decode(z), ref_image) < TOL
     # same parameter names and values: the fast path changes how, never what
-    assert {k: torch.equal(v, names[k]) for k, v in sd.state_dict().items()} == {k: True for k in names}
+    assert {k: torch.equal(v, names[k]) for k, v in sd.state_dict().items()} == {
+        k: True for k in names
+    }
     slow_down(sd)
     assert get_attention_backend() == "math" and sd.fast_path is None
     assert sd.unet.conv_in.weight.is_contiguous()
@@ -89,7 +93,8 @@ def test_channels_last_matches_and_slow_down_restores(sd):
 
 
 def test_generate_on_the_fast_path_matches_the_readable_path(sd):
-    # guidance 1 (no unconditional rows): a scale of 7.5 would multiply the rounding differences by 7.5 per step
+    # guidance 1 (no unconditional rows): a scale of 7.5 would multiply the rounding differences by
+    # 7.5 per step
     kwargs = dict(steps=2, seed=0, output_type="tensor", guidance_scale=1.0)
     with attention_backend("math"):
         readable = sd.generate("a red circle", **kwargs)
@@ -121,6 +126,7 @@ def test_cuda_graph_call_falls_back_where_it_cannot_record(sd):
 
 # ---------------------------------------------------------------- tiled VAE decoding
 
+
 def test_single_tile_decode_is_the_plain_decode(sd):
     for size in (12, 16):
         z = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(size))
@@ -129,9 +135,10 @@ def test_single_tile_decode_is_the_plain_decode(sd):
 
 
 def test_tiles_with_whole_image_statistics_reproduce_the_plain_decode(sd):
-    """With the exact GroupNorm statistics given, only the tiling itself could differ, and it must not: every pixel
-    that gets weight lies ≥ overlap/4 = 8 latents inside its tile, beyond the 7-latent reach of the tiny decoder's
-    tiled convolutions (4 convs at latent resolution, 1 + 4 + 1 at twice that)."""
+    """With the exact GroupNorm statistics given, only the tiling itself could differ, and it must
+    not: every pixel that gets weight lies ≥ overlap/4 = 8 latents inside its tile, beyond the
+    7-latent reach of the tiny decoder's tiled convolutions (4 convs at latent resolution, 1 + 4 + 1
+    at twice that)."""
     z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(3))
     decoder = sd.vae.decoder
     exact = {}
@@ -157,8 +164,9 @@ def test_tiles_with_whole_image_statistics_reproduce_the_plain_decode(sd):
 
 
 def test_tiled_decode_is_close_to_the_plain_decode(sd):
-    """With statistics measured over the tiles (2 sweeps), a 48² latent in 2 × 2 tiles of 40² stays within a few
-    percent of the plain decode, and a second sweep is closer than tile-local statistics (1 sweep)."""
+    """With statistics measured over the tiles (2 sweeps), a 48² latent in 2 × 2 tiles of 40² stays
+    within a few percent of the plain decode, and a second sweep is closer than tile-local
+    statistics (1 sweep)."""
     z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = sd.vae.decode(z)
@@ -172,32 +180,42 @@ def test_tiled_decode_is_close_to_the_plain_decode(sd):
 def test_generate_uses_tiled_decoding_when_switched_on(sd):
     kwargs = dict(steps=2, seed=0, output_type="tensor")
     plain = sd.generate("a square", **kwargs)
-    speed_up(sd, attention="math", channels_last=False, tiled_decode=True, tile_size=16, tile_overlap=4)
-    assert torch.equal(sd.generate("a square", **kwargs), plain)      # 32² image = 16² latents: a single tile
+    speed_up(
+        sd, attention="math", channels_last=False, tiled_decode=True, tile_size=16, tile_overlap=4
+    )
+    # 32² image = 16² latents: a single tile
+    assert torch.equal(sd.generate("a square", **kwargs), plain)
 
 
 # ---------------------------------------------------------------- the benchmark command
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device", "tpu"], "is not a device name"),
-    (["--device", "meta"], "runs on cpu or cuda devices"),
-    (["--size", "500"], "multiples of 8"),
-    (["--size", "520", "--preset", "sd1"], "multiples of 64"),
-    (["--device", "cpu", "--dtype", "float16"], "float16 needs a GPU"),
-    (["--dtype", "float8"], "is not one of float32, float16, bfloat16"),
-    (["--variants", "minisd,tensorrt"], "unknown tensorrt"),
-    (["--preset", "sd3"], "is not one of"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "tpu"], "is not a device name"),
+        (["--device", "meta"], "runs on cpu or cuda devices"),
+        (["--size", "500"], "multiples of 8"),
+        (["--size", "520", "--preset", "sd1"], "multiples of 64"),
+        (["--device", "cpu", "--dtype", "float16"], "float16 needs a GPU"),
+        (["--dtype", "float8"], "is not one of float32, float16, bfloat16"),
+        (["--variants", "minisd,tensorrt"], "unknown tensorrt"),
+        (["--preset", "sd3"], "is not one of"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
+    ],
+)
 def test_bench_refuses_bad_settings(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "build_minisd", lambda name, device, dtype: tiny_model())  # never build sd1 here
+    # never build sd1 here
+    monkeypatch.setattr(bench, "build_minisd", lambda name, device, dtype: tiny_model())
     assert cli(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
 def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert cli(["bench", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
@@ -206,8 +224,14 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
 def test_bench_reports_out_of_memory_with_the_options(capsys, monkeypatch):
     def out_of_memory(case, variant):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
     monkeypatch.setattr(bench, "run_variant", out_of_memory)
-    assert cli(["bench", "--device", "cpu", "--preset", "tiny", "--variants", "minisd", "--steps", "1"]) == 1
+    assert (
+        cli(
+            ["bench", "--device", "cpu", "--preset", "tiny", "--variants", "minisd", "--steps", "1"]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "out of GPU memory" in out and "--attention-slicing" in out and "--tiled-decode" in out
     assert "Traceback" not in out
@@ -217,12 +241,33 @@ def test_quick_cpu_bench_on_the_tiny_preset(tmp_path, capsys):
     variants = "minisd,minisd-fast"
     try:
         import diffusers  # noqa: F401
+
         variants += ",diffusers"
     except ImportError:
         pass
     out_file = tmp_path / "bench.json"
-    assert cli(["bench", "--device", "cpu", "--preset", "tiny", "--steps", "2", "--iters", "1", "--images", "0",
-                "--variants", variants, "--json", str(out_file)]) == 0
+    assert (
+        cli(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "--iters",
+                "1",
+                "--images",
+                "0",
+                "--variants",
+                variants,
+                "--json",
+                str(out_file),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| model | size | dtype | variant | UNet ms |" in printed
     rows = json.loads(out_file.read_text())["rows"]
@@ -236,7 +281,9 @@ def test_quick_cpu_bench_on_the_tiny_preset(tmp_path, capsys):
         assert "minisd / diffusers: UNet it/s" in printed
 
 
-# ---------------------------------------------------------------- GPU: compile, CUDA graphs, float16
+# ---------------------------------------------------------------- GPU: compile, CUDA graphs,
+# float16
+
 
 @cuda
 def test_compiled_cuda_graph_unet_matches_eager_in_float16():
@@ -248,10 +295,11 @@ def test_compiled_cuda_graph_unet_matches_eager_in_float16():
             eager = [sd.unet(x * s, t, ctx).float() for s in (1.0, 0.5)]
         speed_up(sd, compile=True, cuda_graphs=True)
         with torch.no_grad():
-            fast = [sd.unet(x * s, t, ctx).float() for s in (1.0, 0.5)]   # second call replays with new inputs
+            # second call replays with new inputs
+            fast = [sd.unet(x * s, t, ctx).float() for s in (1.0, 0.5)]
         assert len(sd.unet.forward.recordings) == 1
         for a, b in zip(fast, eager):
-            assert rel_err(a, b) < 1e-2     # float16: ~1e-3 per op, kernels fused in another order
+            assert rel_err(a, b) < 1e-2  # float16: ~1e-3 per op, kernels fused in another order
     finally:
         slow_down(sd)
 
@@ -265,6 +313,6 @@ def test_generate_on_the_gpu_fast_path_matches_eager():
             eager = sd.generate("a red circle", **kwargs)
         speed_up(sd, compile=True, cuda_graphs=True)
         fast = sd.generate("a red circle", **kwargs)
-        assert (fast - eager).abs().max() < 2e-2    # images in [0, 1], float16 networks
+        assert (fast - eager).abs().max() < 2e-2  # images in [0, 1], float16 networks
     finally:
         slow_down(sd)

@@ -1,8 +1,10 @@
-"""Every chapter notebook runs top to bottom in a fresh kernel, in CI's fast mode, within its time budget.
+"""Every chapter notebook runs top to bottom in a fresh kernel, in CI's fast mode, within its time
+budget.
 
-Each notebook gets its own fresh kernel (cwd = notebooks/, MINISD_FAST=1), so hidden state from running cells out of
-order, or from another chapter, cannot make it pass. The committed outputs (produced by
-`python -m minisd.course execute`) must be free of errors, and the folder must stay small.
+Each notebook gets its own fresh kernel (cwd = notebooks/, MINISD_FAST=1), so hidden state from
+running cells out of order, or from another chapter, cannot make it pass. The committed outputs
+(produced by `python -m minisd.course execute`) must be free of errors, and the folder must stay
+small.
 """
 from __future__ import annotations
 
@@ -46,8 +48,13 @@ def test_committed_notebook_is_executed_and_error_free(path):
     unexecuted = [i for i, c in enumerate(code) if c.get("execution_count") is None]
     assert not unexecuted, (f"{path.name}: code cells {unexecuted} have no outputs committed: run "
                             f"`python -m minisd.course execute {path.relative_to(ROOT)}`")
-    tracebacks = [i for i, c in enumerate(code) for o in c.get("outputs", [])
-                  if o.get("output_type") == "stream" and "Traceback (most recent call last)" in o.get("text", "")]
+    tracebacks = [
+        i
+        for i, c in enumerate(code)
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+        and "Traceback (most recent call last)" in o.get("text", "")
+    ]
     assert not tracebacks, f"{path.name}: cells {tracebacks} printed a traceback"
 
 
@@ -57,11 +64,15 @@ def test_notebook_follows_the_conventions(path):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
     code = [c for c in nb.cells if c.cell_type == "code"]
     first_lines = [line.strip() for line in code[0].source.split("\n")]
-    assert [l.split("#")[0].strip() for l in first_lines[:2]] == FIRST_CELL, \
+    assert [l.split("#")[0].strip() for l in first_lines[:2]] == FIRST_CELL, (
         f"{path.name}: the first code cell starts {first_lines[:2]}"
-    headings = [line.strip() for c in nb.cells if c.cell_type == "markdown" for line in c.source.split("\n")]
-    assert "## Summary" in headings and "## Exercises" in headings, \
+    )
+    headings = [
+        line.strip() for c in nb.cells if c.cell_type == "markdown" for line in c.source.split("\n")
+    ]
+    assert "## Summary" in headings and "## Exercises" in headings, (
         f"{path.name}: needs '## Summary' and '## Exercises' sections"
+    )
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and BEGIN in cell.source:
             find_regions(cell.source, f"{path.name} cell {i}")  # raises on malformed regions
@@ -69,5 +80,6 @@ def test_notebook_follows_the_conventions(path):
 
 def test_notebooks_folder_stays_small():
     total = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
-    assert total < FOLDER_LIMIT_BYTES, \
+    assert total < FOLDER_LIMIT_BYTES, (
         f"notebooks/ holds {total / 1e6:.1f} MB (limit {FOLDER_LIMIT_BYTES / 1e6:.0f} MB)"
+    )

@@ -1,10 +1,12 @@
-"""The generation pipeline against diffusers' Stable Diffusion pipelines, and the properties it promises.
+"""The generation pipeline against diffusers' Stable Diffusion pipelines, and the properties it
+promises.
 
-Parity: one set of random tiny weights goes into diffusers/transformers modules and (through minisd's keymap) into
-minisd. diffusers' pipelines get the prompt embeddings computed by the transformers text encoder from minisd's
-token ids (`prompt_embeds=`), so no transformers tokenizer is needed; minisd tokenizes and encodes on its own.
-Both draw their random numbers from CPU generators with the same seed, so the comparison covers the noise, the
-VAE posterior sample for img2img/inpainting, guidance, the sampler and the masks.
+Parity: one set of random tiny weights goes into diffusers/transformers modules and (through
+minisd's keymap) into minisd. diffusers' pipelines get the prompt embeddings computed by the
+transformers text encoder from minisd's token ids (`prompt_embeds=`), so no transformers tokenizer
+is needed; minisd tokenizes and encodes on its own. Both draw their random numbers from CPU
+generators with the same seed, so the comparison covers the noise, the VAE posterior sample for
+img2img/inpainting, guidance, the sampler and the masks.
 """
 from __future__ import annotations
 
@@ -21,15 +23,25 @@ from minisd.ddim import DDIMSampler
 from minisd.guidance import ModelEnsemble
 from minisd.pipeline import noise_schedule, record_cross_attention
 from minisd.prompts import parse_emphasis, split_composition
-from reference_models import diffusers_unet, diffusers_vae, minisd_from_references, rel_err, transformers_clip
+from reference_models import (
+    diffusers_unet,
+    diffusers_vae,
+    minisd_from_references,
+    rel_err,
+    transformers_clip,
+)
 
-SIZE = 32           # tiny: VAE downscale 2 -> 16×16 latents
+SIZE = 32  # tiny: VAE downscale 2 -> 16×16 latents
 TOL = 1e-4
 
 
 def tiny_config(prediction_type="epsilon", in_channels=4):
     cfg = minisd.tiny()
-    return dataclasses.replace(cfg, prediction_type=prediction_type, unet=dataclasses.replace(cfg.unet, in_channels=in_channels))
+    return dataclasses.replace(
+        cfg,
+        prediction_type=prediction_type,
+        unet=dataclasses.replace(cfg.unet, in_channels=in_channels),
+    )
 
 
 def build_references(cfg, seed=0):
@@ -52,17 +64,36 @@ def sd(eps_refs):
 
 def diffusers_pipeline(kind, refs, prediction_type="epsilon", scheduler="ddim"):
     import diffusers
+
     sd, (unet, vae, text) = refs
-    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  steps_offset=1, prediction_type=prediction_type, timestep_spacing="leading")
+    common = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+    )
     if scheduler == "ddim":
         sched = diffusers.DDIMScheduler(set_alpha_to_one=False, **common)
     else:
         sched = diffusers.DDPMScheduler(variance_type="fixed_small", **common)
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
-    pipe = cls(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=sched, safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    cls = {
+        "txt2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[kind]
+    pipe = cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -82,7 +113,8 @@ def random_image(seed, size=SIZE):
 
 def box_mask(size=SIZE):
     mask = np.zeros((size, size), dtype=np.uint8)
-    mask[5:21, 9:27] = 255             # odd edges: the mask straddles latent pixels, so its resizing matters
+    # odd edges: the mask straddles latent pixels, so its resizing matters
+    mask[5:21, 9:27] = 255
     return Image.fromarray(mask, mode="L")
 
 
@@ -90,19 +122,43 @@ def box_mask(size=SIZE):
 # parity with diffusers
 
 
-@pytest.mark.parametrize("prediction_type,sampler,eta", [("epsilon", "ddim", 0.0), ("epsilon", "ddim", 0.5),
-                                                         ("v_prediction", "ddim", 0.0), ("epsilon", "ddpm", 0.0)])
+@pytest.mark.parametrize(
+    "prediction_type,sampler,eta",
+    [
+        ("epsilon", "ddim", 0.0),
+        ("epsilon", "ddim", 0.5),
+        ("v_prediction", "ddim", 0.0),
+        ("epsilon", "ddpm", 0.0),
+    ],
+)
 def test_txt2img_matches_diffusers(prediction_type, sampler, eta, eps_refs):
-    refs = eps_refs if prediction_type == "epsilon" else build_references(tiny_config(prediction_type))
+    refs = (
+        eps_refs if prediction_type == "epsilon" else build_references(tiny_config(prediction_type))
+    )
     sd, (_, _, text) = refs
     prompt, negative = "a red circle on the left", "blurry"
     pipe = diffusers_pipeline("txt2img", refs, prediction_type, sampler)
     kwargs = dict(eta=eta) if sampler == "ddim" else {}
-    expected = pipe(**reference_embeds(sd, text, prompt, negative), num_inference_steps=10, guidance_scale=7.5,
-                    height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(42), output_type="latent",
-                    **kwargs).images
-    got = sd.generate(prompt, negative_prompt=negative, steps=10, guidance_scale=7.5, sampler=sampler, eta=eta,
-                      seed=42, output_type="latent")
+    expected = pipe(
+        **reference_embeds(sd, text, prompt, negative),
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator().manual_seed(42),
+        output_type="latent",
+        **kwargs,
+    ).images
+    got = sd.generate(
+        prompt,
+        negative_prompt=negative,
+        steps=10,
+        guidance_scale=7.5,
+        sampler=sampler,
+        eta=eta,
+        seed=42,
+        output_type="latent",
+    )
     assert rel_err(got, expected) <= TOL
 
 
@@ -112,7 +168,9 @@ def test_txt2img_given_latents_and_decoded_images_match_diffusers(eps_refs):
     pipe = diffusers_pipeline("txt2img", eps_refs)
     embeds = reference_embeds(sd, text, "a square", "")
     embeds = {k: v.repeat(2, 1, 1) for k, v in embeds.items()}
-    expected = pipe(**embeds, num_inference_steps=10, height=SIZE, width=SIZE, latents=start, output_type="pt").images
+    expected = pipe(
+        **embeds, num_inference_steps=10, height=SIZE, width=SIZE, latents=start, output_type="pt"
+    ).images
     got = sd.generate(["a square", "a square"], steps=10, latents=start, output_type="tensor")
     assert got.shape == (2, 3, SIZE, SIZE)
     assert rel_err(got, expected) <= TOL
@@ -122,25 +180,57 @@ def test_img2img_matches_diffusers(eps_refs):
     sd, (_, _, text) = eps_refs
     image = random_image(1)
     pipe = diffusers_pipeline("img2img", eps_refs)
-    expected = pipe(**reference_embeds(sd, text, "a blue square", ""), image=image, strength=0.6,
-                    num_inference_steps=10, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
-                    output_type="latent").images
-    got = sd.generate("a blue square", init_image=image, strength=0.6, steps=10, guidance_scale=5.0, seed=7,
-                      output_type="latent")
+    expected = pipe(
+        **reference_embeds(sd, text, "a blue square", ""),
+        image=image,
+        strength=0.6,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    ).images
+    got = sd.generate(
+        "a blue square",
+        init_image=image,
+        strength=0.6,
+        steps=10,
+        guidance_scale=5.0,
+        seed=7,
+        output_type="latent",
+    )
     assert rel_err(got, expected) <= TOL
 
 
 @pytest.mark.parametrize("in_channels,strength", [(9, 1.0), (9, 0.7), (4, 1.0), (4, 0.7)])
 def test_inpainting_matches_diffusers(in_channels, strength, eps_refs):
-    refs = eps_refs if in_channels == 4 else build_references(tiny_config(in_channels=in_channels), seed=1)
+    refs = (
+        eps_refs
+        if in_channels == 4
+        else build_references(tiny_config(in_channels=in_channels), seed=1)
+    )
     sd, (_, _, text) = refs
     image, mask = random_image(2), box_mask()
     pipe = diffusers_pipeline("inpaint", refs)
-    expected = pipe(**reference_embeds(sd, text, "a green triangle", ""), image=image, mask_image=mask,
-                    height=SIZE, width=SIZE, strength=strength, num_inference_steps=10,
-                    generator=torch.Generator().manual_seed(11), output_type="latent").images
-    got = sd.generate("a green triangle", init_image=image, mask=mask, strength=strength, steps=10, seed=11,
-                      output_type="latent")
+    expected = pipe(
+        **reference_embeds(sd, text, "a green triangle", ""),
+        image=image,
+        mask_image=mask,
+        height=SIZE,
+        width=SIZE,
+        strength=strength,
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+    ).images
+    got = sd.generate(
+        "a green triangle",
+        init_image=image,
+        mask=mask,
+        strength=strength,
+        steps=10,
+        seed=11,
+        output_type="latent",
+    )
     assert rel_err(got, expected) <= TOL
 
 
@@ -156,7 +246,9 @@ def test_same_seed_same_image_other_seed_other_image(sd):
 
 
 def test_per_image_seeds_do_not_depend_on_the_batch(sd):
-    batch = sd.generate(["a circle", "a square"], steps=3, seed=[5, 9], sampler="ddpm", output_type="latent")
+    batch = sd.generate(
+        ["a circle", "a square"], steps=3, seed=[5, 9], sampler="ddpm", output_type="latent"
+    )
     alone = sd.generate("a square", steps=3, seed=[9], sampler="ddpm", output_type="latent")
     assert torch.allclose(batch[1:], alone, rtol=1e-5, atol=1e-6)
 
@@ -175,9 +267,13 @@ def manual_ddim(sd, prompt, steps, start, guidance):
 def test_guidance_scale_one_is_the_conditional_prediction_and_skips_the_uncond_batch(sd):
     start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     batch_sizes = []
-    handle = sd.unet.register_forward_pre_hook(lambda module, inputs: batch_sizes.append(inputs[0].shape[0]))
+    handle = sd.unet.register_forward_pre_hook(
+        lambda module, inputs: batch_sizes.append(inputs[0].shape[0])
+    )
     try:
-        got = sd.generate("a circle", steps=4, guidance_scale=1.0, latents=start, output_type="latent")
+        got = sd.generate(
+            "a circle", steps=4, guidance_scale=1.0, latents=start, output_type="latent"
+        )
     finally:
         handle.remove()
     expected = manual_ddim(sd, "a circle", 4, start, lambda x, t, cond: sd.unet(x, t, cond))
@@ -186,14 +282,17 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_skips_the_uncond_b
 
 
 def test_composition_formula(sd):
-    """'A AND B :0.25' follows ε = ε_u + s·Σ wᵢ(εᵢ − ε_u), computed here from separate UNet calls."""
+    """'A AND B :0.25' follows ε = ε_u + s·Σ wᵢ(εᵢ − ε_u), computed here from separate UNet
+    calls."""
     start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
 
     def composed(x, t, _):
         eps = {p: sd.unet(x, t, sd.text_encoder(sd.tokenizer([p]))) for p in ("", "a cat", "a hat")}
         return eps[""] + 6.0 * ((eps["a cat"] - eps[""]) + 0.25 * (eps["a hat"] - eps[""]))
 
-    got = sd.generate("a cat AND a hat :0.25", steps=3, guidance_scale=6.0, latents=start, output_type="latent")
+    got = sd.generate(
+        "a cat AND a hat :0.25", steps=3, guidance_scale=6.0, latents=start, output_type="latent"
+    )
     expected = manual_ddim(sd, "", 3, start, composed)
     assert rel_err(got, expected) <= 1e-5
 
@@ -209,15 +308,32 @@ def test_composition_with_one_part_equals_plain_guidance(sd):
 
 def test_ensemble(sd, eps_refs):
     alone = sd.generate("a cat", steps=3, seed=4, output_type="latent")
-    assert torch.equal(ModelEnsemble([sd], weights=[1.0]).generate("a cat", steps=3, seed=4, output_type="latent"), alone)
+    assert torch.equal(
+        ModelEnsemble([sd], weights=[1.0]).generate("a cat", steps=3, seed=4, output_type="latent"),
+        alone,
+    )
     other = build_references(tiny_config(), seed=5)[0]
     other_alone = other.generate("a cat", steps=3, seed=4, output_type="latent")
-    assert rel_err(ModelEnsemble([sd, other], [0.0, 1.0]).generate("a cat", steps=3, seed=4, output_type="latent"),
-                   other_alone) <= 1e-6
+    assert (
+        rel_err(
+            ModelEnsemble([sd, other], [0.0, 1.0]).generate(
+                "a cat", steps=3, seed=4, output_type="latent"
+            ),
+            other_alone,
+        )
+        <= 1e-6
+    )
     # The per-step mix is linear: an ensemble of a model with itself is that model.
-    assert rel_err(ModelEnsemble([sd, sd]).generate("a cat", steps=3, seed=4, output_type="latent"), alone) <= 1e-5
+    assert (
+        rel_err(
+            ModelEnsemble([sd, sd]).generate("a cat", steps=3, seed=4, output_type="latent"), alone
+        )
+        <= 1e-5
+    )
     with pytest.raises(ValueError, match="latent_scale"):
-        ModelEnsemble([sd, minisd.StableDiffusion(dataclasses.replace(tiny_config(), latent_scale=0.5))])
+        ModelEnsemble(
+            [sd, minisd.StableDiffusion(dataclasses.replace(tiny_config(), latent_scale=0.5))]
+        )
     with pytest.raises(ValueError, match="2 models but 1 weights"):
         ModelEnsemble([sd, other], weights=[1.0])
 
@@ -226,37 +342,72 @@ def test_fully_masked_inpaint_equals_txt2img(sd):
     start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(8))
     txt2img = sd.generate("a cat", steps=4, latents=start, output_type="latent")
     everything = Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8), mode="L")
-    inpainted = sd.generate("a cat", steps=4, latents=start, init_image=random_image(3), mask=everything,
-                            output_type="latent")
+    inpainted = sd.generate(
+        "a cat",
+        steps=4,
+        latents=start,
+        init_image=random_image(3),
+        mask=everything,
+        output_type="latent",
+    )
     assert torch.equal(inpainted, txt2img)
 
 
 def test_empty_mask_returns_the_input(sd):
     image = random_image(4)
     nothing = Image.fromarray(np.zeros((SIZE, SIZE), np.uint8), mode="L")
-    out = sd.generate("a cat", steps=4, seed=3, init_image=image, mask=nothing, output_type="tensor")
-    assert torch.equal(out, torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255)
-    # In latent space the result is the image's own latents: the VAE posterior sample drawn first from the seed.
-    latents = sd.generate("a cat", steps=4, seed=3, init_image=image, mask=nothing, output_type="latent")
+    out = sd.generate(
+        "a cat", steps=4, seed=3, init_image=image, mask=nothing, output_type="tensor"
+    )
+    assert torch.equal(
+        out, torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    )
+    # In latent space the result is the image's own latents: the VAE posterior sample drawn first
+    # from the seed.
+    latents = sd.generate(
+        "a cat", steps=4, seed=3, init_image=image, mask=nothing, output_type="latent"
+    )
     with torch.no_grad():
-        posterior = sd.vae.encode(torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1)
+        posterior = sd.vae.encode(
+            torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+        )
     noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))
-    assert rel_err(latents, sd.config.latent_scale * (posterior.mean + posterior.std * noise)) <= 1e-6
+    assert (
+        rel_err(latents, sd.config.latent_scale * (posterior.mean + posterior.std * noise)) <= 1e-6
+    )
 
 
 def test_callback_sees_every_step_with_diffusers_timesteps(sd):
     diffusers = pytest.importorskip("diffusers")
-    reference = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    reference = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        clip_sample=False,
+    )
     reference.set_timesteps(7)
     calls = []
-    sd.generate("a cat", steps=7, seed=0, output_type="latent",
-                callback=lambda i, t, x, x0: calls.append((i, t, x.shape, x0.shape)))
+    sd.generate(
+        "a cat",
+        steps=7,
+        seed=0,
+        output_type="latent",
+        callback=lambda i, t, x, x0: calls.append((i, t, x.shape, x0.shape)),
+    )
     assert [c[:2] for c in calls] == list(enumerate(reference.timesteps.tolist()))
     assert all(c[2] == c[3] == (1, 4, 16, 16) for c in calls)
     calls.clear()
-    sd.generate("a cat", steps=10, seed=0, init_image=random_image(0), strength=0.6, output_type="latent",
-                callback=lambda i, t, x, x0: calls.append(t))
+    sd.generate(
+        "a cat",
+        steps=10,
+        seed=0,
+        init_image=random_image(0),
+        strength=0.6,
+        output_type="latent",
+        callback=lambda i, t, x, x0: calls.append(t),
+    )
     reference.set_timesteps(10)
     assert calls == reference.timesteps[4:].tolist()
 
@@ -267,27 +418,45 @@ def test_cross_attention_maps(sd):
     first = maps.per_token(image=0)
     assert first.shape == (77, 16, 16)
     assert torch.allclose(first.sum(0), torch.ones(16, 16), atol=1e-5)
-    assert maps.tokens(image=0)[:5] == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+    assert maps.tokens(image=0)[:5] == [
+        "<|startoftext|>",
+        "a</w>",
+        "red</w>",
+        "circle</w>",
+        "<|endoftext|>",
+    ]
     assert maps.tokens(image=1, part=1)[1:3] == ["a</w>", "hat</w>"]
-    assert all(layer.probs_hook is None for layer in sd.unet.modules() if getattr(layer, "is_cross", False))
+    assert all(
+        layer.probs_hook is None for layer in sd.unet.modules() if getattr(layer, "is_cross", False)
+    )
 
 
 def test_emphasis_parsing():
     assert parse_emphasis("a (red:1.3) circle") == [("a ", 1.0), ("red", 1.3), (" circle", 1.0)]
-    assert parse_emphasis("((big)) [dull]") == [("big", pytest.approx(1.21)), (" ", 1.0), ("dull", pytest.approx(1 / 1.1))]
+    assert parse_emphasis("((big)) [dull]") == [
+        ("big", pytest.approx(1.21)),
+        (" ", 1.0),
+        ("dull", pytest.approx(1 / 1.1)),
+    ]
     assert parse_emphasis(r"a \(literal\) smile :)") == [("a (literal) smile :)", 1.0)]
-    # ':0.5)' closes the innermost '(' even across an open '['; the unclosed '[' then applies to the rest.
-    assert parse_emphasis("(a [b:0.5) c") == [("a ", 0.5), ("b", pytest.approx(0.5 / 1.1)), (" c", pytest.approx(1 / 1.1))]
+    # ':0.5)' closes the innermost '(' even across an open '['; the unclosed '[' then applies to the
+    # rest.
+    assert parse_emphasis("(a [b:0.5) c") == [
+        ("a ", 0.5),
+        ("b", pytest.approx(0.5 / 1.1)),
+        (" c", pytest.approx(1 / 1.1)),
+    ]
     assert parse_emphasis("no markup") == [("no markup", 1.0)]
 
 
 def test_emphasis_scales_the_tokens_and_keeps_the_mean(sd):
     from minisd.prompts import encode_prompts
+
     plain, plain_ids = encode_prompts(sd, ["a red circle"])
     weighted, ids = encode_prompts(sd, ["a (red:1.5) circle"])
     assert torch.equal(ids, plain_ids)
     w = torch.ones(77)
-    w[2] = 1.5                                                   # BOS, a, red, …
+    w[2] = 1.5  # BOS, a, red, …
     scale = plain.mean() / (plain[0] * w[:, None]).mean()
     assert torch.allclose(weighted[0], plain[0] * w[:, None] * scale, atol=1e-6)
     assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
@@ -296,40 +465,50 @@ def test_emphasis_scales_the_tokens_and_keeps_the_mean(sd):
 
 
 def test_template(sd):
-    a = sd.generate("cat", template="a photo of {}, detailed", steps=2, seed=1, output_type="latent")
+    a = sd.generate(
+        "cat", template="a photo of {}, detailed", steps=2, seed=1, output_type="latent"
+    )
     b = sd.generate("a photo of cat, detailed", steps=2, seed=1, output_type="latent")
     assert torch.equal(a, b)
 
 
 def test_output_types(sd):
     images = sd.generate(["a", "b"], steps=2, seed=1, num_images=2)
-    assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (SIZE, SIZE) for i in images)
+    assert len(images) == 4 and all(
+        isinstance(i, Image.Image) and i.size == (SIZE, SIZE) for i in images
+    )
     tensor = sd.generate("a", steps=2, seed=1, output_type="tensor", height=16, width=24)
     assert tensor.shape == (1, 3, 16, 24) and 0 <= tensor.min() and tensor.max() <= 1
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(height=30), "height must be a multiple of 8"),
-    (dict(width=0), "width must be >= 1"),
-    (dict(steps=0), "steps must be in"),
-    (dict(steps=2.5), "steps must be an integer"),
-    (dict(strength=1.5, init_image="x"), "strength must be in"),
-    (dict(sampler="euler"), "unknown sampler"),
-    (dict(eta=2.0), "eta must be in"),
-    (dict(sampler="ddpm", eta=0.5), "DDIM sampler only"),
-    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
-    (dict(prompt=3), "prompt must be a string"),
-    (dict(prompt=["a", 2]), "prompt must be a string"),
-    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative_prompt has 3 entries"),
-    (dict(output_type="numpy"), "unknown output_type"),
-    (dict(mask=Image.new("L", (SIZE, SIZE))), "needs the image"),
-    (dict(init_image=Image.new("RGB", (32, 32)), mask=Image.new("L", (16, 32))), "must have the same size"),
-    (dict(init_image=Image.new("RGB", (30, 30))), "height must be a multiple of 8"),
-    (dict(latents=torch.zeros(1, 4, 8, 8)), "latents must be a tensor of shape"),
-    (dict(seed=-1), "seed must be"),
-    (dict(seed=[1, 2]), "2 seeds/generators for 1 images"),
-    (dict(template="no slot"), "template must be a string containing"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=30), "height must be a multiple of 8"),
+        (dict(width=0), "width must be >= 1"),
+        (dict(steps=0), "steps must be in"),
+        (dict(steps=2.5), "steps must be an integer"),
+        (dict(strength=1.5, init_image="x"), "strength must be in"),
+        (dict(sampler="euler"), "unknown sampler"),
+        (dict(eta=2.0), "eta must be in"),
+        (dict(sampler="ddpm", eta=0.5), "DDIM sampler only"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt=["a", 2]), "prompt must be a string"),
+        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative_prompt has 3 entries"),
+        (dict(output_type="numpy"), "unknown output_type"),
+        (dict(mask=Image.new("L", (SIZE, SIZE))), "needs the image"),
+        (
+            dict(init_image=Image.new("RGB", (32, 32)), mask=Image.new("L", (16, 32))),
+            "must have the same size",
+        ),
+        (dict(init_image=Image.new("RGB", (30, 30))), "height must be a multiple of 8"),
+        (dict(latents=torch.zeros(1, 4, 8, 8)), "latents must be a tensor of shape"),
+        (dict(seed=-1), "seed must be"),
+        (dict(seed=[1, 2]), "2 seeds/generators for 1 images"),
+        (dict(template="no slot"), "template must be a string containing"),
+    ],
+)
 def test_bad_arguments_give_clear_errors(sd, kwargs, message):
     kwargs = {"prompt": "a cat", "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -345,9 +524,11 @@ def test_unreadable_init_image(sd, tmp_path):
 
 
 def test_plain_cpu_convolutions_only_for_small_latents_and_restored_afterwards():
-    """The CPU speed switch of the denoising loop: on for tiny latents, off for SD-sized ones, always restored,
-    and the convolution it selects computes the same thing as oneDNN's (to float rounding)."""
+    """The CPU speed switch of the denoising loop: on for tiny latents, off for SD-sized ones,
+    always restored, and the convolution it selects computes the same thing as oneDNN's (to float
+    rounding)."""
     from minisd.pipeline import plain_convolutions_for_small_latents
+
     assert torch.backends.mkldnn.enabled
     with plain_convolutions_for_small_latents(torch.zeros(2, 4, 8, 8)):
         assert not torch.backends.mkldnn.enabled
@@ -355,7 +536,8 @@ def test_plain_cpu_convolutions_only_for_small_latents_and_restored_afterwards()
         plain = F.conv2d(x, w, padding=1)
     assert torch.backends.mkldnn.enabled
     reference = F.conv2d(x, w, padding=1)
-    assert float((plain - reference).abs().max() / reference.abs().max()) < 1e-6  # sums of 576 products: rounding only
+    # sums of 576 products: rounding only
+    assert float((plain - reference).abs().max() / reference.abs().max()) < 1e-6
     with plain_convolutions_for_small_latents(torch.zeros(1, 4, 64, 64)):
         assert torch.backends.mkldnn.enabled
     with pytest.raises(RuntimeError):

@@ -1,7 +1,9 @@
-"""Noise schedules and the DDIM / DDPM samplers, checked against diffusers and against the math they implement.
+"""Noise schedules and the DDIM / DDPM samplers, checked against diffusers and against the math they
+implement.
 
-Reference: diffusers' DDIMScheduler / DDPMScheduler configured as Stable Diffusion ships them. Without diffusers the
-fixture tests still replay trajectories that diffusers computed (tests/fixtures/make_scheduler_fixture.py).
+Reference: diffusers' DDIMScheduler / DDPMScheduler configured as Stable Diffusion ships them.
+Without diffusers the fixture tests still replay trajectories that diffusers computed
+(tests/fixtures/make_scheduler_fixture.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,13 @@ from minisd.ddpm import DDPMSampler
 from minisd.schedule import NoiseSchedule, ScheduleConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scheduler_reference.safetensors"
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+SD = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    steps_offset=1,
+)
 KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 TOL = dict(rtol=1e-6, atol=1e-6)
 
@@ -29,7 +37,8 @@ def schedule(prediction_type="epsilon", kind="scaled_linear"):
 
 
 def toy_model(x, t):
-    """A deterministic stand-in for the UNet: output depends on x and t, so errors would feed back along the chain."""
+    """A deterministic stand-in for the UNet: output depends on x and t, so errors would feed back
+    along the chain."""
     return torch.sin(1.3 * x + 0.002 * float(t)) + 0.3 * x
 
 
@@ -38,12 +47,15 @@ def diffusers():
     return pytest.importorskip("diffusers")
 
 
-# --------------------------------------------------------------------------------------------------- against diffusers
+# ---------------------------------------------------------------------------------------------------
+# against diffusers
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_alphas_cumprod_match_diffusers(diffusers, kind):
-    reference = diffusers.DDIMScheduler(beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012)
+    reference = diffusers.DDIMScheduler(
+        beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012
+    )
     mine = schedule(kind=kind)
     torch.testing.assert_close(mine.betas, reference.betas, rtol=1e-6, atol=0)
     torch.testing.assert_close(mine.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6, atol=0)
@@ -61,8 +73,10 @@ def test_timesteps_match_diffusers_for_every_step_count(diffusers, spacing, step
         for reference in (ddim, ddpm) if n in (10, 50, 61, 1000) else (ddim,):
             reference.set_timesteps(n)
             theirs = reference.timesteps
-            if len(theirs) == n + 1:  # diffusers' np.arange overshoots for some N ("trailing", e.g. N=61) ...
-                assert spacing == "trailing" and theirs[-1] == -1  # ... with an invalid t = −1 that we drop
+            # diffusers' np.arange overshoots for some N ("trailing", e.g. N=61) ...
+            if len(theirs) == n + 1:
+                # ... with an invalid t = −1 that we drop
+                assert spacing == "trailing" and theirs[-1] == -1
                 theirs = theirs[:n]
             assert torch.equal(ours, theirs), (spacing, steps_offset, n)
 
@@ -72,14 +86,17 @@ def test_sd_leading_timesteps(diffusers):
 
 
 def _diffusers_prev_agrees(timesteps, num_steps):
-    """diffusers' DDIM steps to t − T//N; ours to the next listed timestep. Compare only where those coincide."""
+    """diffusers' DDIM steps to t − T//N; ours to the next listed timestep. Compare only where those
+    coincide."""
     ours = timesteps[1:].tolist() + [-1]
     theirs = [t - 1000 // num_steps for t in timesteps.tolist()]
     return all(p == q or (p == -1 and q < 0) for p, q in zip(ours, theirs))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("spacing,num_steps", [("leading", 10), ("leading", 50), ("trailing", 50), ("trailing", 1000)])
+@pytest.mark.parametrize(
+    "spacing,num_steps", [("leading", 10), ("leading", 50), ("trailing", 50), ("trailing", 1000)]
+)
 def test_ddim_trajectory_matches_diffusers(diffusers, prediction_type, spacing, num_steps):
     for eta in (0.0, 0.5, 1.0):
         sampler = DDIMSampler(schedule(prediction_type), num_steps, eta=eta, spacing=spacing)
@@ -111,7 +128,8 @@ def test_ddpm_trajectory_matches_diffusers(diffusers, prediction_type, num_steps
     assert torch.equal(sampler.timesteps, reference.timesteps)
 
     x = x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    # Same seed on both sides: the chains agree only if both draw the same noise at the same steps (t > 0).
+    # Same seed on both sides: the chains agree only if both draw the same noise at the same steps
+    # (t > 0).
     gen, gen_ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for t in sampler.timesteps:
         ours = sampler.step(toy_model(x, t), t, x, generator=gen)
@@ -124,13 +142,19 @@ def test_ddpm_trajectory_matches_diffusers(diffusers, prediction_type, num_steps
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_q_sample_and_v_target_match_add_noise_and_get_velocity(diffusers, kind):
-    reference = diffusers.DDPMScheduler(beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012)
+    reference = diffusers.DDPMScheduler(
+        beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012
+    )
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
     mine = schedule(kind=kind)
-    torch.testing.assert_close(mine.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), **TOL)
-    torch.testing.assert_close(mine.v_target(x0, noise, t), reference.get_velocity(x0, noise, t), **TOL)
+    torch.testing.assert_close(
+        mine.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), **TOL
+    )
+    torch.testing.assert_close(
+        mine.v_target(x0, noise, t), reference.get_velocity(x0, noise, t), **TOL
+    )
 
 
 def test_img2img_timesteps_match_pipeline_rule(diffusers):
@@ -140,10 +164,17 @@ def test_img2img_timesteps_match_pipeline_rule(diffusers):
         sampler = DDIMSampler(schedule(), num_steps, spacing=spacing)
         reference = diffusers.DDIMScheduler(**SD, set_alpha_to_one=False, timestep_spacing=spacing)
         reference.set_timesteps(num_steps)
-        pipeline = SimpleNamespace(scheduler=reference)  # get_timesteps only reads pipeline.scheduler
+        # get_timesteps only reads pipeline.scheduler
+        pipeline = SimpleNamespace(scheduler=reference)
         for strength in (0.0, 0.01, 0.3, 0.5, 0.75, 0.99, 1.0):
-            expected, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipeline, num_steps, strength, "cpu")
-            assert torch.equal(sampler.timesteps_for_strength(strength), expected), (spacing, num_steps, strength)
+            expected, _ = StableDiffusionImg2ImgPipeline.get_timesteps(
+                pipeline, num_steps, strength, "cpu"
+            )
+            assert torch.equal(sampler.timesteps_for_strength(strength), expected), (
+                spacing,
+                num_steps,
+                strength,
+            )
 
 
 def test_snr_matches_diffusers_training_utils(diffusers):
@@ -156,7 +187,8 @@ def test_snr_matches_diffusers_training_utils(diffusers):
     assert bool((snr[1:] < snr[:-1]).all()), "SNR must fall as t grows"
 
 
-# ---------------------------------------------------------------------------------------- fixture (no diffusers needed)
+# ---------------------------------------------------------------------------------------- fixture
+# (no diffusers needed)
 
 
 def _load_fixture():
@@ -177,20 +209,30 @@ def test_fixture_trajectories():
     for name, case in cases.items():
         sched = schedule(case["prediction_type"])
         if case["sampler"] == "ddim":
-            sampler = DDIMSampler(sched, case["num_steps"], eta=case["eta"], spacing=case["spacing"])
+            sampler = DDIMSampler(
+                sched, case["num_steps"], eta=case["eta"], spacing=case["spacing"]
+            )
         else:
             sampler = DDPMSampler(sched, case["num_steps"], spacing=case["spacing"])
         assert torch.equal(sampler.timesteps, tensors[f"{name}.timesteps"]), name
         x = tensors[f"{name}.x_T"]
         for i, t in enumerate(sampler.timesteps):
-            out = sampler.step(tensors[f"{name}.model_outputs"][i], t, x, variance_noise=tensors[f"{name}.noise"][i])
+            out = sampler.step(
+                tensors[f"{name}.model_outputs"][i],
+                t,
+                x,
+                variance_noise=tensors[f"{name}.noise"][i],
+            )
             where = lambda message: f"{name}, step {i}: {message}"  # noqa: E731
             torch.testing.assert_close(out.pred_x0, tensors[f"{name}.pred_x0"][i], **TOL, msg=where)
-            torch.testing.assert_close(out.prev_sample, tensors[f"{name}.prev_samples"][i], **TOL, msg=where)
+            torch.testing.assert_close(
+                out.prev_sample, tensors[f"{name}.prev_samples"][i], **TOL, msg=where
+            )
             x = out.prev_sample
 
 
-# ------------------------------------------------------------------------------------ properties the chapters teach
+# ------------------------------------------------------------------------------------ properties
+# the chapters teach
 
 
 def test_ddim_eta0_is_deterministic_and_draws_no_noise():
@@ -209,7 +251,8 @@ def test_ddim_eta0_is_deterministic_and_draws_no_noise():
 
 
 def _bayes_posterior_closed_form(x0, x_t, a_t, a_prev):
-    """q(x_prev | x_t, x0) ∝ q(x_t | x_prev) q(x_prev | x0), a product of two Gaussians in x_prev (float64).
+    """q(x_prev | x_t, x0) ∝ q(x_t | x_prev) q(x_prev | x0), a product of two Gaussians in x_prev
+    (float64).
 
     q(x_t | x_prev) = N(√α' x_prev, β'),   α' = ᾱ_t / ᾱ_prev, β' = 1 − α'   → in x_prev: precision α'/β'
     q(x_prev | x0)  = N(√ᾱ_prev x0, 1 − ᾱ_prev)
@@ -218,7 +261,9 @@ def _bayes_posterior_closed_form(x0, x_t, a_t, a_prev):
     alpha_step = a_t / a_prev
     beta_step = 1 - alpha_step
     precision = alpha_step / beta_step + 1 / (1 - a_prev)
-    mean = (math.sqrt(alpha_step) * x_t / beta_step + math.sqrt(a_prev) * x0 / (1 - a_prev)) / precision
+    mean = (
+        math.sqrt(alpha_step) * x_t / beta_step + math.sqrt(a_prev) * x0 / (1 - a_prev)
+    ) / precision
     return mean, 1 / precision
 
 
@@ -230,29 +275,38 @@ def test_ddpm_posterior_is_bayes_of_two_gaussians(num_steps):
     x0 = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     timesteps = sampler.timesteps.tolist()
     for t, prev in zip(timesteps[:-1], timesteps[1:]):
-        x_t = sampler.schedule.q_sample(x0, t, torch.randn(2, 3, generator=gen, dtype=torch.float64))
+        x_t = sampler.schedule.q_sample(
+            x0, t, torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        )
         mean, variance = sampler.posterior(x0, x_t, t)
         expected_mean, expected_variance = _bayes_posterior_closed_form(
             x0, x_t, alphas_cumprod[t].item(), alphas_cumprod[prev].item()
         )
         torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-12)
         assert math.isclose(variance.item(), expected_variance, rel_tol=1e-9)
-    # after the last timestep ᾱ_prev = 1: the posterior collapses onto x0 (variance clamped to 1e-20)
+    # after the last timestep ᾱ_prev = 1: the posterior collapses onto x0 (variance clamped to
+    # 1e-20)
     mean, variance = sampler.posterior(x0, x0 + 1.0, timesteps[-1])
     torch.testing.assert_close(mean, x0)
     assert variance.item() == pytest.approx(1e-20)
 
 
 def test_ddpm_posterior_matches_numerical_bayes_on_a_grid():
-    """The same posterior with no algebra at all: multiply the two densities on a fine 1-D grid and take moments."""
+    """The same posterior with no algebra at all: multiply the two densities on a fine 1-D grid and
+    take moments."""
     sampler = DDPMSampler(schedule(), 50)
     alphas_cumprod = sampler.schedule.alphas_cumprod.double()
     for t, x0, x_t in [(981, 0.7, -0.4), (501, -1.2, 0.3), (41, 0.5, 0.55), (21, 0.0, 0.1)]:
         prev = sampler.previous_timestep(t)
         a_t, a_prev = alphas_cumprod[t].item(), alphas_cumprod[prev].item()
         alpha_step = a_t / a_prev
-        lik_std = math.sqrt((1 - alpha_step) / alpha_step)  # width of q(x_t | x_prev) as a function of x_prev
-        grid = torch.linspace(-8, 8, 400_001, dtype=torch.float64) * max(lik_std, math.sqrt(1 - a_prev)) + x_t
+        # width of q(x_t | x_prev) as a function of x_prev
+        lik_std = math.sqrt((1 - alpha_step) / alpha_step)
+        grid = (
+            torch.linspace(-8, 8, 400_001, dtype=torch.float64)
+            * max(lik_std, math.sqrt(1 - a_prev))
+            + x_t
+        )
         log_density = -((x_t - math.sqrt(alpha_step) * grid) ** 2) / (2 * (1 - alpha_step)) - (
             (grid - math.sqrt(a_prev) * x0) ** 2
         ) / (2 * (1 - a_prev))
@@ -311,7 +365,8 @@ def test_ddim_with_perfect_oracle_recovers_x0(prediction_type):
         out = sampler.step(oracle(x, t), t, x)
         torch.testing.assert_close(out.pred_x0, x0, rtol=0, atol=1e-9)
         x = out.prev_sample
-    # η = 0 keeps the same ε all the way down; SD's last step lands on ᾱ₀ (not 1), so a trace of it remains
+    # η = 0 keeps the same ε all the way down; SD's last step lands on ᾱ₀ (not 1), so a trace of it
+    # remains
     torch.testing.assert_close(x, sched.q_sample(x0, 0, noise), rtol=0, atol=1e-9)
 
 
@@ -322,7 +377,8 @@ def test_img2img_strength_examples():
     assert sampler.timesteps_for_strength(0.0).tolist() == []
 
 
-# ------------------------------------------------------------------------------------------------------ bad input
+# ------------------------------------------------------------------------------------------------------
+# bad input
 
 
 def test_validation_messages():
@@ -348,7 +404,9 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="t=980 is not one of this sampler's timesteps"):
         DDIMSampler(sched, 50).step(x, 980, x)
     with pytest.raises(ValueError, match="either generator or variance_noise"):
-        DDIMSampler(sched, 50, eta=1.0).step(x, 981, x, generator=torch.Generator(), variance_noise=x)
+        DDIMSampler(sched, 50, eta=1.0).step(
+            x, 981, x, generator=torch.Generator(), variance_noise=x
+        )
     with pytest.raises(ValueError, match="timesteps must be in \\[0, 999\\]"):
         sched.q_sample(x, torch.tensor([1000]), x)
     with pytest.raises(ValueError, match="same shape"):

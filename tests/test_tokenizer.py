@@ -1,8 +1,9 @@
-"""minisd.tokenizer against OpenAI CLIP's SimpleTokenizer (the copy in open_clip_torch, loaded by file path).
+"""minisd.tokenizer against OpenAI CLIP's SimpleTokenizer (the copy in open_clip_torch, loaded by
+file path).
 
-Exact id equality on a few thousand strings (hand-written edge cases, generated prompts, hypothesis text), the
-[B, 77] batch against open_clip's `tokenize` rule, decode round trips, and a stored fixture of reference ids that
-is checked even where open_clip_torch is not installed.
+Exact id equality on a few thousand strings (hand-written edge cases, generated prompts, hypothesis
+text), the [B, 77] batch against open_clip's `tokenize` rule, decode round trips, and a stored
+fixture of reference ids that is checked even where open_clip_torch is not installed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from minisd.tokenizer import CLIPTokenizer, clean_text
 FIXTURES = Path(__file__).with_name("fixtures")
 BOS, EOS = 49406, 49407
 
-# The pre-tokenizer regex as the spec states it, compiled here so the decode property does not lean on minisd's copy.
+# The pre-tokenizer regex as the spec states it, compiled here so the decode property does not lean
+# on minisd's copy.
 SPEC_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
@@ -36,13 +38,16 @@ SPEC_PATTERN = regex.compile(
 
 
 def _load_fixture_script():
-    spec = importlib.util.spec_from_file_location("make_tokenizer_fixture", FIXTURES / "make_tokenizer_fixture.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tokenizer_fixture", FIXTURES / "make_tokenizer_fixture.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fixture_script = _load_fixture_script()  # string generators and the reference loader; imports no open_clip by itself
+# string generators and the reference loader; imports no open_clip by itself
+fixture_script = _load_fixture_script()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,8 @@ def ref(ref_module):
 
 
 def reference_batch(ref, texts, context_length=77):
-    """open_clip's `tokenize` rule, built from SimpleTokenizer.encode: sot + ids + eot, cut with eot last, pad 0."""
+    """open_clip's `tokenize` rule, built from SimpleTokenizer.encode: sot + ids + eot, cut with eot
+    last, pad 0."""
     batch = torch.zeros(len(texts), context_length, dtype=torch.long)
     for row, text in enumerate(texts):
         ids = [ref.sot_token_id] + ref.encode(text) + [ref.eot_token_id]
@@ -81,7 +87,8 @@ def reference_batch(ref, texts, context_length=77):
 
 
 def assert_same_ids(ours, ref, ref_module, texts):
-    """Exact id equality for every text (special-token literals excluded, see SPECIAL_LITERALS); returns the count."""
+    """Exact id equality for every text (special-token literals excluded, see SPECIAL_LITERALS);
+    returns the count."""
     compared, mismatches = 0, []
     for text in texts:
         if fixture_script.has_special_literal(ref_module, text):
@@ -95,27 +102,36 @@ def assert_same_ids(ours, ref, ref_module, texts):
 
 
 def expected_decoding(ref_module, text):
-    """What decode(encode(text)) must give: the cleaned text's regex pieces joined by single spaces."""
+    """What decode(encode(text)) must give: the cleaned text's regex pieces joined by single
+    spaces."""
     return " ".join(SPEC_PATTERN.findall(fixture_script.reference_clean(ref_module, text)))
 
 
 def generated_strings(ref_module):
     rng = random.Random(20240611)
-    return (fixture_script.prompt_combinations()
-            + fixture_script.vocab_walk_strings(ref_module, rng, 800)
-            + fixture_script.random_unicode_strings(rng, 800))
+    return (
+        fixture_script.prompt_combinations()
+        + fixture_script.vocab_walk_strings(ref_module, rng, 800)
+        + fixture_script.random_unicode_strings(rng, 800)
+    )
 
 
-# ---------------------------------------------------------------- without open_clip: the stored fixture
+# ---------------------------------------------------------------- without open_clip: the stored
+# fixture
 
 
 def test_fixture_ids(sd1):
     fixture = json.loads((FIXTURES / "tokenizer_reference.json").read_text())
     assert len(fixture["cases"]) >= 250
-    mismatches = [(c["text"], c["ids"], sd1.encode(c["text"])) for c in fixture["cases"]
-                  if sd1.encode(c["text"]) != c["ids"]]
-    assert not mismatches, (f"{len(mismatches)} of {len(fixture['cases'])} differ (fixture made with "
-                            f"{fixture['versions']}); first: {mismatches[:3]}")
+    mismatches = [
+        (c["text"], c["ids"], sd1.encode(c["text"]))
+        for c in fixture["cases"]
+        if sd1.encode(c["text"]) != c["ids"]
+    ]
+    assert not mismatches, (
+        f"{len(mismatches)} of {len(fixture['cases'])} differ (fixture made with "
+        f"{fixture['versions']}); first: {mismatches[:3]}"
+    )
 
 
 def test_fixture_rows_with_both_pad_ids(sd1, sd2):
@@ -131,14 +147,18 @@ def test_fixture_rows_with_both_pad_ids(sd1, sd2):
     assert torch.equal(ours_sd1, torch.where(after_eos, EOS, rows))
 
 
-# ---------------------------------------------------------------- exact ids against open_clip's SimpleTokenizer
+# ---------------------------------------------------------------- exact ids against open_clip's
+# SimpleTokenizer
 
 
 def test_vocabulary_and_merges_match_reference(sd1, ref):
     assert sd1.vocab_size == ref.vocab_size == 49408
-    assert (sd1.bos_token_id, sd1.eos_token_id) == (ref.sot_token_id, ref.eot_token_id) == (BOS, EOS)
+    assert (
+        (sd1.bos_token_id, sd1.eos_token_id) == (ref.sot_token_id, ref.eot_token_id) == (BOS, EOS)
+    )
     assert sd1.model_max_length == 77
-    # every id below the specials names the same token (the specials are spelled differently, see SPECIAL_LITERALS)
+    # every id below the specials names the same token (the specials are spelled differently, see
+    # SPECIAL_LITERALS)
     assert sd1.id_to_token[:BOS] == [ref.decoder[i] for i in range(BOS)]
     assert sd1.merge_rank == ref.bpe_ranks
     assert sd1.byte_to_symbol == ref.byte_encoder
@@ -146,7 +166,10 @@ def test_vocabulary_and_merges_match_reference(sd1, ref):
 
 def test_shipped_vocab_file_is_openais(ref_module):
     shipped = tokenizer_module.DEFAULT_VOCAB_FILE.read_bytes()
-    assert hashlib.sha256(shipped).digest() == hashlib.sha256(Path(ref_module.default_bpe()).read_bytes()).digest()
+    assert (
+        hashlib.sha256(shipped).digest()
+        == hashlib.sha256(Path(ref_module.default_bpe()).read_bytes()).digest()
+    )
     licence = (tokenizer_module.DEFAULT_VOCAB_FILE.parent / "LICENSE-CLIP-BPE.txt").read_text()
     assert "Copyright (c) 2021 OpenAI" in licence and "MIT License" in licence
 
@@ -156,7 +179,9 @@ def test_hand_written_strings(sd1, ref, ref_module):
 
 
 def test_fixture_strings_live(sd1, ref, ref_module):
-    texts = [c["text"] for c in json.loads((FIXTURES / "tokenizer_reference.json").read_text())["cases"]]
+    texts = [
+        c["text"] for c in json.loads((FIXTURES / "tokenizer_reference.json").read_text())["cases"]
+    ]
     assert assert_same_ids(sd1, ref, ref_module, texts) == len(texts)
 
 
@@ -164,7 +189,9 @@ def test_generated_strings(sd1, ref, ref_module):
     assert assert_same_ids(sd1, ref, ref_module, generated_strings(ref_module)) >= 2000
 
 
-@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(text=st.text())
 def test_random_text(sd1, ref, ref_module, text):
     assume(not fixture_script.has_special_literal(ref_module, text))
@@ -175,11 +202,14 @@ def test_random_text(sd1, ref, ref_module, text):
 
 
 PROMPT_ALPHABET = st.sampled_from(
-    list("abcdefghijklmnopqrstuvwxyz ABCXYZ0189 ,.;:!?'\"()[]-_&#é漢🐱\t\n") + ["&amp;", "&#39;", "'s", "'ll", "  "]
+    list("abcdefghijklmnopqrstuvwxyz ABCXYZ0189 ,.;:!?'\"()[]-_&#é漢🐱\t\n")
+    + ["&amp;", "&#39;", "'s", "'ll", "  "]
 )
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(pieces=st.lists(PROMPT_ALPHABET, max_size=40))
 def test_random_prompt_like_text(sd1, sd2, ref, ref_module, pieces):
     text = "".join(pieces)
@@ -204,7 +234,8 @@ def test_batch_pad0_matches_open_clip_tokenize(sd2, ref, ref_module):
     expected = reference_batch(ref, texts)
     assert ours.dtype == torch.long and ours.shape == (len(texts), 77)
     assert torch.equal(ours, expected)
-    assert torch.equal(ours, ref(texts))  # open_clip's own __call__ agrees with the rule rebuilt above
+    # open_clip's own __call__ agrees with the rule rebuilt above
+    assert torch.equal(ours, ref(texts))
 
 
 def test_batch_pad_eos_has_eos_tail(sd1, sd2, ref_module):
@@ -231,7 +262,10 @@ def test_truncation_keeps_eos_and_warns(sd1, sd2, ref):
     prompt = fixture_script.LONG_PROMPT
     ref_ids = ref.encode(prompt)
     assert len(ref_ids) > 75
-    with pytest.warns(UserWarning, match=rf"dropped its last {len(ref_ids) - 75} token\(s\).*a highly detailed matte"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"dropped its last {len(ref_ids) - 75} token\(s\).*a highly detailed matte",
+    ):
         row = sd2(prompt)[0]
     assert row.tolist() == [BOS] + ref_ids[:75] + [EOS]
     with pytest.warns(UserWarning, match=r"dropped its last 1 token\(s\)"):
@@ -246,23 +280,36 @@ def test_truncation_keeps_eos_and_warns(sd1, sd2, ref):
 
 
 def test_decode_round_trip_matches_reference(sd1, ref, ref_module):
-    texts = [t for t in fixture_script.HAND_WRITTEN + generated_strings(ref_module)
-             if not fixture_script.has_special_literal(ref_module, t)]
+    texts = [
+        t
+        for t in fixture_script.HAND_WRITTEN + generated_strings(ref_module)
+        if not fixture_script.has_special_literal(ref_module, t)
+    ]
     for text in texts:
         decoded = sd1.decode(sd1.encode(text))
-        assert decoded == ref.decode(ref.encode(text)).strip() == expected_decoding(ref_module, text), text
+        assert (
+            decoded == ref.decode(ref.encode(text)).strip() == expected_decoding(ref_module, text)
+        ), text
 
 
 def test_decode_of_ordinary_prompts_is_the_cleaned_text(sd1, ref_module):
-    # cleaned text made of letter words and spaces: one regex piece per word, so the pieces joined by spaces are
-    # exactly the cleaned text (punctuation or digits would come back space-separated: "a cat, 42" -> "a cat , 4 2").
-    # The test is on the cleaned text: lowercasing can make a mark, "İ".lower() == "i" + U+0307, a piece of its own.
+    # cleaned text made of letter words and spaces: one regex piece per word, so the pieces joined
+    # by spaces are exactly the cleaned text (punctuation or digits would come back space-separated:
+    # "a cat, 42" -> "a cat , 4 2"). The test is on the cleaned text: lowercasing can make a mark,
+    # "İ".lower() == "i" + U+0307, a piece of its own.
     only_letters = regex.compile(r"[\p{L} ]*")
-    texts = [t for t in fixture_script.HAND_WRITTEN + fixture_script.prompt_combinations()
-             if only_letters.fullmatch(fixture_script.reference_clean(ref_module, t))]
+    texts = [
+        t
+        for t in fixture_script.HAND_WRITTEN + fixture_script.prompt_combinations()
+        if only_letters.fullmatch(fixture_script.reference_clean(ref_module, t))
+    ]
     assert len(texts) >= 30
     for text in texts:
-        assert sd1.decode(sd1.encode(text)) == clean_text(text) == fixture_script.reference_clean(ref_module, text)
+        assert (
+            sd1.decode(sd1.encode(text))
+            == clean_text(text)
+            == fixture_script.reference_clean(ref_module, text)
+        )
 
 
 def test_decode_drops_specials_and_padding(sd1, sd2):
@@ -283,12 +330,13 @@ def test_decode_rejects_bad_ids(sd1):
         sd1.decode(sd1(["a", "b"]))  # 2-D
 
 
-# ---------------------------------------------------------------- special-token literals (OpenAI's spelling)
+# ---------------------------------------------------------------- special-token literals (OpenAI's
+# spelling)
 
 
 def test_special_token_literals_follow_openai(sd1, ref):
-    # OpenAI's tokenizer turns a typed "<|endoftext|>" into the EOS id; open_clip's copy renamed its specials to
-    # <start_of_text>/<end_of_text>, which minisd treats as ordinary text.
+    # OpenAI's tokenizer turns a typed "<|endoftext|>" into the EOS id; open_clip's copy renamed its
+    # specials to <start_of_text>/<end_of_text>, which minisd treats as ordinary text.
     assert sd1.encode("<|startoftext|>") == [BOS] and sd1.encode("<|ENDOFTEXT|>") == [EOS]
     assert sd1.encode("A cat <|endoftext|>dog") == ref.encode("a cat") + [EOS] + ref.encode("dog")
     assert sd1.encode("<start_of_text>") == ref.encode("< start _ of _ text >")
@@ -298,16 +346,29 @@ def test_special_token_literals_follow_openai(sd1, ref):
 
 
 def test_bpe_steps_are_reference_merges_in_rank_order(sd1, ref):
-    for word in ["photographer", "antidisestablishmentarianism", "astronaut", "a", "lll", "zzzzzzzz", "ãé"]:
+    for word in [
+        "photographer",
+        "antidisestablishmentarianism",
+        "astronaut",
+        "a",
+        "lll",
+        "zzzzzzzz",
+        "ãé",
+    ]:
         steps = sd1.bpe_steps(word)
         assert steps[0] == (*word[:-1], word[-1] + "</w>")
         assert steps[-1] == sd1.bpe(word) == tuple(ref.bpe(word).split(" "))
         ranks = []
         for before, after in zip(steps, steps[1:]):
             assert "".join(before) == "".join(after) and len(after) < len(before)
-            merged = [pair for pair in zip(before, before[1:]) if "".join(pair) in after and pair in ref.bpe_ranks]
+            merged = [
+                pair
+                for pair in zip(before, before[1:])
+                if "".join(pair) in after and pair in ref.bpe_ranks
+            ]
             ranks.append(min(ref.bpe_ranks[pair] for pair in merged))
-        assert ranks == sorted(ranks)  # lowest rank first, and a merge never enables an earlier-ranked one
+        # lowest rank first, and a merge never enables an earlier-ranked one
+        assert ranks == sorted(ranks)
     assert sd1.bpe_steps("<|endoftext|>") == [("<|endoftext|>",)]
 
 
@@ -343,5 +404,16 @@ def test_imports_only_allowed_libraries():
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "gzip", "html", "operator", "warnings", "functools", "pathlib", "typing",
-                        "ftfy", "regex", "torch"}, imported
+    assert imported <= {
+        "__future__",
+        "gzip",
+        "html",
+        "operator",
+        "warnings",
+        "functools",
+        "pathlib",
+        "typing",
+        "ftfy",
+        "regex",
+        "torch",
+    }, imported

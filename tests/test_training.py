@@ -1,4 +1,5 @@
-"""Training, resuming, refusing bad input, DDP, LoRA, and the bundled model's prompt fidelity (all on the CPU)."""
+"""Training, resuming, refusing bad input, DDP, LoRA, and the bundled model's prompt fidelity (all
+on the CPU)."""
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,16 @@ import minisd
 from minisd.train import training as T
 from minisd.__main__ import main as cli
 from minisd.config import tiny
-from minisd.train.lora import (LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter,
-                         unmerge_lora)
+from minisd.train.lora import (
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from minisd.pipeline import noise_schedule
 from minisd.train.train_ldm import Denoiser, diffusion_loss
 from minisd.train.train_vae import Reconstruct, vae_loss
@@ -40,32 +49,65 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vae")
-    assert cli(["train-vae", "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch-size", "4",
-                "--pool-size", "16", *QUIET]) == 0
+    assert (
+        cli(
+            [
+                "train-vae",
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--pool-size",
+                "16",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     return out / "vae.safetensors"
 
 
 def train_args(vae: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["train", "--vae", str(vae), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
-            "--pool-size", "16", "--warmup", "100", *QUIET, *extra]
+    return [
+        "train",
+        "--vae",
+        str(vae),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--pool-size",
+        "16",
+        "--warmup",
+        "100",
+        *QUIET,
+        *extra,
+    ]
 
 
 def folder_state(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
 
 
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weighting_matches_its_formula(prediction_type):
-    """Min-SNR-γ: each example's squared error times min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR + 1) (v),
-    with SNR from ᾱ computed here from the β schedule's definition, not from minisd's schedule."""
+    """Min-SNR-γ: each example's squared error times min(SNR, γ)/SNR (ε) or min(SNR, γ)/(SNR + 1)
+    (v), with SNR from ᾱ computed here from the β schedule's definition, not from minisd's
+    schedule."""
     torch.manual_seed(0)
     sd = minisd.StableDiffusion(tiny(prediction_type=prediction_type))
     denoiser, schedule = Denoiser(sd), noise_schedule(sd)
     z0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([1, 200, 600, 999])
     ids = sd.tokenizer(["a red circle", "", "a blue square", "a green triangle"])
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled-linear, as SD
+    # scaled-linear, as SD
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)[t]
     snr = alpha_bar / (1 - alpha_bar)
     a = alpha_bar.reshape(-1, 1, 1, 1).float()
@@ -79,10 +121,12 @@ def test_min_snr_weighting_matches_its_formula(prediction_type):
         plain = diffusion_loss(denoiser, schedule, z0, t, eps, ids)
     assert abs(float(got) - float(expected)) <= 1e-5 * float(expected)
     assert abs(float(plain) - float(errors.mean())) <= 1e-5 * float(plain)
-    assert float(weight[0]) < 0.01 and abs(float(got) - float(plain)) > 1e-3 * float(plain)  # the weights matter
+    # the weights matter
+    assert float(weight[0]) < 0.01 and abs(float(got) - float(plain)) > 1e-3 * float(plain)
 
 
 # ---------------------------------------------------------------- the losses go down
+
 
 def test_diffusion_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
@@ -135,13 +179,20 @@ def test_ema_follows_the_average():
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_vae, tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     assert cli(train_args(tiny_vae, interrupted, 2)) == 0
-    assert cli(train_args(tiny_vae, interrupted, 4, "--resume", str(interrupted / "checkpoint.pt"))) == 0
+    assert (
+        cli(train_args(tiny_vae, interrupted, 4, "--resume", str(interrupted / "checkpoint.pt")))
+        == 0
+    )
     assert cli(train_args(tiny_vae, straight, 4)) == 0
 
-    resumed, reference = T.read_loss_log(interrupted / "loss.jsonl"), T.read_loss_log(straight / "loss.jsonl")
+    resumed, reference = (
+        T.read_loss_log(interrupted / "loss.jsonl"),
+        T.read_loss_log(straight / "loss.jsonl"),
+    )
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
@@ -153,7 +204,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_vae, tmp_path):
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- bad input is refused before any work
+# ---------------------------------------------------------------- bad input is refused before any
+# work
+
 
 def test_corrupt_checkpoint_is_refused_and_left_alone(tiny_vae, tmp_path, capsys):
     out = tmp_path / "run"
@@ -185,7 +238,8 @@ def test_existing_run_is_not_overwritten(tiny_vae, tmp_path, capsys):
 def test_min_snr_option_is_checked_and_old_checkpoints_resume(tiny_vae, tmp_path, capsys):
     assert cli(train_args(tiny_vae, tmp_path / "bad", 2, "--snr-gamma", "0")) == 2
     assert "--snr-gamma must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    # A checkpoint written before --snr-gamma existed has no such recipe entry: it resumes with the plain loss.
+    # A checkpoint written before --snr-gamma existed has no such recipe entry: it resumes with the
+    # plain loss.
     out = tmp_path / "old"
     assert cli(train_args(tiny_vae, out, 1)) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -204,7 +258,21 @@ def test_config_that_does_not_fit_is_refused(tiny_vae, tmp_path, capsys):
     assert "context_dim" in capsys.readouterr().err
 
     # 30 px images cannot be halved twice by the bundled VAE (downscale 4)
-    assert cli(["train-vae", "--out", str(tmp_path / "b"), "--preset", "bundled", "--image-size", "30", *QUIET]) == 2
+    assert (
+        cli(
+            [
+                "train-vae",
+                "--out",
+                str(tmp_path / "b"),
+                "--preset",
+                "bundled",
+                "--image-size",
+                "30",
+                *QUIET,
+            ]
+        )
+        == 2
+    )
     assert "divisible" in capsys.readouterr().err
 
     # a VAE trained for `tiny` does not fit the `bundled` architecture
@@ -217,12 +285,20 @@ def test_resume_with_another_architecture_is_refused(tiny_vae, tmp_path, capsys)
     out = tmp_path / "run"
     assert cli(train_args(tiny_vae, out, 1)) == 0
     before = folder_state(out)
-    assert cli(train_args(tiny_vae, out, 2, "--resume", str(out / "checkpoint.pt"), "--preset", "bundled")) == 2
+    assert (
+        cli(
+            train_args(
+                tiny_vae, out, 2, "--resume", str(out / "checkpoint.pt"), "--preset", "bundled"
+            )
+        )
+        == 2
+    )
     assert "different architecture" in capsys.readouterr().err
     assert folder_state(out) == before
 
 
 # ---------------------------------------------------------------- several processes
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -232,16 +308,34 @@ def free_port() -> int:
 
 @pytest.mark.timeout(180)
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tiny_vae, tmp_path):
-    """2 gloo processes × batch 2 average their gradients: the weights equal one process with batch 4."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(minisd.__file__).parents[1])}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "minisd",
-                          *train_args(tiny_vae, tmp_path / "two", 2)], env=env, capture_output=True, text=True,
-                         timeout=170)
+    """2 gloo processes × batch 2 average their gradients: the weights equal one process with batch
+    4."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(minisd.__file__).parents[1]),
+    }
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "minisd",
+            *train_args(tiny_vae, tmp_path / "two", 2),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
-    # The reference runs with one thread too: with another thread count the CPU kernels split their sums
-    # differently, and that rounding (not the gradient averaging under test) would be what the comparison sees.
+    # The reference runs with one thread too: with another thread count the CPU kernels split their
+    # sums differently, and that rounding (not the gradient averaging under test) would be what the
+    # comparison sees.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -252,11 +346,15 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tiny_vae, tmp_pat
     b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     for key in b["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    two_log, one_log = T.read_loss_log(tmp_path / "two" / "loss.jsonl"), T.read_loss_log(tmp_path / "one" / "loss.jsonl")
+    two_log, one_log = (
+        T.read_loss_log(tmp_path / "two" / "loss.jsonl"),
+        T.read_loss_log(tmp_path / "one" / "loss.jsonl"),
+    )
     assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5)
 
 
 # ---------------------------------------------------------------- LoRA
+
 
 def lora_model():
     torch.manual_seed(0)
@@ -308,16 +406,20 @@ def test_lora_adapter_saves_and_loads_on_its_own(tmp_path):
     fresh = copy.deepcopy(base_model)
     load_adapter(fresh, tmp_path / "adapter.safetensors")
     assert torch.equal(run_unet(fresh), run_unet(sd))
-    size, model_size = (tmp_path / "adapter.safetensors").stat().st_size, sum(
-        t.numel() * 4 for t in base_model.state_dict().values())
+    size, model_size = (
+        (tmp_path / "adapter.safetensors").stat().st_size,
+        sum(t.numel() * 4 for t in base_model.state_dict().values()),
+    )
     assert size < 0.2 * model_size
 
-    other = minisd.StableDiffusion(minisd.config.bundled())  # another architecture: refused with the reason
+    # another architecture: refused with the reason
+    other = minisd.StableDiffusion(minisd.config.bundled())
     with pytest.raises(ValueError, match="adapter"):
         load_adapter(other, tmp_path / "adapter.safetensors")
 
 
 # ---------------------------------------------------------------- the bundled model
+
 
 @pytest.fixture(scope="module")
 def bundled():
@@ -334,17 +436,24 @@ def test_bundled_model_is_small_and_complete(bundled):
 
 @pytest.mark.timeout(300)
 def test_bundled_model_draws_what_it_is_asked(bundled):
-    """Fixed seeds, DDIM 50 steps, the protocol's guidance scale: the issue's targets on a sample of its protocol,
-    seen pairs ≥ 90% colour+shape and ≥ 80% also size and position, held-out pairs ≥ 60% colour+shape."""
+    """Fixed seeds, DDIM 50 steps, the protocol's guidance scale: the issue's targets on a sample of
+    its protocol, seen pairs ≥ 90% colour+shape and ≥ 80% also size and position, held-out pairs ≥
+    60% colour+shape."""
     from minisd.train.evaluate import fidelity, prompts_of
-    seen = fidelity(bundled, prompts_of("val", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
-    heldout = fidelity(bundled, prompts_of("heldout", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30)
+
+    seen = fidelity(
+        bundled, prompts_of("val", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30
+    )
+    heldout = fidelity(
+        bundled, prompts_of("heldout", 30, seed=0), BUNDLED_GUIDANCE, image_seed=0, batch=30
+    )
     assert seen["colour_shape"] >= 0.9 and seen["full"] >= 0.8, seen
     assert heldout["colour_shape"] >= 0.6, heldout
 
 
 def test_finetune_writes_an_adapter_that_reloads(bundled, tmp_path):
     from minisd.train.finetune import finetune
+
     sd = copy.deepcopy(bundled)
     summary = finetune(sd, tmp_path, images=4, steps=2, batch_size=4, log=lambda *a: None)
     assert summary["bytes"] < 1_000_000
@@ -353,4 +462,6 @@ def test_finetune_writes_an_adapter_that_reloads(bundled, tmp_path):
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         ids = sd.tokenizer(["a large orange circle in the center"])
-        assert torch.equal(fresh.unet(x, 300, fresh.text_encoder(ids)), sd.unet(x, 300, sd.text_encoder(ids)))
+        assert torch.equal(
+            fresh.unet(x, 300, fresh.text_encoder(ids)), sd.unet(x, 300, sd.text_encoder(ids))
+        )

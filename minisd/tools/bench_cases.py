@@ -1,17 +1,22 @@
-"""The machinery of `python -m minisd bench` (bench.py): the models, the inputs, and one variant timed.
+"""The machinery of `python -m minisd bench` (bench.py): the models, the inputs, and one variant
+timed.
 
-The diffusers twin: diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel are built on the
-meta device from the minisd config and filled with the minisd model's own tensors through minisd's key map read
-backwards (keymap.from_diffusers maps every reference name to a minisd name), so both libraries run the same weights.
+The diffusers twin: diffusers' UNet2DConditionModel and AutoencoderKL and transformers'
+CLIPTextModel are built on the meta device from the minisd config and filled with the minisd model's
+own tensors through minisd's key map read backwards (keymap.from_diffusers maps every reference name
+to a minisd name), so both libraries run the same weights.
 
-One variant of one Case (a model at one image size), all timings wall clock between device synchronisations:
+One variant of one Case (a model at one image size), all timings wall clock between device
+synchronisations:
     first image     one text-to-image run (compilation and CUDA-graph recording included)
     s/image         median over --images further runs
     UNet ms         median over --iters calls on the guided batch x [2B, C, h, h], t = 500, random context [2B, 77, d]
     peak GiB        (CUDA) bytes of the variant's parameters + max allocated − allocated before the variant started,
                     the max counted from after the first image when more images follow
-and its outputs are compared with minisd's eager ones: UNet max|a − b| / max|b|, image max and mean |a − b|.
+and its outputs are compared with minisd's eager ones: UNet max|a − b| / max|b|, image max and mean
+|a − b|.
 """
+
 from __future__ import annotations
 
 import gc
@@ -23,78 +28,128 @@ PROMPT = "a red circle on the left and a blue square at the top"
 BUNDLED = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 
 
-# ---------------------------------------------------------------- the models: minisd, and diffusers on its weights
+# ---------------------------------------------------------------- the models: minisd, and diffusers
+# on its weights
 def build_minisd(name: str, device, dtype):
     import torch
     from .. import StableDiffusion, load
     from ..config import PRESETS
+
     if name == "bundled" or Path(name).exists():
         return load(BUNDLED if name == "bundled" else name, device=device, dtype=dtype).eval()
     torch.manual_seed(0)
-    with torch.device(device):               # random initialisation right where the weights will live
+    # random initialisation right where the weights will live
+    with torch.device(device):
         sd = StableDiffusion(PRESETS[name]())
     return sd.to(dtype).eval()
 
 
 def _fill(module, part: str, sd, device) -> None:
-    """Load minisd's `part` tensors into a reference module built on the meta device (names through keymap)."""
+    """Load minisd's `part` tensors into a reference module built on the meta device (names through
+    keymap)."""
     import torch
     from ..weights.keymap import from_diffusers
-    names = from_diffusers(**{part: {k: k for k in module.state_dict()}})  # minisd name -> reference name
+
+    # minisd name -> reference name
+    names = from_diffusers(**{part: {k: k for k in module.state_dict()}})
     own = getattr(sd, part).state_dict()
-    tensors = {ref: own[mine[len(part) + 1:]].detach().clone() for mine, ref in names.items()}
+    tensors = {ref: own[mine[len(part) + 1 :]].detach().clone() for mine, ref in names.items()}
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     if unexpected or any(not k.endswith("position_ids") for k in missing):
-        raise RuntimeError(f"{part}: the key map left {missing[:3]} unfilled and {unexpected[:3]} unused")
+        raise RuntimeError(
+            f"{part}: the key map left {missing[:3]} unfilled and {unexpected[:3]} unused"
+        )
     for name, buffer in list(module.named_buffers()):
-        if buffer.is_meta:                    # position ids: a buffer the reference rebuilds, never stored
+        # position ids: a buffer the reference rebuilds, never stored
+        if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
             ids = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
             module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
 
 
 def diffusers_twin(sd, with_pipeline: bool):
-    """(unet, pipeline or None, text model or None) from diffusers/transformers, holding sd's weights."""
+    """(unet, pipeline or None, text model or None) from diffusers/transformers, holding sd's
+    weights."""
     import torch
     from diffusers import UNet2DConditionModel
+
     cfg, device = sd.config, sd.device
     u = cfg.unet
     widths = [u.channels * m for m in u.channel_mult]
     with torch.device("meta"):
         unet = UNet2DConditionModel(
-            sample_size=cfg.image_size // sd.vae.downscale, in_channels=u.in_channels, out_channels=u.out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels)),
-            block_out_channels=tuple(widths), layers_per_block=u.num_res_blocks, cross_attention_dim=u.context_dim,
-            attention_head_dim=tuple(u.heads_at(w)[0] for w in widths),  # diffusers' name for the head *count*
-            use_linear_projection=u.linear_projection, norm_num_groups=u.groups,
-            transformer_layers_per_block=u.transformer_depth)
+            sample_size=cfg.image_size // sd.vae.downscale,
+            in_channels=u.in_channels,
+            out_channels=u.out_channels,
+            down_block_types=tuple(
+                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels
+            ),
+            up_block_types=tuple(
+                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention_levels)
+            ),
+            block_out_channels=tuple(widths),
+            layers_per_block=u.num_res_blocks,
+            cross_attention_dim=u.context_dim,
+            # diffusers' name for the head *count*
+            attention_head_dim=tuple(u.heads_at(w)[0] for w in widths),
+            use_linear_projection=u.linear_projection,
+            norm_num_groups=u.groups,
+            transformer_layers_per_block=u.transformer_depth,
+        )
     _fill(unet, "unet", sd, device)
     if not with_pipeline:
         return unet.eval(), None, None
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
+
     v, t = cfg.vae, cfg.text
     with torch.device("meta"):
         vae = AutoencoderKL(
-            in_channels=v.in_channels, out_channels=v.out_channels, latent_channels=v.latent_channels,
+            in_channels=v.in_channels,
+            out_channels=v.out_channels,
+            latent_channels=v.latent_channels,
             down_block_types=("DownEncoderBlock2D",) * len(v.channel_mult),
             up_block_types=("UpDecoderBlock2D",) * len(v.channel_mult),
-            block_out_channels=tuple(v.channels * m for m in v.channel_mult), layers_per_block=v.num_res_blocks,
-            norm_num_groups=v.groups, scaling_factor=cfg.latent_scale)
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_ratio * t.width,
-            num_hidden_layers=t.use_layers or t.layers, num_attention_heads=t.heads,
-            max_position_embeddings=t.max_length, hidden_act=t.activation, layer_norm_eps=1e-5))
+            block_out_channels=tuple(v.channels * m for m in v.channel_mult),
+            layers_per_block=v.num_res_blocks,
+            norm_num_groups=v.groups,
+            scaling_factor=cfg.latent_scale,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.width,
+                intermediate_size=t.mlp_ratio * t.width,
+                num_hidden_layers=t.use_layers or t.layers,
+                num_attention_heads=t.heads,
+                max_position_embeddings=t.max_length,
+                hidden_act=t.activation,
+                layer_norm_eps=1e-5,
+            )
+        )
     _fill(vae, "vae", sd, device)
     _fill(text, "text_encoder", sd, device)
-    scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-                              beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=cfg.prediction_type,
-                              timestep_spacing="leading")
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=None, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=cfg.prediction_type,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=None,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return unet, pipe, text
 
@@ -102,6 +157,7 @@ def diffusers_twin(sd, with_pipeline: bool):
 # ---------------------------------------------------------------- timing
 def _sync(device):
     import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -115,54 +171,84 @@ def _timed(fn, device) -> tuple[float, object]:
 
 
 def _params_bytes(*modules) -> int:
-    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+    return sum(
+        p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters()
+    )
 
 
 class Case:
-    """One model at one size: the models, the inputs, and the outputs that later variants are compared with."""
+    """One model at one size: the models, the inputs, and the outputs that later variants are
+    compared with."""
 
     def __init__(self, model_name, size, settings, sd):
         import torch
+
         self.name, self.size, self.s, self.sd = model_name, size, settings, sd
         self.device, self.dtype = settings["device"], settings["dtype"]
         cfg = sd.config
         rows = 2 * settings["batch"]
         h = size // sd.vae.downscale
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(rows, cfg.unet.in_channels, h, h, generator=g).to(self.device, self.dtype)
-        self.context = torch.randn(rows, 77, cfg.unet.context_dim, generator=g).to(self.device, self.dtype)
-        self.t_minisd = torch.tensor([500], device=self.device)    # as the minisd pipeline passes it
-        self.t_diffusers = torch.tensor(500, device=self.device)   # as diffusers' pipeline passes it
+        self.x = torch.randn(rows, cfg.unet.in_channels, h, h, generator=g).to(
+            self.device, self.dtype
+        )
+        self.context = torch.randn(rows, 77, cfg.unet.context_dim, generator=g).to(
+            self.device, self.dtype
+        )
+        # as the minisd pipeline passes it
+        self.t_minisd = torch.tensor([500], device=self.device)
+        # as diffusers' pipeline passes it
+        self.t_diffusers = torch.tensor(500, device=self.device)
         self.noise = torch.randn(settings["batch"], cfg.vae.latent_channels, h, h, generator=g)
         self.unet_d = self.pipe = self.text_d = None
-        self.reference: dict = {}                                   # variant -> (UNet output, image)
+        # variant -> (UNet output, image)
+        self.reference: dict = {}
 
     def ensure_diffusers(self):
         if self.unet_d is None:
-            self.unet_d, self.pipe, self.text_d = diffusers_twin(self.sd, with_pipeline=self.s["image"])
+            self.unet_d, self.pipe, self.text_d = diffusers_twin(
+                self.sd, with_pipeline=self.s["image"]
+            )
         return self.unet_d
 
     # one image, end to end
     def minisd_image(self):
-        return self.sd.generate([PROMPT] * self.s["batch"], steps=self.s["steps"], guidance_scale=7.5,
-                                latents=self.noise, height=self.size, width=self.size, output_type="tensor")
+        return self.sd.generate(
+            [PROMPT] * self.s["batch"],
+            steps=self.s["steps"],
+            guidance_scale=7.5,
+            latents=self.noise,
+            height=self.size,
+            width=self.size,
+            output_type="tensor",
+        )
 
     def diffusers_image(self):
         import torch
+
         b = self.s["batch"]
         with torch.no_grad():
             ids = self.sd.tokenizer([""] * b + [PROMPT] * b).to(self.device)
             embeddings = self.text_d(ids)[0]
-        out = self.pipe(prompt_embeds=embeddings[b:], negative_prompt_embeds=embeddings[:b], latents=self.noise.to(
-            self.device, self.dtype), num_inference_steps=self.s["steps"], guidance_scale=7.5, height=self.size,
-            width=self.size, output_type="pt")
+        out = self.pipe(
+            prompt_embeds=embeddings[b:],
+            negative_prompt_embeds=embeddings[:b],
+            latents=self.noise.to(self.device, self.dtype),
+            num_inference_steps=self.s["steps"],
+            guidance_scale=7.5,
+            height=self.size,
+            width=self.size,
+            output_type="pt",
+        )
         return out.images.float().cpu()
 
     def unet_call(self, library):
         if library == "minisd":
             return lambda: self.sd.unet(self.x, self.t_minisd, self.context)
         unet = self.pipe.unet if self.pipe is not None else self.unet_d
-        return lambda: unet(self.x, self.t_diffusers, encoder_hidden_states=self.context, return_dict=False)[0]
+        return lambda: unet(
+            self.x, self.t_diffusers, encoder_hidden_states=self.context, return_dict=False
+        )[0]
 
 
 def prepare(case: Case, variant: str) -> str:
@@ -170,23 +256,44 @@ def prepare(case: Case, variant: str) -> str:
     import torch
     from ..attention import set_attention_backend, set_attention_slicing
     from .fastpath import speed_up
+
     s = case.s
     torch.backends.cudnn.benchmark = variant == "diffusers-compiled+cudnn"
     set_attention_slicing(s["attention_slicing"])
     if variant.startswith("minisd"):
-        set_attention_backend("math" if variant == "minisd-math" or s["attention_slicing"] else "fused")
+        set_attention_backend(
+            "math" if variant == "minisd-math" or s["attention_slicing"] else "fused"
+        )
         if variant == "minisd-cl":
-            speed_up(case.sd, attention="fused", channels_last=True, attention_slicing=s["attention_slicing"],
-                     tiled_decode=s["tiled_decode"], cudnn_benchmark=False)
+            speed_up(
+                case.sd,
+                attention="fused",
+                channels_last=True,
+                attention_slicing=s["attention_slicing"],
+                tiled_decode=s["tiled_decode"],
+                cudnn_benchmark=False,
+            )
         elif variant == "minisd-fast":
-            speed_up(case.sd, attention="math" if s["attention_slicing"] else "fused", channels_last=True,
-                     attention_slicing=s["attention_slicing"], compile=s["compile"], compile_mode=s["compile_mode"],
-                     compile_options=s["compile_options"],
-                     cuda_graphs=s["cuda_graphs"], tiled_decode=s["tiled_decode"])
+            speed_up(
+                case.sd,
+                attention="math" if s["attention_slicing"] else "fused",
+                channels_last=True,
+                attention_slicing=s["attention_slicing"],
+                compile=s["compile"],
+                compile_mode=s["compile_mode"],
+                compile_options=s["compile_options"],
+                cuda_graphs=s["cuda_graphs"],
+                tiled_decode=s["tiled_decode"],
+            )
         elif s["tiled_decode"]:
-            speed_up(case.sd, attention="math" if variant == "minisd-math" or s["attention_slicing"] else "fused",
-                     channels_last=False, attention_slicing=s["attention_slicing"], tiled_decode=True,
-                     cudnn_benchmark=False)
+            speed_up(
+                case.sd,
+                attention="math" if variant == "minisd-math" or s["attention_slicing"] else "fused",
+                channels_last=False,
+                attention_slicing=s["attention_slicing"],
+                tiled_decode=True,
+                cudnn_benchmark=False,
+            )
         return "minisd"
     unet = case.ensure_diffusers()
     if variant in ("diffusers-cl", "diffusers-compiled"):
@@ -202,14 +309,23 @@ def prepare(case: Case, variant: str) -> str:
 
 def run_variant(case: Case, variant: str) -> dict:
     import torch
+
     s, device = case.s, case.device
-    row = dict(model=case.name, size=case.size, dtype=str(case.dtype).replace("torch.", ""), device=str(device),
-               variant=variant)
+    row = dict(
+        model=case.name,
+        size=case.size,
+        dtype=str(case.dtype).replace("torch.", ""),
+        device=str(device),
+        variant=variant,
+    )
     library = prepare(case, variant)
-    models = ((case.sd,) if library == "minisd" else
-              (case.unet_d, case.pipe.vae if case.pipe else None, case.text_d))
+    models = (
+        (case.sd,)
+        if library == "minisd"
+        else (case.unet_d, case.pipe.vae if case.pipe else None, case.text_d)
+    )
     if device.type == "cuda":
-        gc.collect()                 # garbage of earlier variants must not be freed during this one
+        gc.collect()  # garbage of earlier variants must not be freed during this one
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -220,8 +336,9 @@ def run_variant(case: Case, variant: str) -> dict:
         if s["image"]:
             row["first_image_s"], image = _timed(image_fn, device)
             if device.type == "cuda" and s["images"]:
-                # The peak counts from here: what the first image left allocated (CUDA graphs, caches) stays
-                # counted, its one-time scratch memory (compilation, autotuning) does not.
+                # The peak counts from here: what the first image left allocated (CUDA graphs,
+                # caches) stays counted, its one-time scratch memory (compilation, autotuning) does
+                # not.
                 torch.cuda.reset_peak_memory_stats(device)
             times = [_timed(image_fn, device)[0] for _ in range(s["images"])]
             row["image_s"] = statistics.median(times) if times else row["first_image_s"]
@@ -229,14 +346,17 @@ def run_variant(case: Case, variant: str) -> dict:
             call = case.unet_call(library)
             first, unet_out = _timed(call, device)
             row.setdefault("first_image_s", None)
-            for _ in range(2 if device.type == "cuda" else 0):   # on the CPU the first call is warm-up enough
+            # on the CPU the first call is warm-up enough
+            for _ in range(2 if device.type == "cuda" else 0):
                 call()
             times = [_timed(call, device)[0] for _ in range(s["iters"])]
             row["unet_ms"] = 1e3 * statistics.median(times)
             row["unet_its"] = 1e3 / row["unet_ms"]
             unet_out = unet_out.float().cpu()
     if device.type == "cuda":
-        row["peak_gib"] = (_params_bytes(*models) + torch.cuda.max_memory_allocated(device) - base) / 2**30
+        row["peak_gib"] = (
+            _params_bytes(*models) + torch.cuda.max_memory_allocated(device) - base
+        ) / 2**30
     case.reference[variant] = (unet_out, image)
     row.update(compare(case, variant))
     return row
@@ -247,9 +367,15 @@ def _rel(a, b) -> float:
 
 
 def compare(case: Case, variant: str) -> dict:
-    """How far this variant's outputs are from minisd's eager ones (and minisd's eager from diffusers' eager)."""
+    """How far this variant's outputs are from minisd's eager ones (and minisd's eager from
+    diffusers' eager)."""
     out = {}
-    pairs = {"diffusers": "minisd", "minisd-fast": "minisd", "minisd-math": "minisd", "minisd-cl": "minisd"}
+    pairs = {
+        "diffusers": "minisd",
+        "minisd-fast": "minisd",
+        "minisd-math": "minisd",
+        "minisd-cl": "minisd",
+    }
     other = case.reference.get(pairs.get(variant))
     mine = case.reference[variant]
     if other is None:
@@ -263,12 +389,15 @@ def compare(case: Case, variant: str) -> dict:
 
 
 def warm_up(device, dtype) -> None:
-    """Load the math libraries' kernels once, so that the first variant does not pay for everyone."""
+    """Load the math libraries' kernels once, so that the first variant does not pay for
+    everyone."""
     import torch
     from torch.nn import functional as F
+
     x = torch.randn(2, 64, 32, 32, device=device, dtype=dtype)
     F.conv2d(x, torch.randn(64, 64, 3, 3, device=device, dtype=dtype), padding=1)
-    F.linear(x.flatten(2), torch.randn(64, 1024, device=device, dtype=dtype))   # cuBLAS and its workspace
+    # cuBLAS and its workspace
+    F.linear(x.flatten(2), torch.randn(64, 1024, device=device, dtype=dtype))
     torch.bmm(x.flatten(2), x.flatten(2).transpose(1, 2))
     q = torch.randn(2, 8, 64, 40, device=device, dtype=dtype)
     F.scaled_dot_product_attention(q, q, q)

@@ -1,29 +1,37 @@
-"""Tiled VAE decoding: decode big images in overlapping pieces, so their activations never all sit in memory at once.
+"""Tiled VAE decoding: decode big images in overlapping pieces, so their activations never all sit
+in memory at once.
 
-Decoding a 1024² image runs the decoder's last levels on [B, 128, 1024, 1024] tensors (256 MiB each in float16,
-several alive at a time). Tiling splits the latents into tiles of `tile_size`² latent pixels that overlap their
-neighbours by `overlap`, decodes each tile, and blends the decoded tiles where they overlap:
+Decoding a 1024² image runs the decoder's last levels on [B, 128, 1024, 1024] tensors (256 MiB each
+in float16, several alive at a time). Tiling splits the latents into tiles of `tile_size`² latent
+pixels that overlap their neighbours by `overlap`, decodes each tile, and blends the decoded tiles
+where they overlap:
 
     image(p) = Σ_k w_k(p) · tile_k(p) / Σ_k w_k(p)
 
-with w_k a product of two 1-D ramps that climb linearly from 0 to 1 across the middle half of the overlap with each
-neighbour (and are 1 at the image border): the seams fade from one tile into the next instead of showing an edge,
-and the pixels nearest a tile's edge, which its convolutions computed from zero padding, get no weight at all.
+with w_k a product of two 1-D ramps that climb linearly from 0 to 1 across the middle half of the
+overlap with each neighbour (and are 1 at the image border): the seams fade from one tile into the
+next instead of showing an edge, and the pixels nearest a tile's edge, which its convolutions
+computed from zero padding, get no weight at all.
 
 Three things in the decoder look beyond a pixel's neighbourhood, and each is handled:
   - the middle block's attention (every pixel attends to every pixel): it runs at latent resolution, where it is
-    small (128² × 512 channels for a 1024² image), so the middle block runs once on the whole latent, untiled;
+    small (128² × 512 channels for a 1024² image), so the middle block runs once on the whole
+    latent, untiled;
   - 3×3 convolutions see only neighbours: the overlap gives each tile's centre the context it needs;
   - GroupNorm normalises with the mean and variance of the *whole* image. A tile alone would use its own, and that
-    difference moves the output by several percent. So the tiles are swept `sweeps` times: every sweep measures
-    each GroupNorm's statistics over all tiles (each tile counting only the pixels it owns), and the next sweep
-    normalises every tile with those whole-image statistics; the last sweep draws the image. Sweep k gets the
-    statistics of the first k GroupNorms exactly right, so the result is exact only after (number of GroupNorms
+    difference moves the output by several percent. So the tiles are swept `sweeps` times: every
+    sweep measures each GroupNorm's statistics over all tiles (each tile counting only the pixels it
+    owns), and the next sweep normalises every tile with those whole-image statistics; the last
+    sweep draws the image. Sweep k gets the statistics of the first k GroupNorms exactly right, so
+    the result is exact only after (number of GroupNorms
     + 1) sweeps; the default 2 roughly halves the error of 1 at twice the compute. It stays an approximation, as
-    every tiled decoder is: on random-weight test models the tiles differ from the plain decode by a few percent.
-Given the exact whole-image statistics, tiles with enough overlap reproduce the plain decode to float rounding (the
-tests check this), and a single tile that covers the image runs exactly the plain decode's operations.
+    every tiled decoder is: on random-weight test models the tiles differ from the plain decode by a
+    few percent.
+Given the exact whole-image statistics, tiles with enough overlap reproduce the plain decode to
+float rounding (the tests check this), and a single tile that covers the image runs exactly the
+plain decode's operations.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,18 +44,21 @@ from ..checks import check_tensor
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length `tile` covering [0, size), neighbours sharing at least `overlap`."""
+    """Start offsets of tiles of length `tile` covering [0, size), neighbours sharing at least
+    `overlap`."""
     if size <= tile:
         return [0]
     step = tile - overlap
     starts = list(range(0, size - tile, step))
-    return starts + [size - tile]           # the last tile ends at the border (it may overlap its neighbour more)
+    # the last tile ends at the border (it may overlap its neighbour more)
+    return starts + [size - tile]
 
 
 def ramp(length: int, overlap_before: int, overlap_after: int, device=None) -> torch.Tensor:
-    """1-D blending weights over one tile: 0 → 1 across the middle half of the overlap with the previous tile,
-    1 → 0 across the middle half of the overlap with the next. The pixels nearest the tile's edges, which a
-    convolution computed from zero padding instead of the neighbouring pixels, get no weight at all."""
+    """1-D blending weights over one tile: 0 → 1 across the middle half of the overlap with the
+    previous tile, 1 → 0 across the middle half of the overlap with the next. The pixels nearest the
+    tile's edges, which a convolution computed from zero padding instead of the neighbouring pixels,
+    get no weight at all."""
     p = torch.arange(length, dtype=torch.float32, device=device) + 0.5
     w = torch.ones(length, dtype=torch.float32, device=device)
     if overlap_before:
@@ -58,7 +69,8 @@ def ramp(length: int, overlap_before: int, overlap_after: int, device=None) -> t
 
 
 def _axis_tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """(start, end, own_start, own_end) per tile along one axis; the owned ranges split the overlaps at their middle."""
+    """(start, end, own_start, own_end) per tile along one axis; the owned ranges split the overlaps
+    at their middle."""
     starts = tile_starts(size, tile, overlap)
     ends = [min(s + tile, size) for s in starts]
     cuts = [0] + [(starts[i + 1] + ends[i]) // 2 for i in range(len(starts) - 1)] + [size]
@@ -68,10 +80,11 @@ def _axis_tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int, int,
 class WholeImageGroupNorm:
     """Forward hooks that make the GroupNorms of tiled layers normalise with whole-image statistics.
 
-    While a tile runs, `owned` holds the window (in latent pixels, relative to the tile) of the pixels that this tile
-    owns, and `tile_hw` the tile's latent size; a layer at k× latent resolution scales both by k. Each hooked
-    GroupNorm adds the sum and sum of squares of its owned input pixels, per (image, group), to `sums`; and once
-    `finish_sweep` has turned the sums into means and variances, it normalises with those instead of its own.
+    While a tile runs, `owned` holds the window (in latent pixels, relative to the tile) of the
+    pixels that this tile owns, and `tile_hw` the tile's latent size; a layer at k× latent
+    resolution scales both by k. Each hooked GroupNorm adds the sum and sum of squares of its owned
+    input pixels, per (image, group), to `sums`; and once `finish_sweep` has turned the sums into
+    means and variances, it normalises with those instead of its own.
     """
 
     def __init__(self, modules):
@@ -92,7 +105,8 @@ class WholeImageGroupNorm:
     def hook(self, norm: nn.GroupNorm, inputs, output):
         x = inputs[0]
         b, c, height, width = x.shape
-        k = height // self.tile_hw[0]                     # this layer's resolution, in multiples of the latent's
+        # this layer's resolution, in multiples of the latent's
+        k = height // self.tile_hw[0]
         y0, y1, x0, x1 = (v * k for v in self.owned)
         own = x[:, :, y0:y1, x0:x1].float().reshape(b, norm.num_groups, -1)
         total = self.sums.setdefault(norm, [0.0, 0.0, 0])
@@ -100,10 +114,13 @@ class WholeImageGroupNorm:
         total[1] = total[1] + own.square().sum(-1)
         total[2] += own.shape[-1]
         if norm not in self.stats:
-            return None                                   # first sweep: keep the tile's own normalisation
+            # first sweep: keep the tile's own normalisation
+            return None
         mean, var = self.stats[norm]
         groups = x.float().reshape(b, norm.num_groups, -1)
-        normalised = ((groups - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+        normalised = ((groups - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(
+            x.shape
+        )
         if norm.affine:
             normalised = normalised * norm.weight[:, None, None] + norm.bias[:, None, None]
         return normalised.to(output.dtype)
@@ -116,7 +133,8 @@ class WholeImageGroupNorm:
 
 
 def decode_tiles(decoder, h, tiles, scale, norms: Optional[WholeImageGroupNorm]):
-    """Run the decoder's levels and output layers on every tile of h; blend the tiles into one image."""
+    """Run the decoder's levels and output layers on every tile of h; blend the tiles into one
+    image."""
     image = None
     total_weight = torch.zeros(h.shape[-2] * scale, h.shape[-1] * scale, device=h.device)
     for ys, ye, y_own0, y_own1 in tiles[0]:
@@ -125,7 +143,7 @@ def decode_tiles(decoder, h, tiles, scale, norms: Optional[WholeImageGroupNorm])
                 norms.owned = (y_own0 - ys, y_own1 - ys, x_own0 - xs, x_own1 - xs)
                 norms.tile_hw = (ye - ys, xe - xs)
             tile = h[:, :, ys:ye, xs:xe]
-            for level in decoder.levels:            # the rest of Decoder.forward, on one tile
+            for level in decoder.levels:  # the rest of Decoder.forward, on one tile
                 tile = level(tile)
             tile = decoder.conv_out(F.silu(decoder.norm_out(tile)))
             if image is None:
@@ -148,21 +166,32 @@ def _blend_overlaps(axis_tiles, start: int, scale: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def tiled_decode(vae, latents: torch.Tensor, tile_size: int = 64, overlap: int = 32, sweeps: int = 2) -> torch.Tensor:
-    """Like `vae.decode(latents)` (unscaled latents [B, 4, h, w] -> images [B, 3, f·h, f·w]), one tile at a time.
+def tiled_decode(
+    vae, latents: torch.Tensor, tile_size: int = 64, overlap: int = 32, sweeps: int = 2
+) -> torch.Tensor:
+    """Like `vae.decode(latents)` (unscaled latents [B, 4, h, w] -> images [B, 3, f·h, f·w]), one
+    tile at a time.
 
-    tile_size, overlap: in latent pixels (×8 for image pixels with the SD VAE); 64 and 32 decode a 1024² image as
-    3 × 3 tiles of 512² pixels, each blended pixel at least 8 latents (64 pixels) from its tile's edge. sweeps ≥ 1: passes over the tiles (see the module docstring); 1 = tile-local
-    GroupNorm statistics, the fastest and least exact.
+    tile_size, overlap: in latent pixels (×8 for image pixels with the SD VAE); 64 and 32 decode a
+    1024² image as 3 × 3 tiles of 512² pixels, each blended pixel at least 8 latents (64 pixels)
+    from its tile's edge. sweeps ≥ 1: passes over the tiles (see the module docstring); 1 =
+    tile-local GroupNorm statistics, the fastest and least exact.
     """
-    check_tensor("VAE decode latents", latents, 4, "[B, latent_channels, h, w]", vae.cfg.latent_channels)
-    for name, value, low in (("tile_size", tile_size, 1), ("overlap", overlap, 0), ("sweeps", sweeps, 1)):
+    check_tensor(
+        "VAE decode latents", latents, 4, "[B, latent_channels, h, w]", vae.cfg.latent_channels
+    )
+    for name, value, low in (
+        ("tile_size", tile_size, 1),
+        ("overlap", overlap, 0),
+        ("sweeps", sweeps, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if overlap >= tile_size:
         raise ValueError(f"overlap ({overlap}) must be smaller than tile_size ({tile_size})")
     decoder, scale = vae.decoder, vae.downscale
-    # Whole latent, exactly as Decoder.forward begins: small at latent resolution, and global (attention).
+    # Whole latent, exactly as Decoder.forward begins: small at latent resolution, and global
+    # (attention).
     h = decoder.middle(decoder.conv_in(vae.post_quant_conv(latents)))
     tiles = [_axis_tiles(size, tile_size, overlap) for size in latents.shape[-2:]]
     if len(tiles[0]) * len(tiles[1]) == 1:

@@ -1,1 +1,2 @@
-"""Training: the procedural dataset, the fidelity metric, the training frame, trainers, LoRA, evaluation."""
+"""Training: the procedural dataset, the fidelity metric, the training frame, trainers, LoRA,
+evaluation."""

@@ -1,1 +1,2 @@
-"""Weights: the minisd file format's conversions from and to official checkpoints and diffusers folders."""
+"""Weights: the minisd file format's conversions from and to official checkpoints and diffusers
+folders."""

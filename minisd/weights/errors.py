@@ -1,4 +1,5 @@
-"""Readable error messages for weights that do not fit a model: grouped, short, and saying what to do."""
+"""Readable error messages for weights that do not fit a model: grouped, short, and saying what to
+do."""
 from __future__ import annotations
 
 from collections import defaultdict

@@ -1,11 +1,13 @@
-"""Key renaming as a table of rules, and the rules that map diffusers/transformers names onto minisd's.
+"""Key renaming as a table of rules, and the rules that map diffusers/transformers names onto
+minisd's.
 
-A rule is (pattern, replacement): a regular expression over a dotted key and what it becomes. `rename` applies
-every rule of a table in order, so a key may be touched by several (a block rename, then a layer rename inside it),
-and `explain` lists which rules fired: the conversion chapter prints it for any key.
+A rule is (pattern, replacement): a regular expression over a dotted key and what it becomes.
+`rename` applies every rule of a table in order, so a key may be touched by several (a block rename,
+then a layer rename inside it), and `explain` lists which rules fired: the conversion chapter prints
+it for any key.
 
-Rules that change tensors (splitting a fused q/k/v, reshaping 1×1 convs to linear layers) live in `convert.py`;
-this table only renames.
+Rules that change tensors (splitting a fused q/k/v, reshaping 1×1 convs to linear layers) live in
+`convert.py`; this table only renames.
 """
 from __future__ import annotations
 
@@ -33,7 +35,10 @@ DIFFUSERS_UNET: list[Rule] = [
 
 # diffusers AutoencoderKL -> minisd AutoencoderKL
 DIFFUSERS_VAE: list[Rule] = [
-    (r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r"\1.levels.\3.resample."),
+    (
+        r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.",
+        r"\1.levels.\3.resample.",
+    ),
     (r"^(encoder|decoder)\.(down|up)_blocks\.", r"\1.levels."),
     (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.resnet1."),
     (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.resnet2."),
@@ -56,7 +61,8 @@ TRANSFORMERS_CLIP: list[Rule] = [
     (r"\.mlp\.fc([12])\.", r".fc\1."),
     (r"^final_layer_norm\.", "final_norm."),
 ]
-# Buffers that the reference stores but minisd rebuilds (never trust a stored position_ids: some files hold floats).
+# Buffers that the reference stores but minisd rebuilds (never trust a stored position_ids: some
+# files hold floats).
 TRANSFORMERS_CLIP_DROP = (r"(^|\.)embeddings\.position_ids$",)
 
 
@@ -83,10 +89,14 @@ def rename_state_dict(state: dict, rules: Iterable[Rule], drop: Iterable[str] = 
 
 
 def from_diffusers(unet=None, vae=None, text_encoder=None) -> dict:
-    """Map diffusers/transformers state dicts (any subset) onto one minisd-named state dict (`unet.`, `vae.`, ...)."""
+    """Map diffusers/transformers state dicts (any subset) onto one minisd-named state dict
+    (`unet.`, `vae.`, ...)."""
     out = {}
-    for part, state, rules, drop in (("unet", unet, DIFFUSERS_UNET, ()), ("vae", vae, DIFFUSERS_VAE, ()),
-                                     ("text_encoder", text_encoder, TRANSFORMERS_CLIP, TRANSFORMERS_CLIP_DROP)):
+    for part, state, rules, drop in (
+        ("unet", unet, DIFFUSERS_UNET, ()),
+        ("vae", vae, DIFFUSERS_VAE, ()),
+        ("text_encoder", text_encoder, TRANSFORMERS_CLIP, TRANSFORMERS_CLIP_DROP),
+    ):
         if state is not None:
             out.update({f"{part}.{k}": v for k, v in rename_state_dict(state, rules, drop).items()})
     return out
