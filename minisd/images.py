@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from .files import atomic_write
+
 SETTINGS_KEY = "minisd"
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
@@ -132,8 +134,6 @@ def load_mask(
 def save_png(image: Image.Image, path: Union[str, Path], settings: dict) -> None:
     """Write `image` as a PNG with `settings` (JSON) and the prompt in its text chunks; atomic (tmp
     file + rename)."""
-    from .model import atomic_write
-
     info = PngImagePlugin.PngInfo()
     info.add_text(SETTINGS_KEY, json.dumps(settings, sort_keys=True))
     if "prompt" in settings:

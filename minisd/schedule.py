@@ -32,42 +32,29 @@ from typing import Protocol
 
 import torch
 
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
+from .checks import check_choice, check_number
+
+BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
-        )
-
-
-def check_int_in_range(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be an int in [{low}, {high}], got {type(value).__name__} {value!r}"
-        )
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
 @dataclass
 class ScheduleConfig:
-    kind: str = "scaled_linear"
+    beta_schedule: str = "scaled_linear"  # how βₜ grows (module docstring)
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        check_choice("kind", self.kind, SCHEDULE_KINDS)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        check_int_in_range("num_train_timesteps", self.num_train_timesteps, 1, 10**7)
+        check_number("num_train_timesteps", self.num_train_timesteps, 1, 10**7, integer=True)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(
-                f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
+                "need 0 < beta_start <= beta_end < 1, got "
+                f"beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
 
 
@@ -84,12 +71,12 @@ def cosine_betas(
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
     T = config.num_train_timesteps
-    if config.kind == "scaled_linear":
+    if config.beta_schedule == "scaled_linear":
         return (
             torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
             ** 2
         )
-    if config.kind == "linear":
+    if config.beta_schedule == "linear":
         return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     return cosine_betas(T)
 
@@ -196,9 +183,9 @@ class NoiseSchedule:
         which no sampler accepts (diffusers lists it too, and fails when it steps).
         """
         T = self.num_train_timesteps
-        check_int_in_range("num_steps", num_steps, 1, T)
+        check_number("num_steps", num_steps, 1, T, integer=True)
         check_choice("spacing", spacing, SPACINGS)
-        check_int_in_range("steps_offset", steps_offset, 0, T)
+        check_number("steps_offset", steps_offset, 0, T, integer=True)
         if spacing == "leading":
             timesteps = torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + steps_offset
             return timesteps.flip(0)
@@ -298,6 +285,11 @@ class TimestepSampler:
             a_prev = torch.tensor(self.final_alpha_bar, dtype=like.dtype, device=like.device)
         return a_t, a_prev
 
+    def add_noise(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε: the forward process of this sampler's schedule (img2img
+        and inpainting start from, or return to, a noised image)."""
+        return self.schedule.q_sample(x0, t, noise)
+
     def timesteps_for_strength(self, strength: float) -> torch.Tensor:
         """img2img: the tail of `timesteps` to run when starting from a noised image instead of pure
         noise.
@@ -308,12 +300,7 @@ class TimestepSampler:
         `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
         timesteps.
         """
-        if (
-            isinstance(strength, bool)
-            or not isinstance(strength, (int, float))
-            or not 0.0 <= strength <= 1.0
-        ):
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        check_number("strength", strength, 0, 1)
         n = self.num_steps
         init_timestep = min(int(n * strength), n)
         t_start = max(n - init_timestep, 0)

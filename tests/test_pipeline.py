@@ -20,8 +20,9 @@ from PIL import Image
 
 import minisd
 from minisd.ddim import DDIMSampler
-from minisd.guidance import ModelEnsemble
-from minisd.pipeline import noise_schedule, record_cross_attention
+from minisd.ensemble import ModelEnsemble
+from minisd.attention_maps import record_cross_attention
+from minisd.pipeline import noise_schedule
 from minisd.prompts import parse_emphasis, split_composition
 from reference_models import (
     diffusers_unet,

@@ -33,7 +33,7 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def schedule(prediction_type="epsilon", kind="scaled_linear"):
-    return NoiseSchedule(ScheduleConfig(kind=kind, prediction_type=prediction_type))
+    return NoiseSchedule(ScheduleConfig(beta_schedule=kind, prediction_type=prediction_type))
 
 
 def toy_model(x, t):
@@ -390,7 +390,7 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
         DDIMSampler(sched, 50, spacing="karras")
     with pytest.raises(ValueError, match="'scaled_linear', 'linear', 'cosine'"):
-        ScheduleConfig(kind="squaredcos_cap_v2")
+        ScheduleConfig(beta_schedule="squaredcos_cap_v2")
     with pytest.raises(ValueError, match="'epsilon', 'v_prediction'"):
         ScheduleConfig(prediction_type="sample")
     for eta in (-0.1, 1.5):

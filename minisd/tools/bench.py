@@ -35,9 +35,14 @@ import gc
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
+import torch
+
+from ..config import PRESETS
 from .bench_cases import BUNDLED, Case, build_minisd, run_variant, warm_up
+from .fastpath import slow_down
 
 ORDER = (
     "minisd-math",
@@ -151,8 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- settings: refuse what cannot
 # work, clearly
 def check_settings(args) -> dict:
-    import torch
-    from ..config import PRESETS
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -357,8 +360,6 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def header(settings) -> str:
-    import platform
-    import torch
 
     device = settings["device"]
     if device.type == "cuda":
@@ -382,8 +383,6 @@ def header(settings) -> str:
 
 
 def main(args) -> int:
-    import torch
-
     settings = check_settings(args)
     options = (
         {name.strip(): True for name in args.compile_options.split(",")}
@@ -480,8 +479,6 @@ def main(args) -> int:
                     Path(args.json).write_text(
                         json.dumps(dict(header=header(settings), rows=rows), indent=1)
                     )
-            from .fastpath import slow_down
-
             slow_down(sd)
             del case
             gc.collect()

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import BUNDLED_MODEL
+from ..weights.convert import load
+from .fidelity import evaluate
 from .shapes_dataset import ShapesConfig, ShapesDataset, caption
 
-BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 
 
@@ -70,8 +72,6 @@ def fidelity(
     batch: int = 50,
 ) -> dict:
     """{'colour_shape': rate, 'full': rate, counts...} of the model's images for these prompts."""
-    from .fidelity import evaluate
-
     images = generate_images(sd, prompts, guidance_scale, image_seed, steps, batch)
     return evaluate(images, prompts, value_range=(0, 1))
 
@@ -177,8 +177,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..model import load
-
     for name in ("seen", "heldout", "select", "steps", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

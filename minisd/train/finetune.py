@@ -34,7 +34,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import BUNDLED_MODEL
+from ..weights.convert import load
+from ..pipeline import noise_schedule
+from . import shapes_dataset
 from . import training as T
+from .evaluate import fidelity, prompts_of
+from .lora import add_lora, lora_parameters, save_adapter
+from .shapes_dataset import (
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    SceneSpec,
+    caption,
+    render,
+)
+from .train_ldm import Denoiser, diffusion_loss, encode_pool
 
 NEW_WORD = "orange"
 NEW_HUE = 30.0  # degrees; red is 0, yellow 60: the detector's nearest-hue rule then accepts 15°–45°
@@ -50,8 +66,6 @@ def extra_colour(name: str = NEW_WORD, hue: float = NEW_HUE):
     restored on exit. Sampling of the *training* split is not meant to run inside (it would draw the
     new colour too).
     """
-    from . import shapes_dataset
-
     if name in shapes_dataset.COLOUR_HUES:  # already inside such a block
         yield
         return
@@ -67,8 +81,6 @@ def extra_colour(name: str = NEW_WORD, hue: float = NEW_HUE):
 
 def new_concept_scenes(count: int, seed: int, colour: str = NEW_WORD):
     """`count` one-object scenes of the new colour, with random shapes, sizes and positions."""
-    from .shapes_dataset import POSITIONS, SHAPES, SIZES, SceneObject, SceneSpec
-
     rng = np.random.default_rng(seed)
     with extra_colour():
         return [
@@ -90,8 +102,6 @@ def render_new_concept(
     count: int, seed: int, image_size: int = 32
 ) -> tuple[torch.Tensor, list[str]]:
     """(uint8 [count, 3, H, W], captions) of jittered pictures of the new colour."""
-    from .shapes_dataset import caption, render
-
     rng = np.random.default_rng([seed, 1])
     with extra_colour():
         scenes = new_concept_scenes(count, seed)
@@ -101,8 +111,6 @@ def render_new_concept(
 
 
 def new_concept_prompts(count: int, seed: int) -> list[str]:
-    from .shapes_dataset import caption
-
     with extra_colour():
         return [caption(spec) for spec in new_concept_scenes(count, seed)]
 
@@ -121,10 +129,6 @@ def finetune(
 ) -> dict:
     """Add LoRA + a trainable word row to `sd` (in place), train, save out/orange.safetensors;
     returns a summary."""
-    from .lora import add_lora, lora_parameters, save_adapter
-    from ..pipeline import noise_schedule
-    from .train_ldm import Denoiser, diffusion_loss, encode_pool
-
     torch.manual_seed(seed)
     sd.requires_grad_(False)
     add_lora(sd.unet, rank=rank)
@@ -255,8 +259,6 @@ def measure(
 ) -> dict:
     """Fidelity on prompts of the new concept (the detector knows the new colour) and on seen base
     prompts (0: skip)."""
-    from .evaluate import fidelity, prompts_of
-
     result = {"guidance_scale": guidance_scale, "prompt_seed": seed, "image_seed": seed}
     if new_prompts:
         with extra_colour():
@@ -272,8 +274,6 @@ def measure(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    from .evaluate import BUNDLED_MODEL
-
     p.add_argument(
         "--model", default=str(BUNDLED_MODEL), help="the base model (default: the bundled one)"
     )
@@ -295,8 +295,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..model import load
-
     for name in ("images", "steps", "batch_size", "rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

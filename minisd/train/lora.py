@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..attention import Attention
-from ..model import atomic_write
+from ..files import atomic_write
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 ADAPTER_KEY = "minisd_lora"
@@ -175,8 +177,6 @@ def save_adapter(
     sd, path: Union[str, Path], token_ids: Iterable[int] = (), info: Optional[dict] = None
 ) -> None:
     """Write only the adapter (not the base model) as safetensors, with its settings as metadata."""
-    from safetensors.torch import save_file
-
     layers = {
         **{f"unet.{n}": m for n, m in lora_layers(sd.unet).items()},
         **{f"text_encoder.{n}": m for n, m in lora_layers(sd.text_encoder).items()},
@@ -212,8 +212,6 @@ def save_adapter(
 def load_adapter(sd, path: Union[str, Path]) -> dict:
     """Add the adapter's LoRA layers to `sd` (if not there yet), load A, B and token rows; returns
     its settings."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter at {path}")

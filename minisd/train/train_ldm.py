@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import training as T
 from ..attention import set_attention_backend
-from ..model import StableDiffusion, save
+from ..model import StableDiffusion
 from ..pipeline import noise_schedule
+from ..weights.minisd_file import save
+from . import training as T
 from .train_vae import load_vae
 
 MODEL_FILE = "model.safetensors"
@@ -337,7 +338,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     began, step = time.time(), start
     if device.type == "cuda":
         # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
-        set_attention_backend("fused")
+        set_attention_backend(sd, "fused")
     denoiser.train()
     latent_shape = pool_mean.shape[1:]
     while step < args.steps:

@@ -23,12 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from . import training as T
 from ..attention import set_attention_backend
-from ..model import FORMAT_KEY, atomic_write
+from ..files import atomic_write
 from ..vae import AutoencoderKL
+from ..weights.minisd_file import FORMAT_KEY
+from . import training as T
 
 VAE_FILE = "vae.safetensors"
 # Values of these arguments define the run; a resumed run takes them from its checkpoint.
@@ -137,8 +140,6 @@ def measure_latent_scale(
 def save_vae(vae: AutoencoderKL, config, path) -> None:
     """vae.* tensors plus the full SDConfig (latent_scale measured) as metadata: the input of
     `train`."""
-    from safetensors.torch import save_file
-
     tensors = {
         f"vae.{k}": v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()
     }
@@ -152,8 +153,6 @@ def save_vae(vae: AutoencoderKL, config, path) -> None:
 
 def load_vae(path):
     """(config, vae state dict) from a file written by `save_vae`; UsageError when it is not one."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise T.UsageError(f"no VAE file at {path}")
@@ -254,7 +253,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     began, step = time.time(), start
     if device.type == "cuda":
         # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
-        set_attention_backend("fused")
+        set_attention_backend(vae, "fused")
     vae.train()
     while step < args.steps:
         if T.out_of_time(args.time_limit, began, dist):

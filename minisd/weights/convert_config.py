@@ -24,6 +24,7 @@ import torch
 
 from ..clip import TextEncoderConfig
 from ..config import SDConfig
+from .errors import ConversionError
 from .official_keys import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, official_schedule
 from ..unet import UNetConfig
 from ..vae import VAEConfig
@@ -33,8 +34,6 @@ PENULTIMATE = 1  # ... and stops 1 layer before its end (`layer: "penultimate"`)
 
 
 def _error(message: str) -> Exception:
-    from .convert import ConversionError
-
     return ConversionError(message)
 
 

@@ -19,7 +19,7 @@ GOALS = [
 def _schedule(ctx) -> NoiseSchedule:
     kind = ctx.choice(["scaled_linear", "linear", "cosine"])
     beta_start, beta_end = (0.00085, 0.012) if kind == "scaled_linear" else (0.0001, 0.02)
-    return NoiseSchedule(ScheduleConfig(kind=kind, beta_start=beta_start, beta_end=beta_end))
+    return NoiseSchedule(ScheduleConfig(beta_schedule=kind, beta_start=beta_start, beta_end=beta_end))
 
 
 def check_q_sample(ctx):
