@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import PREDICTION_TYPES, SDConfig
+from ..config import OPENCLIP_LAYERS, PREDICTION_TYPES, SDConfig
 from ..files import atomic_write
 from ..model import StableDiffusion
 from .convert_config import config_from_diffusers, config_from_official
@@ -238,10 +238,11 @@ def minisd_to_official(
             "no official extras stored: wrote the schedule buffers as the official code computes them"
         )
         original["metadata"] = original["ckpt"] = {SOURCE_CONFIG_KEY: config.to_json()}
-    if layout["text_style"] == "openclip" and config.text.layers < 24:
+    if layout["text_style"] == "openclip" and config.text.layers < OPENCLIP_LAYERS:
         report(
-            f"note: the text tower has {config.text.layers} of OpenCLIP ViT-H's 24 layers (SD 2 runs 23); the "
-            f"official code loads it with strict=False and never runs the missing ones"
+            f"note: the text tower has {config.text.layers} of OpenCLIP ViT-H's {OPENCLIP_LAYERS} "
+            f"layers (SD 2 runs {OPENCLIP_LAYERS - 1}); the official code loads it with "
+            "strict=False and never runs the missing ones"
         )
     return out, original
 

@@ -23,14 +23,15 @@ from typing import Callable, Optional
 import torch
 
 from ..clip import TextEncoderConfig
-from ..config import SDConfig
+from ..config import OPENCLIP_LAYERS, SD_LATENT_SCALE, SDConfig
 from .errors import ConversionError
 from .official_keys import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, official_schedule
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 
-OPENCLIP_LAYERS = 24  # the official SD 2 code always builds OpenCLIP ViT-H/14's 24-layer tower ...
-PENULTIMATE = 1  # ... and stops 1 layer before its end (`layer: "penultimate"`)
+# The official SD 2 code always builds OpenCLIP ViT-H/14's OPENCLIP_LAYERS-layer tower (config.py)
+# and stops PENULTIMATE layer before its end (`layer: "penultimate"`).
+PENULTIMATE = 1
 
 
 def _error(message: str) -> Exception:
@@ -177,11 +178,11 @@ def config_from_official(
             "epsilon",
             "the default for " + ("SD 1.x" if not sd2 else "SD 2.x inpainting/depth"),
         )
-    latent_scale = float(params["scale_factor"]) if "scale_factor" in params else 0.18215
+    latent_scale = float(params["scale_factor"]) if "scale_factor" in params else SD_LATENT_SCALE
     if (
         "scale_factor" not in params
         and scale_factor is not None
-        and abs(float(scale_factor) - 0.18215) > 1e-4
+        and abs(float(scale_factor) - SD_LATENT_SCALE) > 1e-4
     ):
         # not SD's 0.18215 (which fp16 files store as 0.18213)
         latent_scale = round(float(scale_factor), 6)
@@ -331,7 +332,7 @@ def config_from_diffusers(
         vae=vae,
         text=text,
         prediction_type=prediction_type,
-        latent_scale=v.get("scaling_factor", 0.18215),
+        latent_scale=v.get("scaling_factor", SD_LATENT_SCALE),
         beta_schedule=s.get("beta_schedule", "scaled_linear"),
         beta_start=s.get("beta_start", 0.00085),
         beta_end=s.get("beta_end", 0.012),
