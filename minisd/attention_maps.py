@@ -9,7 +9,7 @@ distributions are distributions, so the maps still sum to 1 over the tokens at e
     with record_cross_attention(sd) as maps:
         sd.generate("a red circle", steps=20)
     maps.per_token(image=0)      # [77, h, w]   (latent resolution)
-    maps.tokens(image=0)         # ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', '<|endoftext|>', …]
+    maps.tokens(image=0)         # ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', …]
 
 The maps are those of the last `generate` call inside the block, for the conditional rows of the
 batch. The recorder belongs to the model it listens to (`sd.attention_recorder` while the block

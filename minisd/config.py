@@ -46,8 +46,8 @@ class SDConfig:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.unet.context_dim != self.text.width:
             raise ValueError(
-                f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text encoder "
-                f"produces width={self.text.width}"
+                f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text "
+                f"encoder produces width={self.text.width}"
             )
         if self.unet.out_channels != self.vae.latent_channels:
             raise ValueError(

@@ -20,7 +20,8 @@ class ModelEnsemble:
     """Several models denoising together: at every step ε = Σₖ λₖ ε⁽ᵏ⁾ (each guided with its own
     text encoder).
 
-        ens = ModelEnsemble([sd_a, sd_b], weights=[0.5, 0.5]);  images = ens.generate("a red circle")
+        ens = ModelEnsemble([sd_a, sd_b], weights=[0.5, 0.5])
+        images = ens.generate("a red circle")
 
     Weights default to equal shares summing to 1 (which keeps the prediction's scale). The first
     model's VAE, tokenizer and config are used for everything outside the UNet.

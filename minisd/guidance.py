@@ -4,7 +4,7 @@ assembled.
 Classifier-free guidance (Ho & Salimans 2022): run the UNet with the prompt (ε_c) and with the
 negative / empty prompt (ε_u) and extrapolate away from the unconditional prediction,
 
-    ε = ε_u + s · (ε_c − ε_u)                                   s = guidance_scale; s = 1 gives ε_c, s = 0 gives ε_u
+    ε = ε_u + s · (ε_c − ε_u)          s = guidance_scale; s = 1 gives ε_c, s = 0 gives ε_u
 
 Composition ("a cat AND a hat :0.5", prompts.py) guides every part i of a prompt separately and adds
 the pushes:

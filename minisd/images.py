@@ -85,7 +85,8 @@ def load_image(
         )
     if image.numel() and (image.min() < 0 or image.max() > 1):
         raise ValueError(
-            f"{what} tensor values must lie in [0, 1], got {image.min().item():.3g} … {image.max().item():.3g}"
+            f"{what} tensor values must lie in [0, 1], got "
+            f"{image.min().item():.3g} … {image.max().item():.3g}"
         )
     if size is not None and tuple(image.shape[-2:]) != tuple(size):
         image = torch.nn.functional.interpolate(
@@ -114,11 +115,13 @@ def load_mask(
         mask = {2: mask[None, None], 3: mask[None], 4: mask}.get(mask.ndim)
         if mask is None or mask.shape[1] != 1:
             raise ValueError(
-                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], got {tuple(source.shape)}"
+                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], "
+                f"got {tuple(source.shape)}"
             )
         if mask.numel() and (mask.min() < 0 or mask.max() > 1):
             raise ValueError(
-                f"{what} values must lie in [0, 1], got {mask.min().item():.3g} … {mask.max().item():.3g}"
+                f"{what} values must lie in [0, 1], got "
+                f"{mask.min().item():.3g} … {mask.max().item():.3g}"
             )
         if size is not None and tuple(mask.shape[-2:]) != tuple(size):
             mask = torch.nn.functional.interpolate(

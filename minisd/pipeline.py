@@ -3,7 +3,7 @@
 Text to image (Rombach et al. 2022), in four steps, each a function below:
 
     1. encode the prompts      context = text_encoder(tokens)  (+ the negative prompt's, for CFG)
-    2. the starting latents    x_T ~ N(0, I)  [B, 4, H/f, W/f]     f = the VAE's downscale (8 for SD)
+    2. the starting latents    x_T ~ N(0, I)  [B, 4, H/f, W/f]    f = the VAE's downscale (8 in SD)
     3. the denoising loop      for t in τ_N > … > τ_1:
                                    ε̂ = guided UNet prediction         (guidance.py)
                                    x ← sampler.step(ε̂, t, x)          (ddim.py, ddpm.py)
@@ -484,8 +484,8 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
     extra = None
     if cfg.is_inpainting:
         keep = torch.zeros(1, 1, height, width) if mask is None else (mask < 0.5).float()
-        empty = torch.zeros(1, 3, height, width)
-        masked = encode_image(sd, (image_vae if image is not None else empty) * keep, batch, streams)
+        known = image_vae if image is not None else torch.zeros(1, 3, height, width)
+        masked = encode_image(sd, known * keep, batch, streams)
         m = mask_latent if mask is not None else torch.ones(1, 1, *shape[-2:], device=device)
         extra = torch.cat([m.expand(batch, -1, -1, -1), masked], dim=1)
     elif inpainting:

@@ -6,16 +6,17 @@ Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at ste
     q(xₜ | x₀) = N(√ᾱₜ · x₀, (1 − ᾱₜ) · I)     so     xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε,   ε ~ N(0, I).
 
 The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base) or the velocity
-v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either output, together
-with xₜ, determines both x₀ and ε:
+v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either
+output, together with xₜ, determines both x₀ and ε:
 
     epsilon:       x₀ = (xₜ − √(1 − ᾱₜ) · ε) / √ᾱₜ
     v_prediction:  x₀ = √ᾱₜ · xₜ − √(1 − ᾱₜ) · v,      ε = √ᾱₜ · v + √(1 − ᾱₜ) · xₜ
 
 Beta schedules (index t = 0 … T−1):
-    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²      (Stable Diffusion: 0.00085 … 0.012, T = 1000)
-    linear         βₜ = linspace(β_start, β_end, T)         (original DDPM used 1e-4 … 0.02)
-    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999) with ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
+    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²   (SD: 0.00085 … 0.012, T = 1000)
+    linear         βₜ = linspace(β_start, β_end, T)      (original DDPM used 1e-4 … 0.02)
+    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999),   ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+                   with s = 0.008
                    (Nichol & Dhariwal 2021, eq. 17; diffusers calls it "squaredcos_cap_v2")
 
 Precision: the schedule is held in float32 and ᾱ is a float32 cumulative product, as diffusers does.
@@ -215,11 +216,12 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
             )
         if a.shape != b.shape:
             raise ValueError(
-                f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+                f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}"
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Shared by the samplers (ddim.py, ddpm.py)
 
 
@@ -252,9 +254,9 @@ class TimestepSampler:
         T = schedule.num_train_timesteps
         if timesteps.min() < 0 or timesteps.max() >= T:
             raise ValueError(
-                f"sampling timesteps must lie in [0, {T - 1}], got {timesteps.min().item()} … {timesteps.max().item()}"
-                " (leading spacing with steps_offset=1 and num_steps == num_train_timesteps reaches T: use"
-                " steps_offset=0 or spacing='trailing')"
+                f"sampling timesteps must lie in [0, {T - 1}], got {timesteps.min().item()} … "
+                f"{timesteps.max().item()} (leading spacing with steps_offset=1 and num_steps == "
+                "num_train_timesteps reaches T: use steps_offset=0 or spacing='trailing')"
             )
         self.schedule = schedule
         self.timesteps = timesteps
@@ -295,9 +297,9 @@ class TimestepSampler:
         noise.
 
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
-        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every step (the image is
-        fully replaced by noise); strength = 0.3 with N = 50 runs the last 15. Start from
-        `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
+        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every
+        step (the image is fully replaced by noise); strength = 0.3 with N = 50 runs the last 15.
+        Start from `add_noise(x0, returned[:1].expand(B), noise)` and step through the returned
         timesteps.
         """
         check_number("strength", strength, 0, 1)

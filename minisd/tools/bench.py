@@ -70,9 +70,12 @@ DTYPES = {
     "bf16": "bfloat16",
 }
 MEMORY_HELP = (
-    "Options that need less GPU memory: fused attention (the default; never builds the tokens × tokens "
-    "matrix), --attention-slicing N (math attention, N batch·head rows at a time), --tiled-decode (decode "
-    "the latents in overlapping tiles), --dtype float16, a smaller --size or --batch, and one variant at a "
+    "Options that need less GPU memory: fused attention (the default; never builds the tokens × "
+    "tokens "
+    "matrix), --attention-slicing N (math attention, N batch·head rows at a time), --tiled-decode "
+    "(decode "
+    "the latents in overlapping tiles), --dtype float16, a smaller --size or --batch, and one "
+    "variant at a "
     "time (--variants minisd) so that only one copy of the weights is on the GPU."
 )
 
@@ -176,7 +179,8 @@ def check_settings(args) -> dict:
             )
         if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(
-                f"--device {device_name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"--device {device_name}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
             )
     dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
@@ -184,7 +188,8 @@ def check_settings(args) -> dict:
     dtype_name = DTYPES[dtype_name]
     if device.type == "cpu" and dtype_name == "float16":
         raise ValueError(
-            "--dtype float16 needs a GPU: the CPU has no fast float16 arithmetic (use float32 or bfloat16)"
+            "--dtype float16 needs a GPU: the CPU has no fast float16 arithmetic (use float32 or "
+            "bfloat16)"
         )
     if device.type == "cuda" and dtype_name == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ValueError(
@@ -207,7 +212,8 @@ def check_settings(args) -> dict:
         for name in models:
             if name == "bundled" and not BUNDLED.exists():
                 raise ValueError(
-                    f"--preset bundled: the bundled model is not there ({BUNDLED}); use --preset tiny"
+                    f"--preset bundled: the bundled model is not there ({BUNDLED}); use --preset "
+                    "tiny"
                 )
             if name != "bundled" and name not in PRESETS:
                 raise ValueError(f"--preset {name!r} is not one of {', '.join(PRESETS)}, bundled")
@@ -289,15 +295,18 @@ def _fmt(value, spec):
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first image s | peak GiB |",
+        "| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first "
+        "image s | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = _ratio(rows, r)
         its = r.get("unet_its")
         lines.append(
-            f"| {r['model']} | {r['size']}² | {r['dtype']} | {r['variant']} | {_fmt(r.get('unet_ms'), '.2f')} "
-            f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | {_fmt(r.get('image_s'), '.3f')} "
+            f"| {r['model']} | {r['size']}² | {r['dtype']} | {r['variant']} | "
+            f"{_fmt(r.get('unet_ms'), '.2f')} "
+            f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | "
+            f"{_fmt(r.get('image_s'), '.3f')} "
             f"| {_fmt(r.get('first_image_s'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} |"
             + (f" {r['error']}" if r.get("error") else "")
         )
@@ -376,8 +385,10 @@ def header(settings) -> str:
         versions = "diffusers not installed"
     cap = f"; memory capped at {settings['max_memory']:g} GiB" if settings.get("max_memory") else ""
     return (
-        f"minisd bench on {where}; torch {torch.__version__}, {versions}; {settings['steps']} DDIM steps, "
-        f"guidance 7.5, batch {settings['batch']} (UNet batch {2 * settings['batch']}); presets have random weights"
+        f"minisd bench on {where}; torch {torch.__version__}, {versions}; {settings['steps']} DDIM "
+        "steps, "
+        f"guidance 7.5, batch {settings['batch']} (UNet batch {2 * settings['batch']}); presets "
+        "have random weights"
         + cap
     )
 
@@ -407,7 +418,8 @@ def main(args) -> int:
             import transformers  # noqa: F401
         except ImportError:
             print(
-                "diffusers/transformers are not installed: timing minisd only (pip install diffusers transformers)"
+                "diffusers/transformers are not installed: timing minisd only (pip install "
+                "diffusers transformers)"
             )
             settings["variants"] = [
                 v for v in settings["variants"] if not v.startswith("diffusers")
@@ -498,7 +510,8 @@ def _progress(r: dict) -> str:
         return f"  {r['model']} {r['size']}² {r['variant']}: {r['error']}"
     checks = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if "diff" in k or "err" in k)
     return (
-        f"  {r['model']} {r['size']}² {r['dtype']} {r['variant']}: UNet {_fmt(r.get('unet_ms'), '.2f')} ms, "
+        f"  {r['model']} {r['size']}² {r['dtype']} {r['variant']}: UNet "
+        f"{_fmt(r.get('unet_ms'), '.2f')} ms, "
         f"{_fmt(r.get('image_s'), '.3f')} s/image, first {_fmt(r.get('first_image_s'), '.2f')} s, "
         f"peak {_fmt(r.get('peak_gib'), '.2f')} GiB" + (f" ({checks})" if checks else "")
     )

@@ -112,7 +112,8 @@ def run_protocol(
         }
         for s, r in selection.items():
             log(
-                f"  selection set ({select} prompts), scale {s}: colour+shape {r['colour_shape']:.1%}, full {r['full']:.1%}"
+                f"  selection set ({select} prompts), scale {s}: colour+shape "
+                f"{r['colour_shape']:.1%}, full {r['full']:.1%}"
             )
     report["guidance_scale"] = guidance_scale
     seen_prompts, heldout_prompts = (
@@ -127,8 +128,10 @@ def run_protocol(
         }
         r = report[key]
         log(
-            f"scale {scale}: seen ({seen}) colour+shape {r['seen']['colour_shape']:.1%}, full {r['seen']['full']:.1%}; "
-            f"held-out ({heldout}) colour+shape {r['heldout']['colour_shape']:.1%}, full {r['heldout']['full']:.1%}"
+            f"scale {scale}: seen ({seen}) colour+shape {r['seen']['colour_shape']:.1%}, full "
+            f"{r['seen']['full']:.1%}; "
+            f"held-out ({heldout}) colour+shape {r['heldout']['colour_shape']:.1%}, full "
+            f"{r['heldout']['full']:.1%}"
         )
     return report
 

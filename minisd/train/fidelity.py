@@ -133,7 +133,8 @@ def to_rgb_float(image, value_range="auto") -> np.ndarray:
     slack = 0.1 * (high - low)
     if image.min() < low - slack or image.max() > high + slack:
         raise ValueError(
-            f"float image values [{image.min():.3g}, {image.max():.3g}] are outside the expected range "
+            f"float image values [{image.min():.3g}, {image.max():.3g}] are outside the expected "
+            "range "
             f"{value_range} (images in 0..255 should be uint8)"
         )
     return np.clip((image - low) / (high - low), 0.0, 1.0)

@@ -158,7 +158,8 @@ def finetune(
     denoiser = Denoiser(sd).train()
     log(
         f"fine-tuning on {images} pictures of '{NEW_WORD}' + {len(base_images)} base pictures: "
-        f"{sum(p.numel() for p in parameters):,} LoRA parameters + {word_rows.numel()} embedding values, {steps} steps"
+        f"{sum(p.numel() for p in parameters):,} LoRA parameters + {word_rows.numel()} embedding "
+        f"values, {steps} steps"
     )
 
     losses, began = [], time.time()
@@ -305,7 +306,8 @@ def main(args: argparse.Namespace) -> int:
         sd, out, args.images, args.steps, args.batch_size, args.lr, args.rank, args.seed
     )
     print(
-        f"adapter {summary['adapter']} ({summary['bytes'] / 1e3:.0f} kB), loss {summary['first_loss']:.4f} -> "
+        f"adapter {summary['adapter']} ({summary['bytes'] / 1e3:.0f} kB), loss "
+        f"{summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}, {summary['seconds']} s"
     )
     if args.measure:
@@ -314,7 +316,8 @@ def main(args: argparse.Namespace) -> int:
             f"'{NEW_WORD}' prompts ({args.measure}, seeds {after['prompt_seed']}+): colour+shape "
             f"{before['new']['colour_shape']:.1%} before, {after['new']['colour_shape']:.1%} after "
             f"(full {after['new']['full']:.1%}); base prompts ({2 * args.measure}) colour+shape "
-            f"{after['base']['colour_shape']:.1%}, full {after['base']['full']:.1%} with the adapter"
+            f"{after['base']['colour_shape']:.1%}, full {after['base']['full']:.1%} with the "
+            "adapter"
         )
         summary.update(before=before, after=after)
     if args.json:

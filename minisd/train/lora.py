@@ -46,7 +46,8 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
         if not isinstance(rank, int) or not 1 <= rank <= min(base.in_features, base.out_features):
             raise ValueError(
-                f"rank must be an int in [1, {min(base.in_features, base.out_features)}], got {rank!r}"
+                f"rank must be an int in [1, {min(base.in_features, base.out_features)}], got "
+                f"{rank!r}"
             )
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
@@ -185,13 +186,15 @@ def save_adapter(
         raise ValueError("the model has no LoRA layers to save: call add_lora first")
     if any(m.merged for m in layers.values()):
         raise ValueError(
-            "unmerge the LoRA layers before saving the adapter (merged weights are part of the base)"
+            "unmerge the LoRA layers before saving the adapter (merged weights are part of the "
+            "base)"
         )
     ranks = {m.rank for m in layers.values()}
     alphas = {m.alpha for m in layers.values()}
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError(
-            f"save_adapter expects one rank and alpha for all layers, got ranks {ranks}, alphas {alphas}"
+            f"save_adapter expects one rank and alpha for all layers, got ranks {ranks}, alphas "
+            f"{alphas}"
         )
     settings = {
         "rank": ranks.pop(),

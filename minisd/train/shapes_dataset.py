@@ -235,12 +235,14 @@ def _parse_object(words: list[str], prompt: str) -> SceneObject:
         kind = next((k for k, allowed in vocab if word in allowed), None)
         if kind is None:
             raise ValueError(
-                f"cannot parse prompt {prompt!r}: unknown word {word!r}; expected colours {COLOURS}, "
+                f"cannot parse prompt {prompt!r}: unknown word {word!r}; expected colours "
+                f"{COLOURS}, "
                 f"shapes {SHAPES}, sizes {SIZES}, positions {POSITIONS} joined by 'and'"
             )
         if kind in found:
             raise ValueError(
-                f"cannot parse prompt {prompt!r}: two {kind}s ({found[kind]!r}, {word!r}) for one object"
+                f"cannot parse prompt {prompt!r}: two {kind}s ({found[kind]!r}, {word!r}) for one "
+                "object"
             )
         found[kind] = word
     for required in ("colour", "shape"):

@@ -293,9 +293,12 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     empty = len(distinct)
     if dist.is_main:
         print(
-            f"UNet {T.count_parameters(sd.unet):,} + text encoder {T.count_parameters(sd.text_encoder):,} "
-            f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool {len(pool)} images "
-            f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device {device}, "
+            f"UNet {T.count_parameters(sd.unet):,} + text encoder "
+            f"{T.count_parameters(sd.text_encoder):,} "
+            f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool "
+            f"{len(pool)} images "
+            f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device "
+            f"{device}, "
             f"{dist.world_size} process(es), steps {start}->{args.steps}"
         )
     del pool
@@ -398,6 +401,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
                 dtype=getattr(torch, args.save_dtype) if args.save_dtype != "float32" else None,
             )
         print(
-            f"saved {out / MODEL_FILE} (EMA weights) at step {step}, {time.time() - began:.0f} s of training"
+            f"saved {out / MODEL_FILE} (EMA weights) at step {step}, {time.time() - began:.0f} s "
+            "of training"
         )
     return 0

@@ -164,7 +164,8 @@ def load_vae(path):
         raise T.UsageError(f"{path} is not a readable safetensors file ({error})") from None
     if FORMAT_KEY not in metadata or not tensors:
         raise T.UsageError(
-            f"{path} is not a VAE written by `python -m minisd train-vae` (no config or no vae.* tensors)"
+            f"{path} is not a VAE written by `python -m minisd train-vae` (no config or no vae.* "
+            "tensors)"
         )
     return T.config_from_json_or_error(metadata[FORMAT_KEY], str(path)), tensors
 
@@ -220,8 +221,10 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     log = T.LossLog(out / T.LOSS_LOG_NAME, resume_step=start) if dist.is_main else None
     if dist.is_main:
         print(
-            f"VAE {T.count_parameters(vae):,} parameters, downscale {vae.downscale}, {args.image_size}px, "
-            f"pool {len(pool)} images, device {device}, {dist.world_size} process(es), steps {start}->{args.steps}"
+            f"VAE {T.count_parameters(vae):,} parameters, downscale {vae.downscale}, "
+            f"{args.image_size}px, "
+            f"pool {len(pool)} images, device {device}, {dist.world_size} process(es), steps "
+            f"{start}->{args.steps}"
         )
 
     def save(step):

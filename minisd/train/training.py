@@ -120,7 +120,8 @@ def check_model_fits(config, image_size: int) -> None:
     latent = image_size // vae_down
     if latent % unet_down:
         raise UsageError(
-            f"latent size {latent} (image {image_size} / {vae_down}) is not divisible by the UNet's "
+            f"latent size {latent} (image {image_size} / {vae_down}) is not divisible by the "
+            "UNet's "
             f"downscale factor {unet_down}"
         )
     for name, part in (("unet", config.unet), ("vae", config.vae)):

@@ -101,9 +101,12 @@ def _read_pickle(path: Path, mmap: bool) -> tuple[dict, dict]:
             else f"torch says: {str(error).splitlines()[0]}"
         )
         raise ConversionError(
-            f"{path} is a pickle that needs more than tensors and plain containers to load ({needs}). minisd opens "
-            f".ckpt files with torch.load(weights_only=True) so that no code in them runs, and refuses this one. Use "
-            f"the .safetensors release of the model, or re-save only its state_dict where you trust the file"
+            f"{path} is a pickle that needs more than tensors and plain containers to load "
+            f"({needs}). minisd opens "
+            ".ckpt files with torch.load(weights_only=True) so that no code in them runs, and "
+            "refuses this one. Use "
+            "the .safetensors release of the model, or re-save only its state_dict where you "
+            "trust the file"
         ) from None
     except Exception as error:  # a truncated zip, a damaged pickle, ...
         # torch's first sentence; the rest is advice for its own users
@@ -173,7 +176,8 @@ def official_to_minisd(
         report("UNet weights: the EMA copies (model_ema.*); the plain ones are kept under extras")
     elif ema_count:
         report(
-            "UNet weights: the plain ones (model.diffusion_model.*); the file also has EMA copies: --ema uses them"
+            "UNet weights: the plain ones (model.diffusion_model.*); the file also has EMA copies: "
+            "--ema uses them"
         )
     else:
         report("UNet weights: model.diffusion_model.* (the file has no EMA copies)")
@@ -235,7 +239,8 @@ def minisd_to_official(
     if marker is None:
         out.update({k: v for k, v in official_schedule(config).items() if k not in out})
         report(
-            "no official extras stored: wrote the schedule buffers as the official code computes them"
+            "no official extras stored: wrote the schedule buffers as the official code computes "
+            "them"
         )
         original["metadata"] = original["ckpt"] = {SOURCE_CONFIG_KEY: config.to_json()}
     if layout["text_style"] == "openclip" and config.text.layers < OPENCLIP_LAYERS:
@@ -350,7 +355,8 @@ def read_as_minisd(
         sdxl = any(k.startswith("conditioner.") for k in state)
         raise ConversionError(
             f"{path}: unknown layout, no tensor is named like an official Stable Diffusion 1.x/2.x "
-            f"checkpoint (model.diffusion_model.*); its first keys are {', '.join(list(state)[:3])}."
+            "checkpoint (model.diffusion_model.*); its first keys are "
+            f"{', '.join(list(state)[:3])}."
             + (" It looks like SDXL, which minisd does not implement." if sdxl else "")
         )
     origin = info.get("metadata", info.get("ckpt", {})).get(SOURCE_CONFIG_KEY)

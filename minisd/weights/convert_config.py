@@ -91,7 +91,8 @@ def config_from_official(
     attends = tuple(f"{u}input_blocks.{b}.1.proj_in.weight" in shapes for b in firsts)
     if not any(attends):
         raise _error(
-            "the UNet has no spatial transformers (input_blocks.N.1.*): not a Stable Diffusion 1.x/2.x UNet"
+            "the UNet has no spatial transformers (input_blocks.N.1.*): not a Stable Diffusion "
+            "1.x/2.x UNet"
         )
     attention = f"{u}input_blocks.{firsts[attends.index(True)]}.1."
     if unet_yaml.get("num_heads", -1) != -1:  # the official code's -1 means "not this way"
@@ -170,7 +171,8 @@ def config_from_official(
     elif sd2 and in_channels == unet.out_channels:
         prediction_type = "v_prediction"
         why = (
-            "SD 2.x default; shapes cannot tell 768-v from 512-base: for 512-base pass --prediction-type epsilon "
+            "SD 2.x default; shapes cannot tell 768-v from 512-base: for 512-base pass "
+            "--prediction-type epsilon "
             "or --config v2-inference.yaml"
         )
     else:
@@ -216,10 +218,13 @@ def config_from_official(
         else f"OpenAI CLIP ViT-L ({text.layers} layers)"
     )
     report(
-        f"detected: SD {'2' if sd2 else '1'}.x layout; text {text_name} at {t}*, width {width}; UNet "
-        f"{in_channels}->{unet.out_channels} channels{' (inpainting)' if in_channels == 9 else ''}, "
+        f"detected: SD {'2' if sd2 else '1'}.x layout; text {text_name} at {t}*, width {width}; "
+        "UNet "
+        f"{in_channels}->{unet.out_channels} "
+        f"channels{' (inpainting)' if in_channels == 9 else ''}, "
         f"{'64-dim heads' if unet.head_dim else f'{unet.num_heads} heads'}, "
-        f"{'linear' if unet.linear_projection else '1×1-conv'} projections, context {unet.context_dim}; "
+        f"{'linear' if unet.linear_projection else '1×1-conv'} projections, context "
+        f"{unet.context_dim}; "
         f"VAE {vae.latent_channels} latent channels"
     )
     report(f"prediction type: {prediction_type} ({why}); latent scale {latent_scale}")
@@ -230,14 +235,16 @@ def config_from_official(
         # its head layout and prediction type would be wrong too
         if theirs is not None and ours != theirs:
             raise _error(
-                f"--config describes another model: its {name} is {theirs} but the weights have {ours}; "
+                f"--config describes another model: its {name} is {theirs} but the weights have "
+                f"{ours}; "
                 f"pass the YAML that came with this checkpoint (SD 1.x: v1-inference.yaml, SD 2.x: "
                 f"v2-inference-v.yaml or v2-inference.yaml)"
             )
     # v1-inference.yaml given for an inpainting model
     if unet_yaml.get("in_channels", in_channels) != in_channels:
         report(
-            f"note: the YAML says in_channels={unet_yaml['in_channels']} but the weights have {in_channels}: "
+            f"note: the YAML says in_channels={unet_yaml['in_channels']} but the weights have "
+            f"{in_channels}: "
             f"using the weights"
         )
     if betas is not None and betas.shape == (config.num_train_timesteps,):
@@ -245,7 +252,8 @@ def config_from_official(
         # fp16 files round betas to ~1e-3
         if ((stored - expected).abs().max() / expected.max()) > 1e-3:
             report(
-                "note: the file's stored betas differ from the schedule assumed here; pass --config if the model "
+                "note: the file's stored betas differ from the schedule assumed here; pass "
+                "--config if the model "
                 "was trained with another linear_start/linear_end"
             )
     return config, style
@@ -266,7 +274,8 @@ def config_from_diffusers(
     if u.get("addition_embed_type") or u.get("class_embed_type"):
         extra = u.get("addition_embed_type") or u.get("class_embed_type")
         raise _error(
-            f"{folder}: this UNet has extra conditioning ({extra}); minisd implements Stable Diffusion "
+            f"{folder}: this UNet has extra conditioning ({extra}); minisd implements Stable "
+            "Diffusion "
             f"1.x/2.x only"
         )
     widths, vae_widths = u["block_out_channels"], v["block_out_channels"]
@@ -279,7 +288,8 @@ def config_from_diffusers(
         head_layout = {"num_heads": None, "head_dim": widths[0] // heads[0]}
     else:
         raise _error(
-            f"{folder}/unet/config.json: heads {heads} for widths {widths} are neither constant nor "
+            f"{folder}/unet/config.json: heads {heads} for widths {widths} are neither constant "
+            "nor "
             f"of one size"
         )
     depth = u.get("transformer_layers_per_block", 1)
@@ -341,8 +351,10 @@ def config_from_diffusers(
         image_size=u.get("sample_size", 64) * 2 ** (len(vae_widths) - 1),
     )
     report(
-        f"detected: diffusers pipeline, text {text.layers} layers of width {text.width} ({text.activation}), UNet "
-        f"{unet.in_channels}->{unet.out_channels} channels, context {unet.context_dim}; prediction type "
+        f"detected: diffusers pipeline, text {text.layers} layers of width {text.width} "
+        f"({text.activation}), UNet "
+        f"{unet.in_channels}->{unet.out_channels} channels, context {unet.context_dim}; prediction "
+        "type "
         f"{prediction_type} ({why})"
     )
     return config

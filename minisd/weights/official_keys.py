@@ -377,7 +377,8 @@ def _compile(source: str, target: str) -> tuple[str, str, str, str]:
     holders = [p for p in pieces if p in _PLACEHOLDERS]
     if holders != re.findall(r"\{\w+\}", target):
         raise ValueError(
-            f"rule {source!r} -> {target!r}: both sides need the same placeholders in the same order"
+            f"rule {source!r} -> {target!r}: both sides need the same placeholders in the same "
+            "order"
         )
     numbers = iter(range(1, len(holders) + 1))
     replacement = re.sub(r"\{\w+\}", lambda _: f"\\{next(numbers)}", target.rstrip("$"))
