@@ -161,3 +161,25 @@ def test_two_models_keep_their_own_switches():
         with pytest.raises(ValueError, match="no cross-attention was recorded"):
             maps_b.per_token()  # b did not run
     assert active_recorder(a) is None and active_recorder(b) is None
+
+
+# ---------------------------------------------------------------- lines fit side-by-side Jupyter
+
+
+def test_lines_fit_in_100_columns():
+    """`ruff check` with the project's configuration (pyproject.toml: line-length 100, E501)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff")
+    command = [ruff] if ruff else [sys.executable, "-m", "ruff"]
+    if not ruff and subprocess.run(command + ["--version"], capture_output=True).returncode:
+        pytest.skip("ruff is not installed (pip install -r tests/requirements-test.txt)")
+    result = subprocess.run(
+        command + ["check", "--output-format", "concise", "."],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -5,7 +5,8 @@ Relative error max|a − b| / max|b| must stay at fp32 rounding (≤ 1e-5). Thre
 outputs:
   * the stored fixture (always; needs only minisd's own requirements),
   * diffusers / transformers live, at the tiny preset and an SD 2-flavoured tiny config,
-  * diffusers / transformers live at the full SD 1 and SD 2 sizes, on an 8×8 latent to keep the CPU time low.
+  * diffusers / transformers live at the full SD 1 and SD 2 sizes, on an 8×8 latent to keep the
+    CPU time low.
 """
 
 from __future__ import annotations

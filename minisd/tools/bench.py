@@ -2,24 +2,31 @@
 weights.
 
 For every model and image size, each variant below is measured for:
-    UNet ms, it/s   one UNet call on the guided batch (2 × images: unconditional + prompt rows), median of --iters;
-                    it/s = calls per second, the rate of the denoising loop's dominant work
-    s/image         text to image end to end: encode the prompts, --steps DDIM steps with guidance, decode (median)
-    first image     the same for the variant's first image: compilation and CUDA-graph recording included
-    peak GiB        (CUDA) the variant's weights + the most memory it held above them while making an image
-                    (after its first image: what that left allocated counts, its one-time scratch
-                    does not)
+    UNet ms, it/s   one UNet call on the guided batch (2 × images: unconditional + prompt rows),
+                    median of --iters; it/s = calls per second, the rate of the denoising loop's
+                    dominant work
+    s/image         text to image end to end: encode the prompts, --steps DDIM steps with guidance,
+                    decode (median)
+    first image     the same for the variant's first image: compilation and CUDA-graph recording
+                    included
+    peak GiB        (CUDA) the variant's weights + the most memory it held above them while making
+                    an image (after its first image: what that left allocated counts, its one-time
+                    scratch does not)
 
 Variants (the same weights in each):
     minisd-math         the readable path: attention written out as einsum, softmax, einsum; eager
-    minisd              eager, fused attention (torch's scaled_dot_product_attention, which diffusers uses too)
+    minisd              eager, fused attention (torch's scaled_dot_product_attention, which
+                        diffusers uses too)
     minisd-cl           the same, channels_last weights
-    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU torch.compile of
-                        the UNet and VAE decoder and a CUDA graph of the UNet call (--no-compile,
-                        --no-cuda-graphs)
-    diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel, eager
-    diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last: diffusers' documented recipe
-    diffusers-compiled+cudnn   the same, re-timed with cudnn.benchmark on (which the minisd fast path turns on)
+    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU
+                        torch.compile of the UNet and VAE decoder and a CUDA graph of the UNet call
+                        (--no-compile, --no-cuda-graphs)
+    diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers'
+                               CLIPTextModel, eager
+    diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last: diffusers' documented
+                        recipe
+    diffusers-compiled+cudnn   the same, re-timed with cudnn.benchmark on (which the minisd fast
+                               path turns on)
 
 The diffusers variants run diffusers' modules holding the minisd model's own tensors (bench_cases.py
 builds them and times one variant; this file reads the settings, runs every case and prints the
@@ -476,7 +483,8 @@ def main(args) -> int:
                     if os.environ.get("MINISD_TRACEBACK"):
                         raise
                     failed = True
-                    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    message = f"{type(error).__name__}: {first_line}"
                     row = dict(
                         model=case.name,
                         size=size,

@@ -10,9 +10,11 @@ One variant of one Case (a model at one image size), all timings wall clock betw
 synchronisations:
     first image     one text-to-image run (compilation and CUDA-graph recording included)
     s/image         median over --images further runs
-    UNet ms         median over --iters calls on the guided batch x [2B, C, h, h], t = 500, random context [2B, 77, d]
-    peak GiB        (CUDA) bytes of the variant's parameters + max allocated − allocated before the variant started,
-                    the max counted from after the first image when more images follow
+    UNet ms         median over --iters calls on the guided batch x [2B, C, h, h], t = 500, random
+                    context [2B, 77, d]
+    peak GiB        (CUDA) bytes of the variant's parameters + max allocated − allocated before the
+                    variant started, the max counted from after the first image when more images
+                    follow
 and its outputs are compared with minisd's eager ones: UNet max|a − b| / max|b|, image max and mean
 |a − b|.
 """

@@ -4,23 +4,27 @@ memory.
 Nothing here changes the mathematics of a module; each switch changes *how* the GPU (or CPU) is
 asked to do it:
 
-    attention="fused"    softmax(QKᵀ/√d)V in one kernel (torch's scaled_dot_product_attention, flash attention on
-                         recent GPUs): the [tokens × tokens] matrix is never stored.
-    channels_last        convolution weights and activations stored as [B, H, W, C] (NHWC), the layout the tensor
-                         cores read; the transformer's "b c h w -> b (h w) c" then becomes a view,
-                         not a copy.
-    dtype                float16 / bfloat16: half the bytes per number, and the tensor cores' fast arithmetic.
-    compile              torch.compile the UNet's and the VAE decoder's forward: GroupNorm + SiLU, the GEGLU gate,
-                         the residual adds ... become a few generated kernels instead of one pass
-                         over memory each.
-    cuda_graphs          record the UNet's kernel launches once per input shape and replay the recording: one launch
-                         per denoising step instead of hundreds. The loop calls the UNet with the
-                         same shapes every step, which is what makes a recording reusable.
-    cudnn_benchmark      let cuDNN time its convolution algorithms once per shape and keep the fastest.
-    attention_slicing    (memory) the math path builds the score matrix for a few (batch, head) rows at a time.
-    tiled_decode         (memory) decode the latents in overlapping tiles (tiled_vae.py): the VAE's big activations
-                         are made one tile at a time (SD 1, 1024², float16: peak 4.4 → 3.4 GiB on an
-                         H100).
+    attention="fused"    softmax(QKᵀ/√d)V in one kernel (torch's scaled_dot_product_attention, flash
+                         attention on recent GPUs): the [tokens × tokens] matrix is never stored.
+    channels_last        convolution weights and activations stored as [B, H, W, C] (NHWC), the
+                         layout the tensor cores read; the transformer's "b c h w -> b (h w) c" then
+                         becomes a view, not a copy.
+    dtype                float16 / bfloat16: half the bytes per number, and the tensor cores' fast
+                         arithmetic.
+    compile              torch.compile the UNet's and the VAE decoder's forward: GroupNorm + SiLU,
+                         the GEGLU gate, the residual adds ... become a few generated kernels
+                         instead of one pass over memory each.
+    cuda_graphs          record the UNet's kernel launches once per input shape and replay the
+                         recording: one launch per denoising step instead of hundreds. The loop
+                         calls the UNet with the same shapes every step, which is what makes a
+                         recording reusable.
+    cudnn_benchmark      let cuDNN time its convolution algorithms once per shape and keep the
+                         fastest.
+    attention_slicing    (memory) the math path builds the score matrix for a few (batch, head) rows
+                         at a time.
+    tiled_decode         (memory) decode the latents in overlapping tiles (tiled_vae.py): the VAE's
+                         big activations are made one tile at a time (SD 1, 1024², float16: peak 4.4
+                         → 3.4 GiB on an H100).
 
 How the switches are applied without forking a module: `speed_up` sets the *instance* attribute
 `forward` of `sd.unet` (and `sd.vae.decoder`, `sd.vae.decode`) to a compiled / graph-replaying

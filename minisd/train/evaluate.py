@@ -5,13 +5,14 @@ asks for?
     python -m minisd evaluate --model runs/ldm/model.safetensors --seen 100 --heldout 100
 
 Protocol (every number is a pure function of the seeds):
-  1. Choose the guidance scale s on a *selection* set: 50 prompts of the validation split drawn with seed+1,
-     trying each scale in --scales; the scale with the highest full rate (ties: colour+shape) wins.
-  2. Seen:     --seen prompts of the validation split (seed): colour-shape pairs that occur in training, 1 or 2
-               objects. Report the colour+shape rate and the full rate (also size, position, no
-               extra object).
-  3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape pair never seen
-               in training. Report the colour+shape rate.
+  1. Choose the guidance scale s on a *selection* set: 50 prompts of the validation split drawn with
+     seed+1, trying each scale in --scales; the scale with the highest full rate (ties:
+     colour+shape) wins.
+  2. Seen:     --seen prompts of the validation split (seed): colour-shape pairs that occur in
+               training, 1 or 2 objects. Report the colour+shape rate and the full rate (also size,
+               position, no extra object).
+  3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape
+               pair never seen in training. Report the colour+shape rate.
   4. Both again at s = 1 (no guidance), to show what guidance buys.
 Image i of a set is sampled with seed (image_seed + i), DDIM, --steps steps. The detector is
 minisd.train.fidelity.

@@ -1,14 +1,15 @@
 """Teach a trained model a new word — the colour "orange" — from a few dozen pictures, with LoRA, on
 a CPU in minutes.
 
-    python -m minisd finetune --out runs/orange       # the bundled model; writes runs/orange/orange.safetensors
+    python -m minisd finetune --out runs/orange   # bundled model -> runs/orange/orange.safetensors
 
 What is trained (everything else stays frozen):
   - LoRA adapters (lora.py) on to_q, to_k, to_v, to_out of every attention layer of the UNet and the
   text encoder:
         W x  ->  W x + (α/r) · B A x
-  - the token-embedding row of the new word (textual inversion, Gal et al. 2022): the base text encoder never saw
-    "orange" (its row is still the random init), so the word first needs a vector of its own.
+  - the token-embedding row of the new word (textual inversion, Gal et al. 2022): the base text
+    encoder never saw "orange" (its row is still the random init), so the word first needs a vector
+    of its own.
 The loss is the base model's own (train_ldm.py): ‖UNet(z_t, t, c) − target‖², with the caption
 dropped 10% of the time.
 
@@ -290,7 +291,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--measure",
         type=int,
         default=50,
-        help="prompts of the new concept to score before and after (and twice as many base prompts after; 0: skip)",
+        help="prompts of the new concept to score before and after (and twice as many base "
+        "prompts after; 0: skip)",
     )
     p.add_argument("--json", default=None, help="also write the summary and measurements here")
 

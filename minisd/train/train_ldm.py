@@ -5,10 +5,11 @@ scratch.
 
 One training step (Rombach et al. 2022, eq. 2), for a batch of (image, caption) pairs:
 
-    z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)     the VAE is trained first and stays frozen
-    t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε                    (schedule.q_sample)
-    c = TextEncoder(tokens(caption)),  caption replaced by "" with probability p_drop      (for classifier-free guidance)
-    L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀  (schedule.training_target)
+    z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)    (VAE trained first, frozen)
+    t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε          (schedule.q_sample)
+    c = TextEncoder(tokens(caption)),  caption → "" with probability p_drop   (for CFG, guidance.py)
+    L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀
+                                                                        (schedule.training_target)
 
 Dropping the caption teaches the same network the unconditional prediction that guidance
 extrapolates away from. The weights that get saved are the exponential moving average
@@ -93,10 +94,10 @@ def diffusion_loss(
     With `snr_gamma` = γ each example's error is weighted by Min-SNR-γ (Hang et al. 2023, eq. 10 and
     its v form):
         w_t = min(SNR_t, γ) / SNR_t        for ε,        w_t = min(SNR_t, γ) / (SNR_t + 1)   for v,
-    SNR_t = ᾱ_t / (1 − ᾱ_t). It stops the nearly clean timesteps (huge SNR, easy) from dominating the gradient,
-    which makes short runs converge faster; None keeps the plain loss that Stable Diffusion was
-    trained with. `t_cpu` (the same timesteps on the CPU) lets the schedule look ᾱ_t up without
-    waiting for the GPU.
+    SNR_t = ᾱ_t / (1 − ᾱ_t). It stops the nearly clean timesteps (huge SNR, easy) from dominating
+    the gradient, which makes short runs converge faster; None keeps the plain loss that Stable
+    Diffusion was trained with. `t_cpu` (the same timesteps on the CPU) lets the schedule look ᾱ_t
+    up without waiting for the GPU.
     """
     lookup = t if t_cpu is None else t_cpu
     z_t = schedule.q_sample(z0, lookup, eps)

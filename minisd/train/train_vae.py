@@ -4,10 +4,10 @@
 
 Loss per image x (pixels in [-1, 1], x̂ = D(z), z ~ q(z|x) = N(μ, σ²)):
 
-    L = mean|x̂ − x|                                  reconstruction (L1: sharper than L2 on flat colours)
+    L = mean|x̂ − x|                            reconstruction (L1: sharper than L2 on flat colours)
       + w_mse  · mean (x̂ − x)²
-      + w_edge · mean |∇x̂ − ∇x|                      finite differences along x and y: crisp shape edges
-      + w_kl   · KL(q(z|x) ‖ N(0, I)) / (3·H·W)        a weak pull towards N(0, I), per pixel as the terms above
+      + w_edge · mean |∇x̂ − ∇x|                finite differences along x and y: crisp shape edges
+      + w_kl   · KL(q(z|x) ‖ N(0, I)) / (3·H·W)  a weak pull towards N(0, I), per pixel as above
 
 SD's autoencoder adds a perceptual (LPIPS) and an adversarial term; flat-coloured shapes do not need
 them. At the end the latent scale is measured, latent_scale = 1 / std(z) over a few thousand

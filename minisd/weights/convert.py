@@ -58,8 +58,7 @@ SOURCE_CONFIG_KEY = "minisd_config_of_origin"
 Report = Callable[[str], None]
 
 
-# ── reading
-# ──────────────────────────────────────────────────────────────────────────────────────────────────────
+# ── reading ───────────────────────────────────────────────────────────────────────────────────────
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -150,8 +149,7 @@ def read_yaml(path) -> dict:
     return data
 
 
-# ── official -> minisd
-# ───────────────────────────────────────────────────────────────────────────────────────────
+# ── official -> minisd ────────────────────────────────────────────────────────────────────────────
 
 
 def official_to_minisd(
@@ -202,8 +200,7 @@ def official_to_minisd(
     return out
 
 
-# ── minisd -> official
-# ───────────────────────────────────────────────────────────────────────────────────────────
+# ── minisd -> official ────────────────────────────────────────────────────────────────────────────
 
 
 def minisd_to_official(
@@ -257,8 +254,7 @@ def _layout_marker(text_style: str, ema: bool, info: dict) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
-# ── diffusers folders
-# ────────────────────────────────────────────────────────────────────────────────────────────
+# ── diffusers folders ─────────────────────────────────────────────────────────────────────────────
 
 # Old diffusers files name the VAE's attention query/key/value/proj_attn (and store 1×1 convs: see
 # TRANSFORMS).
@@ -322,8 +318,7 @@ def _read_folder_weights(folder: Path) -> dict:
     return state
 
 
-# ── entry points
-# ─────────────────────────────────────────────────────────────────────────────────────────────────
+# ── entry points ──────────────────────────────────────────────────────────────────────────────────
 
 
 def read_as_minisd(

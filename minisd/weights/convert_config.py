@@ -6,11 +6,13 @@ linear projections, the context width, inpainting (9 input channels), the text t
 ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x). They cannot tell three things, which the official YAML
 (`--config`) settles:
 
-- the head layout: SD 1.x has 8 heads at every level (`num_heads: 8`), SD 2.x 64-dim heads (`num_head_channels: 64`);
-  without a YAML the text tower decides (ViT-L -> 8 heads, ViT-H -> 64-dim heads);
-- what the UNet predicts: `parameterization: "v"` -> v-prediction, else ε. SD 2.x comes as 768-v (v) and 512-base
-  (ε) with identical shapes; minisd assumes v for SD 2.x and says so;
-- the schedule (linear_start, linear_end, timesteps) and scale_factor (the file's `scale_factor` buffer when present).
+- the head layout: SD 1.x has 8 heads at every level (`num_heads: 8`), SD 2.x 64-dim heads
+  (`num_head_channels: 64`); without a YAML the text tower decides (ViT-L -> 8 heads, ViT-H ->
+  64-dim heads);
+- what the UNet predicts: `parameterization: "v"` -> v-prediction, else ε. SD 2.x comes as 768-v (v)
+  and 512-base (ε) with identical shapes; minisd assumes v for SD 2.x and says so;
+- the schedule (linear_start, linear_end, timesteps) and scale_factor (the file's `scale_factor`
+  buffer when present).
 """
 
 from __future__ import annotations
