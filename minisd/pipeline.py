@@ -158,6 +158,11 @@ class SamplingSettings:
 def settings_from(settings: Optional[SamplingSettings], options: dict) -> SamplingSettings:
     """`settings` (or the defaults) with keyword options replacing fields; an unknown keyword is
     a TypeError, as for any function."""
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise TypeError(
+            f"settings must be a SamplingSettings, got {type(settings).__name__}: give steps, "
+            "guidance_scale, ... as keywords (generate(sd, prompt, negative_prompt, steps=20))"
+        )
     names = {f.name for f in dataclasses.fields(SamplingSettings)}
     unknown = sorted(set(options) - names)
     if unknown:

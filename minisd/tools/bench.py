@@ -385,7 +385,7 @@ def header(settings) -> str:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     try:
-        import diffusers
+        import diffusers  # here, not at the top: optional, only for the comparison
 
         versions = f"diffusers {diffusers.__version__}"
     except ImportError:
@@ -421,6 +421,7 @@ def main(args) -> int:
     wants_diffusers = any(v.startswith("diffusers") for v in settings["variants"])
     if wants_diffusers:
         try:
+            # optional dependencies, needed only for the comparison: imported where used
             import diffusers  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:

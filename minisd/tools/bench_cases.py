@@ -77,7 +77,7 @@ def _fill(module, part: str, sd, device) -> None:
 def diffusers_twin(sd, with_pipeline: bool):
     """(unet, pipeline or None, text model or None) from diffusers/transformers, holding sd's
     weights."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # optional dependency: imported where used
 
     cfg, device = sd.config, sd.device
     u = cfg.unet

@@ -44,15 +44,19 @@ def shapes_only():
         torch.nn.Embedding.reset_parameters = reset
 
 
-def expected_shapes(config: SDConfig) -> dict[str, tuple]:
-    """{minisd key: shape} of every tensor a model of `config` holds."""
-    with shapes_only():
-        model = StableDiffusion(config)
+def shapes_of(model: StableDiffusion) -> dict[str, tuple]:
+    """{minisd key: shape} of every tensor `model` holds."""
     return {
         f"{part}.{k}": tuple(v.shape)
         for part in PARTS
         for k, v in getattr(model, part).state_dict().items()
     }
+
+
+def expected_shapes(config: SDConfig) -> dict[str, tuple]:
+    """{minisd key: shape} of every tensor a model of `config` holds (built on the meta device)."""
+    with shapes_only():
+        return shapes_of(StableDiffusion(config))
 
 
 def check_fits(
@@ -85,9 +89,9 @@ def from_state_dict(
 ) -> StableDiffusion:
     """Build a float32 model from minisd-named tensors (`unet.…`, `vae.…`, `text_encoder.…`, and
     `extra.…` kept aside), with one clear error listing missing/unexpected/mis-shaped keys."""
-    check_fits(source, expected_shapes(config), tensors)
     with shapes_only():  # no random init of weights that are about to be replaced
         sd = StableDiffusion(config)
+    check_fits(source, shapes_of(sd), tensors)
     for part in PARTS:
         prefix = f"{part}."
         getattr(sd, part).load_state_dict(
