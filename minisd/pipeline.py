@@ -340,8 +340,8 @@ def denoising_loop(
     x at the previous timestep and x̂₀.
     """
     for i, t in enumerate(timesteps):
-        prediction = predict(x, t)
-        out = sampler.step(prediction, t, x, **streams.for_step(x))
+        prediction = predict(x, t)  # ε̂ = ε_u + s · (ε_c − ε_u)       (guidance.py)
+        out = sampler.step(prediction, t, x, **streams.for_step(x))  # x_t -> x_prev, x̂₀
         x = out.prev_sample
         yield Step(i, t, x, out.pred_x0)
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checks import check_tensor
+from ..checks import check_number, check_tensor
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -180,13 +180,9 @@ def tiled_decode(
     check_tensor(
         "VAE decode latents", latents, 4, "[B, latent_channels, h, w]", vae.cfg.latent_channels
     )
-    for name, value, low in (
-        ("tile_size", tile_size, 1),
-        ("overlap", overlap, 0),
-        ("sweeps", sweeps, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_number("tile_size", tile_size, 1, integer=True)
+    check_number("overlap", overlap, 0, integer=True)
+    check_number("sweeps", sweeps, 1, integer=True)
     if overlap >= tile_size:
         raise ValueError(f"overlap ({overlap}) must be smaller than tile_size ({tile_size})")
     decoder, scale = vae.decoder, vae.downscale

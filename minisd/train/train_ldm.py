@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..attention import set_attention_backend
+from ..config import PREDICTION_TYPES
 from ..model import StableDiffusion
 from ..pipeline import noise_schedule
 from ..weights.minisd_file import save
@@ -133,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prediction-type",
-        choices=("epsilon", "v_prediction"),
+        choices=PREDICTION_TYPES,
         default=None,
         help="what the UNet learns to output (default: the config's)",
     )
