@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="take the UNet from the checkpoint's EMA copies (model_ema.*); default: the plain weights",
+        help="take the UNet from the checkpoint's EMA copies (model_ema.*); "
+        "default: the plain weights",
     )
     parser.add_argument(
         "--half", action="store_true", help="store every floating tensor as float16"

@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from . import __version__
+
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": (
@@ -45,8 +47,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minisd", description="minisd: Stable Diffusion, written out."
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

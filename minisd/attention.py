@@ -11,7 +11,8 @@ product of d such terms has variance d); without it softmax saturates and its gr
 
 The readable path below (`math`) is the default. `fused` calls torch's scaled_dot_product_attention,
 which computes the same function in one kernel without storing the [tokens × tokens] matrix; tests
-check the two agree.
+check the two agree. The choice belongs to each layer (`set_attention_backend(sd, "fused")` sets the
+layers of one model), never to the process: two models in one notebook do not affect each other.
 """
 from __future__ import annotations
 
@@ -22,42 +23,45 @@ import torch
 from einops import rearrange
 from torch import nn
 
-_BACKENDS = ("math", "fused")
-_backend = "math"
-_slice_size: Optional[int] = None
+from .checks import check_choice, check_number
+
+BACKENDS = ("math", "fused")
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose how every Attention module computes softmax(QKᵀ/√d)V: 'math' (readable, default) or
-    'fused'."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {_BACKENDS}")
-    _backend = name
+def attention_layers(modules) -> list["Attention"]:
+    """Every Attention layer inside `modules` (one module, e.g. a model or a UNet, or a list)."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    return [m for module in modules for m in module.modules() if isinstance(m, Attention)]
 
 
-def get_attention_backend() -> str:
-    return _backend
+def set_attention_backend(modules, backend: str = "math", slice_size: Optional[int] = None):
+    """Choose how the Attention layers inside `modules` compute softmax(QKᵀ/√d)V: 'math' (readable,
+    the default) or 'fused'; `slice_size` (math only): that many (batch·head) rows at a time, to
+    save memory on small GPUs. Other models are untouched: the choice is stored on each layer."""
+    check_choice("attention backend", backend, BACKENDS)
+    if slice_size is not None:
+        check_number("attention slice size", slice_size, 1, integer=True)
+    for layer in attention_layers(modules):
+        layer.backend, layer.slice_size = backend, slice_size
 
 
-def set_attention_slicing(slice_size: Optional[int]) -> None:
-    """Compute attention for `slice_size` (batch·head) rows at a time, to save memory on small GPUs;
-    None = all at once."""
-    global _slice_size
-    if slice_size is not None and slice_size < 1:
-        raise ValueError(f"attention slice size must be >= 1 or None, got {slice_size}")
-    _slice_size = slice_size
+def get_attention_backend(modules) -> str:
+    """The backend of the Attention layers inside `modules` ('mixed' if they differ)."""
+    backends = {layer.backend for layer in attention_layers(modules)}
+    return backends.pop() if len(backends) == 1 else "mixed"
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """`with attention_backend('fused'): ...` switches the backend for a block of code."""
-    previous = _backend
-    set_attention_backend(name)
+def attention_backend(modules, backend: str = "fused", slice_size: Optional[int] = None):
+    """`with attention_backend(sd, "fused"): ...` switches the layers of `modules` for a block."""
+    layers = attention_layers(modules)
+    previous = [(layer.backend, layer.slice_size) for layer in layers]
+    set_attention_backend(layers, backend, slice_size)
     try:
         yield
     finally:
-        set_attention_backend(previous)
+        for layer, (old_backend, old_slice) in zip(layers, previous):
+            layer.backend, layer.slice_size = old_backend, old_slice
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -79,20 +83,16 @@ def attention_math(
     return torch.einsum("bhnm,bhmd->bhnd", probs, v), probs
 
 
-def _attention(q, k, v, mask=None) -> torch.Tensor:
-    if _backend == "fused":
-        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if _slice_size is None:
-        return attention_math(q, k, v, mask)[0]
-    # Attention slicing: the [n × m] score matrix is built for a few (batch, head) pairs at a time.
+def sliced_attention(q, k, v, mask, slice_size: int) -> torch.Tensor:
+    """attention_math for `slice_size` (batch, head) pairs at a time: the [n × m] score matrix is
+    never built for all of them at once. Same numbers, less memory."""
     b, h = q.shape[:2]
     q2, k2, v2 = (rearrange(t, "b h n d -> (b h) 1 n d") for t in (q, k, v))
     out = torch.cat(
         [
-            attention_math(
-                q2[i : i + _slice_size], k2[i : i + _slice_size], v2[i : i + _slice_size], mask
-            )[0]
-            for i in range(0, b * h, _slice_size)
+            attention_math(q2[i : i + slice_size], k2[i : i + slice_size], v2[i : i + slice_size],
+                           mask)[0]
+            for i in range(0, b * h, slice_size)
         ]
     )
     return rearrange(out, "(b h) 1 n d -> b h n d", b=b, h=h)
@@ -124,8 +124,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, query_dim)
-        # Chapters set this to a function(probs [B, heads, n, m]) to look at attention maps (math
-        # backend only).
+        # How this layer computes (set_attention_backend): "math" (readable) or "fused"; slices.
+        self.backend, self.slice_size = "math", None
+        # Chapters set this to a function(probs [B, heads, n, m]) to look at attention maps (it
+        # needs the probabilities, so the math path runs while it is set).
         self.probs_hook: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(
@@ -140,6 +142,10 @@ class Attention(nn.Module):
         if self.probs_hook is not None:
             out, probs = attention_math(q, k, v, mask)
             self.probs_hook(probs)
+        elif self.backend == "fused":  # the same function in one kernel, A never stored
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.slice_size is not None:
+            out = sliced_attention(q, k, v, mask, self.slice_size)
         else:
-            out = _attention(q, k, v, mask)
+            out = attention_math(q, k, v, mask)[0]
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

@@ -9,10 +9,11 @@ distributions are distributions, so the maps still sum to 1 over the tokens at e
     with record_cross_attention(sd) as maps:
         sd.generate("a red circle", steps=20)
     maps.per_token(image=0)      # [77, h, w]   (latent resolution)
-    maps.tokens(image=0)         # ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', '<|endoftext|>', …]
+    maps.tokens(image=0)         # ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', …]
 
 The maps are those of the last `generate` call inside the block, for the conditional rows of the
-batch.
+batch. The recorder belongs to the model it listens to (`sd.attention_recorder` while the block
+runs): recording one model never touches another.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from typing import Optional
 import torch
 from einops import reduce
 from torch.nn import functional as F
-
-_active: dict[int, "CrossAttentionMaps"] = {}  # id(model) -> the recorder attached to it
-
 
 class CrossAttentionMaps:
     def __init__(self, sd):
@@ -84,25 +82,40 @@ class CrossAttentionMaps:
         return [tokenizer.id_to_token[i] for i in self._ids[self._row(image, part)].tolist()]
 
 
+RECORDER = "attention_recorder"  # the attribute of a model that holds its recorder while recording
+
+
 def active_recorder(sd) -> Optional[CrossAttentionMaps]:
-    return _active.get(id(sd))
+    return getattr(sd, RECORDER, None)
+
+
+def announce_batch(members: list, conditionings: list, latent_size) -> None:
+    """Before the first step: tell each recording model which rows of its UNet batch are which
+    image's prompt parts, and their token ids (guidance.Conditioning)."""
+    for (model, _), cond in zip(members, conditionings):
+        recorder = active_recorder(model)
+        if recorder is not None:
+            owner = cond.row_image.tolist()
+            rows = [[r for r in cond.part_rows.tolist() if owner[r] == b]
+                    for b in range(cond.num_images)]
+            recorder.begin(rows, cond.ids, latent_size)
 
 
 @contextlib.contextmanager
 def record_cross_attention(sd):
     """Attach a recorder to every cross-attention layer of `sd.unet` for the duration of the
     block."""
-    if id(sd) in _active:
+    if active_recorder(sd) is not None:
         raise ValueError("cross-attention of this model is already being recorded")
     recorder = CrossAttentionMaps(sd)
     layers = [m for m in sd.unet.modules() if getattr(m, "is_cross", False)]
     previous = [layer.probs_hook for layer in layers]
     for layer in layers:
         layer.probs_hook = recorder.hook
-    _active[id(sd)] = recorder
+    setattr(sd, RECORDER, recorder)
     try:
         yield recorder
     finally:
-        del _active[id(sd)]
+        setattr(sd, RECORDER, None)
         for layer, hook in zip(layers, previous):
             layer.probs_hook = hook

@@ -9,12 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .clip import TextEncoderConfig
+from .checks import check_choice
+from .schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+# SD's latent scale: 1 / (the standard deviation of its VAE's latents), measured by CompVis
+SD_LATENT_SCALE = 0.18215
+# OpenCLIP ViT-H/14's layers: the official SD 2 code builds all of them and runs all but the last
+OPENCLIP_LAYERS = 24
+# the tiny model trained by minisd itself (`bundled()`): the default of `python -m minisd generate`
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "bundled.safetensors"
 
 
 @dataclass
@@ -24,7 +32,7 @@ class SDConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     # what the UNet outputs: "epsilon" (ε) or "v_prediction" (v)
     prediction_type: str = "epsilon"
-    latent_scale: float = 0.18215          # the diffusion model sees latent_scale · z
+    latent_scale: float = SD_LATENT_SCALE  # the diffusion model sees latent_scale · z
     beta_schedule: str = "scaled_linear"   # β_t = (linspace(√β_start, √β_end, T))²
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -34,14 +42,12 @@ class SDConfig:
     name: str = "custom"
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.unet.context_dim != self.text.width:
             raise ValueError(
-                f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text encoder "
-                f"produces width={self.text.width}"
+                f"the UNet cross-attends to context_dim={self.unet.context_dim} but the text "
+                f"encoder produces width={self.text.width}"
             )
         if self.unet.out_channels != self.vae.latent_channels:
             raise ValueError(
@@ -77,35 +83,55 @@ class SDConfig:
         )
 
 
+# Presets: every one is `name(**overrides) -> SDConfig`; overrides replace SDConfig fields.
+
+
 def sd1(**overrides) -> SDConfig:
     """Stable Diffusion 1.x (v1-inference.yaml): CLIP ViT-L/14, 8 heads, 1×1-conv projections,
     ε-prediction."""
-    return SDConfig(name="sd1", **overrides)
+    return SDConfig(**{"name": "sd1", **overrides})
 
 
-def sd1_inpaint() -> SDConfig:
+def sd1_inpaint(**overrides) -> SDConfig:
     """SD 1.5 inpainting: the UNet also reads the mask and the masked image's latents (4 + 1 + 4
     channels)."""
-    return SDConfig(unet=UNetConfig(in_channels=9), name="sd1-inpainting")
+    return sd1(**{"unet": UNetConfig(in_channels=9), "name": "sd1-inpainting", **overrides})
 
 
-def sd2(prediction_type: str = "v_prediction") -> SDConfig:
-    """Stable Diffusion 2.x (v2-inference-v.yaml; 'epsilon' gives the 512-base model): OpenCLIP
-    ViT-H/14, 64-dim heads."""
-    return SDConfig(
+def _sd2_networks() -> dict:
+    """SD 2's networks: OpenCLIP ViT-H/14 (23 of its 24 layers run), 64-dim heads, linear
+    projections."""
+    return dict(
         unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, linear_projection=True),
         text=TextEncoderConfig(
-            width=1024, layers=24, heads=16, activation="gelu", use_layers=23, pad_token_id=0
+            width=1024,
+            layers=OPENCLIP_LAYERS,
+            heads=16,
+            activation="gelu",
+            use_layers=OPENCLIP_LAYERS - 1,
+            pad_token_id=0,
         ),
-        prediction_type=prediction_type,
-        image_size=768 if prediction_type == "v_prediction" else 512,
-        name="sd2" if prediction_type == "v_prediction" else "sd2-base",
     )
+
+
+def sd2(**overrides) -> SDConfig:
+    """Stable Diffusion 2.x 768-v (v2-inference-v.yaml): v-prediction at 768².
+    `sd2(prediction_type="epsilon")` gives `sd2_base()`."""
+    if overrides.get("prediction_type") == "epsilon":
+        return sd2_base(**overrides)
+    values = dict(prediction_type="v_prediction", image_size=768, name="sd2")
+    return SDConfig(**{**_sd2_networks(), **values, **overrides})
+
+
+def sd2_base(**overrides) -> SDConfig:
+    """Stable Diffusion 2.x-base (v2-inference.yaml): SD 2's networks, ε-prediction at 512²."""
+    values = dict(prediction_type="epsilon", image_size=512, name="sd2-base")
+    return SDConfig(**{**_sd2_networks(), **values, **overrides})
 
 
 def tiny(**overrides) -> SDConfig:
     """A few-megabyte model with every feature of the real ones, for tests and CPU experiments."""
-    return SDConfig(
+    values = dict(
         unet=UNetConfig(
             channels=32,
             channel_mult=(1, 2, 2),
@@ -117,8 +143,8 @@ def tiny(**overrides) -> SDConfig:
         text=TextEncoderConfig(width=32, layers=2, heads=4),
         image_size=32,
         name="tiny",
-        **overrides,
     )
+    return SDConfig(**{**values, **overrides})
 
 
 def bundled(**overrides) -> SDConfig:
@@ -145,8 +171,7 @@ def bundled(**overrides) -> SDConfig:
         image_size=32,
         name="bundled",
     )
-    values.update(overrides)
-    return SDConfig(**values)
+    return SDConfig(**{**values, **overrides})
 
 
 def bundled_cpu(**overrides) -> SDConfig:
@@ -168,15 +193,14 @@ def bundled_cpu(**overrides) -> SDConfig:
         ),
         name="bundled-cpu",
     )
-    values.update(overrides)
-    return bundled(**values)
+    return bundled(**{**values, **overrides})
 
 
 PRESETS = {
     "sd1": sd1,
     "sd1-inpainting": sd1_inpaint,
     "sd2": sd2,
-    "sd2-base": lambda: sd2("epsilon"),
+    "sd2-base": sd2_base,
     "tiny": tiny,
     "bundled": bundled,
     "bundled-cpu": bundled_cpu,

@@ -10,7 +10,8 @@ step from timestep t to the previous timestep of a shorter sub-sequence ("prev")
     with x̂₀ = (xₜ − √(1 − ᾱₜ) · ε̂) / √ᾱₜ  and, eq. 16,
     σₜ = η · √((1 − ᾱ_prev) / (1 − ᾱₜ)) · √(1 − ᾱₜ / ᾱ_prev).
 
-η = 0 is the deterministic DDIM sampler; η = 1 makes σₜ² the DDPM posterior variance (ancestral sampling).
+η = 0 is the deterministic DDIM sampler; η = 1 makes σₜ² the DDPM posterior variance (ancestral
+sampling).
 
 Stable Diffusion's settings (diffusers' DDIMScheduler as SD configures it): "leading" timesteps with
 steps_offset=1 (50 steps: 981, 961, …, 1), no clipping of x̂₀, and after the last timestep ᾱ_prev =
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from minisd.schedule import NoiseSchedule, StepOutput, TimestepSampler
+from .schedule import NoiseSchedule, StepOutput, TimestepSampler
 
 
 class DDIMSampler(TimestepSampler):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from minisd.schedule import NoiseSchedule, StepOutput, TimestepSampler
+from .schedule import NoiseSchedule, StepOutput, TimestepSampler
 
 
 class DDPMSampler(TimestepSampler):

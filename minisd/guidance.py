@@ -4,7 +4,7 @@ assembled.
 Classifier-free guidance (Ho & Salimans 2022): run the UNet with the prompt (ε_c) and with the
 negative / empty prompt (ε_u) and extrapolate away from the unconditional prediction,
 
-    ε = ε_u + s · (ε_c − ε_u)                                   s = guidance_scale; s = 1 gives ε_c, s = 0 gives ε_u
+    ε = ε_u + s · (ε_c − ε_u)          s = guidance_scale; s = 1 gives ε_c, s = 0 gives ε_u
 
 Composition ("a cat AND a hat :0.5", prompts.py) guides every part i of a prompt separately and adds
 the pushes:
@@ -17,9 +17,7 @@ one batch ordered [uncond rows of every image, then every part of every image]. 
 image's weights sum to 1, the formula reduces to Σᵢ wᵢ εᵢ and the unconditional rows are skipped
 entirely (half the work for plain prompts).
 
-Ensembles mix models per step: ε = Σₖ λₖ ε⁽ᵏ⁾, each ε⁽ᵏ⁾ guided with model k's own text encoder. All
-members must share the latent space (same VAE layout and latent scale; the first member's VAE
-encodes and decodes), the tokenizer, the prediction type and the noise schedule.
+Ensembles (ensemble.py) mix such predictions of several models per step: ε = Σₖ λₖ ε⁽ᵏ⁾.
 """
 
 from __future__ import annotations
@@ -120,89 +118,3 @@ def guided_prediction(
     timestep = torch.tensor([t], dtype=torch.long, device=latents.device)
     output = sd.unet(unet_input.to(sd.dtype), timestep, cond.context).float()
     return combine(output, cond, guidance_scale)
-
-
-class ModelEnsemble:
-    """Several models denoising together: at every step ε = Σₖ λₖ ε⁽ᵏ⁾ (each guided with its own
-    text encoder).
-
-        ens = ModelEnsemble([sd_a, sd_b], weights=[0.5, 0.5]);  images = ens.generate("a red circle")
-
-    Weights default to equal shares summing to 1 (which keeps the prediction's scale). The first
-    model's VAE, tokenizer and config are used for everything outside the UNet.
-    """
-
-    def __init__(self, models: Sequence, weights: Optional[Sequence[float]] = None):
-        from .model import StableDiffusion
-
-        models = list(models)
-        if not models:
-            raise ValueError("ModelEnsemble needs at least one model")
-        for i, model in enumerate(models):
-            if not isinstance(model, StableDiffusion):
-                raise TypeError(
-                    f"ModelEnsemble members must be StableDiffusion models, got {type(model).__name__} at {i}"
-                )
-        weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
-        if len(weights) != len(models):
-            raise ValueError(f"ModelEnsemble got {len(models)} models but {len(weights)} weights")
-        if not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-            for w in weights
-        ):
-            raise ValueError(f"ensemble weights must be finite numbers, got {weights}")
-        check_compatible(models)
-        self.models, self.weights = models, [float(w) for w in weights]
-
-    @property
-    def members(self) -> list[tuple]:
-        return list(zip(self.models, self.weights))
-
-    def generate(self, *args, **kwargs):
-        from .pipeline import generate
-
-        return generate(self, *args, **kwargs)
-
-
-def check_compatible(models: Sequence) -> None:
-    """Raise ValueError unless every model shares the first one's latent space, tokenizer, schedule
-    and device."""
-    first = models[0]
-
-    def facts(sd):
-        c = sd.config
-        return {
-            "VAE layout": c.vae,
-            "latent_scale": c.latent_scale,
-            "prediction_type": c.prediction_type,
-            "noise schedule": (c.beta_schedule, c.beta_start, c.beta_end, c.num_train_timesteps),
-            "UNet input channels": c.unet.in_channels,
-            "tokenizer (vocabulary, context length, pad id)": (
-                c.text.vocab_size,
-                c.text.max_length,
-                c.text.pad_token_id,
-            ),
-            "device": sd.device,
-        }
-
-    reference = facts(first)
-    for i, model in enumerate(models[1:], start=1):
-        for name, value in facts(model).items():
-            if value != reference[name]:
-                raise ValueError(
-                    f"ensemble member {i} ({model.config.name}) cannot be mixed with member 0 "
-                    f"({first.config.name}): different {name}: {value} vs {reference[name]}"
-                )
-
-
-def ensemble_members(sd_or_ensemble) -> list[tuple]:
-    """A model or a ModelEnsemble -> [(model, weight), …]."""
-    from .model import StableDiffusion
-
-    if isinstance(sd_or_ensemble, ModelEnsemble):
-        return sd_or_ensemble.members
-    if isinstance(sd_or_ensemble, StableDiffusion):
-        return [(sd_or_ensemble, 1.0)]
-    raise TypeError(
-        f"expected a StableDiffusion model or a ModelEnsemble, got {type(sd_or_ensemble).__name__}"
-    )

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from .files import atomic_write
+
 SETTINGS_KEY = "minisd"
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
@@ -83,7 +85,8 @@ def load_image(
         )
     if image.numel() and (image.min() < 0 or image.max() > 1):
         raise ValueError(
-            f"{what} tensor values must lie in [0, 1], got {image.min().item():.3g} … {image.max().item():.3g}"
+            f"{what} tensor values must lie in [0, 1], got "
+            f"{image.min().item():.3g} … {image.max().item():.3g}"
         )
     if size is not None and tuple(image.shape[-2:]) != tuple(size):
         image = torch.nn.functional.interpolate(
@@ -112,11 +115,13 @@ def load_mask(
         mask = {2: mask[None, None], 3: mask[None], 4: mask}.get(mask.ndim)
         if mask is None or mask.shape[1] != 1:
             raise ValueError(
-                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], got {tuple(source.shape)}"
+                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], "
+                f"got {tuple(source.shape)}"
             )
         if mask.numel() and (mask.min() < 0 or mask.max() > 1):
             raise ValueError(
-                f"{what} values must lie in [0, 1], got {mask.min().item():.3g} … {mask.max().item():.3g}"
+                f"{what} values must lie in [0, 1], got "
+                f"{mask.min().item():.3g} … {mask.max().item():.3g}"
             )
         if size is not None and tuple(mask.shape[-2:]) != tuple(size):
             mask = torch.nn.functional.interpolate(
@@ -132,8 +137,6 @@ def load_mask(
 def save_png(image: Image.Image, path: Union[str, Path], settings: dict) -> None:
     """Write `image` as a PNG with `settings` (JSON) and the prompt in its text chunks; atomic (tmp
     file + rename)."""
-    from .model import atomic_write
-
     info = PngImagePlugin.PngInfo()
     info.add_text(SETTINGS_KEY, json.dumps(settings, sort_keys=True))
     if "prompt" in settings:

@@ -1,21 +1,29 @@
 """Text to image, image to image and inpainting: the sampling loop that ties the model together.
 
-Text to image (Rombach et al. 2022): start from pure noise in latent space and denoise step by step,
-    x_T ~ N(0, I)  [B, 4, H/f, W/f]           f = the VAE's downscale (8 for SD)
-    for t in τ_N > … > τ_1:   ε̂ = guided UNet prediction (guidance.py);   x ← sampler.step(ε̂, t, x)   (ddim.py, ddpm.py)
-    image = VAE.decode(x / latent_scale)
+Text to image (Rombach et al. 2022), in four steps, each a function below:
 
-Image to image (SDEdit, Meng et al. 2022): encode the image, z₀ = latent_scale · sample of q(z|x),
-jump to the noise level of the first timestep kept by `strength`, x = √ᾱ_t z₀ + √(1−ᾱ_t) ε, and run
-only the remaining steps.
+    1. encode the prompts      context = text_encoder(tokens)  (+ the negative prompt's, for CFG)
+    2. the starting latents    x_T ~ N(0, I)  [B, 4, H/f, W/f]    f = the VAE's downscale (8 in SD)
+    3. the denoising loop      for t in τ_N > … > τ_1:
+                                   ε̂ = guided UNet prediction         (guidance.py)
+                                   x ← sampler.step(ε̂, t, x)          (ddim.py, ddpm.py)
+    4. decode                  image = VAE.decode(x / latent_scale)
 
-Inpainting (mask m = 1 where the image is repainted):
-  - 9-channel inpainting models read [x, m↓, z(masked image)] at every step, the masked image being
-    image · (m < 0.5) and m↓ the mask resized to the latents by nearest neighbour (as the model was
-    trained).
-  - ordinary models: after every step the known region is put back at the matching noise level,
-        x ← m↓ · x + (1 − m↓) · q_sample(z₀, t_prev, ε)     (z₀ itself after the last step; ε = the starting noise)
-  With paste_back (default) the decoded image keeps the original pixels exactly where m = 0.
+Everything else is a layer around these steps, never a branch inside the loop:
+  - Image to image (SDEdit, Meng et al. 2022) changes step 2: encode the image, z₀ = latent_scale ·
+    a sample of q(z|x), jump to the noise level of the first timestep kept by `strength`,
+    x = √ᾱ_t z₀ + √(1−ᾱ_t) ε, and run only the remaining steps.
+  - Inpainting (mask m = 1 where the image is repainted) changes the prediction or the sampler:
+      9-channel inpainting models read [x, m↓, z(masked image)] at every step (the masked image is
+      image · (m < 0.5), m↓ the mask resized to the latents by nearest neighbour, as trained);
+      ordinary models get a sampler that puts the known region back after every step,
+          x ← m↓ · x + (1 − m↓) · q_sample(z₀, t_prev, ε)    (z₀ itself after the last step)
+      With paste_back (default) the decoded image keeps the original pixels exactly where m = 0.
+  - Ensembles and composition change the prediction (guidance.py, ensemble.py); attention maps
+    listen to the UNet (attention_maps.py).
+
+`denoise_steps` offers the loop as a generator that yields every step's latents and x̂₀, so a
+notebook or a widget can watch it; `generate` runs it to the end and decodes.
 
 Matching diffusers: the choices below follow StableDiffusion{,Img2Img,Inpaint}Pipeline so the parity
 tests agree to float precision: the VAE posterior is *sampled* with the same generator (not its
@@ -33,24 +41,364 @@ UNet's skips line up.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, Optional, Sequence, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
-# (record_cross_attention: API)
-from .attention_maps import active_recorder, record_cross_attention  # noqa: F401
-from .guidance import build_conditioning, ensemble_members, guided_prediction
+from .attention_maps import announce_batch
+from .checks import check_choice, check_number
+from .ddim import DDIMSampler
+from .ddpm import DDPMSampler
+from .guidance import Conditioning, build_conditioning, guided_prediction
 from .images import load_image, load_mask, tensor_to_pil
 from .prompts import apply_template, split_composition
+from .schedule import NoiseSchedule, ScheduleConfig, StepOutput
 
-SAMPLERS = ("ddim", "ddpm")
+# The samplers `generate` knows, by name: each builds a sampler from the model's noise schedule,
+# the number of steps and η. A new sampler is one more line here.
+SAMPLERS: dict[str, Callable] = {
+    "ddim": lambda schedule, steps, eta: DDIMSampler(schedule, steps, eta=eta),
+    "ddpm": lambda schedule, steps, eta: DDPMSampler(schedule, steps),
+}
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 
 # Up to this many latent positions (images × height × width) the CPU runs convolutions with
 # PyTorch's own kernels.
 SMALL_LATENT_POSITIONS = 512
+
+
+def noise_schedule(sd) -> NoiseSchedule:
+    """The β / ᾱ schedule a model was trained with (chapter 07), from its config."""
+    c = sd.config
+    return NoiseSchedule(
+        ScheduleConfig(
+            beta_schedule=c.beta_schedule,
+            num_train_timesteps=c.num_train_timesteps,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            prediction_type=c.prediction_type,
+        )
+    )
+
+
+def make_sampler(sd, name: str, steps: int, eta: float = 0.0):
+    """The sampler `name` (a key of SAMPLERS) over `steps` timesteps of `sd`'s schedule."""
+    check_choice("sampler", name, tuple(SAMPLERS))
+    return SAMPLERS[name](noise_schedule(sd), steps, eta)
+
+
+@dataclass
+class SamplingSettings:
+    """Everything `generate` takes besides the model and the prompts; each is also a keyword of
+    `generate`: `sd.generate("a cat", steps=20)` is `sd.generate("a cat", settings=s)` with
+    `s = SamplingSettings(steps=20)`.
+
+    steps, sampler ('ddim' or 'ddpm'), eta (DDIM only, in [0, 1]); guidance_scale ≥ 0 (0:
+    unconditional, 1: no guidance). seed: an int (one random stream for the batch, as diffusers),
+    a list of one int per image (each image its own stream: image i is the same whatever the
+    batch), or None; or `generator` (a torch.Generator or a list). latents: the starting noise ε
+    [B, 4, H/f, W/f] (with an init image: the noise added to it). init_image, strength in [0, 1]
+    (the fraction of the steps run from the noised image; default 0.8, 1.0 when inpainting; 0
+    returns the encoded image), mask (1 / white = repaint; init_image's size), paste_back (keep the
+    unmasked pixels exactly). template="a photo of {}" wraps each prompt (part); prompt_weighting
+    reads "(word:1.3)" as emphasis. output_type: 'pil' (list of images), 'tensor' ([B, 3, H, W] in
+    [0, 1]) or 'latent' (final x). callback(step_index, timestep, latents, pred_x0) after every
+    step; progress shows a tqdm bar.
+    """
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: Union[int, Sequence[int], None] = None
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None
+    latents: Optional[torch.Tensor] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_images: int = 1
+    init_image: object = None
+    strength: Optional[float] = None
+    mask: object = None
+    paste_back: bool = True
+    template: Optional[str] = None
+    prompt_weighting: bool = True
+    output_type: str = "pil"
+    callback: Optional[Callable] = None
+    progress: bool = False
+
+    def check(self, num_train_timesteps: int) -> None:
+        """Raise ValueError for a setting that cannot work (the ones needing the model or the
+        images are checked where those are read)."""
+        check_number("num_images", self.num_images, 1, integer=True)
+        check_number("steps", self.steps, 1, num_train_timesteps - 1, integer=True)
+        check_number("guidance_scale", self.guidance_scale, 0)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {tuple(SAMPLERS)}")
+        check_number("eta", self.eta, 0, 1)
+        if self.sampler == "ddpm" and self.eta != 0:
+            raise ValueError(
+                "eta applies to the DDIM sampler only (DDPM always adds its full posterior noise)"
+            )
+        if self.strength is not None:
+            check_number("strength", self.strength, 0, 1)
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"unknown output_type {self.output_type!r}; choose one of {OUTPUT_TYPES}"
+            )
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError(f"callback must be callable, got {type(self.callback).__name__}")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("a mask needs the image it applies to: pass init_image too")
+
+
+def settings_from(settings: Optional[SamplingSettings], options: dict) -> SamplingSettings:
+    """`settings` (or the defaults) with keyword options replacing fields; an unknown keyword is
+    a TypeError, as for any function."""
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise TypeError(
+            f"settings must be a SamplingSettings, got {type(settings).__name__}: give steps, "
+            "guidance_scale, ... as keywords (generate(sd, prompt, negative_prompt, steps=20))"
+        )
+    names = {f.name for f in dataclasses.fields(SamplingSettings)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+    return dataclasses.replace(settings or SamplingSettings(), **options)
+
+
+# ── random numbers ─────────────────────────────────────────────────────────────────────────────
+
+
+class RandomStreams:
+    """Where the random numbers come from: one torch.Generator for the batch, one per image, or
+    torch's global generator (None). Noise is drawn on the CPU in float32, then moved."""
+
+    def __init__(self, seed, generator, batch: int):
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+            for s in seeds:
+                check_number("seed", s, 0, 2**63 - 1, integer=True)
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+            generator = generators if isinstance(seed, (list, tuple)) else generators[0]
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(
+                    f"got {len(generator)} seeds/generators for {batch} images: give one, "
+                    "or one per image"
+                )
+            generator = list(generator)
+        self.generator = generator
+        self.per_image = isinstance(generator, list)
+
+    def randn(self, shape) -> torch.Tensor:
+        """Standard normal noise [B, …], float32 on the CPU: one stream, or one per image."""
+        if self.per_image:
+            return torch.cat(
+                [torch.randn((1, *shape[1:]), generator=g, device=g.device).cpu()
+                 for g in self.generator]
+            )
+        device = self.generator.device if self.generator is not None else "cpu"
+        return torch.randn(shape, generator=self.generator, device=device).cpu()
+
+    def for_step(self, x: torch.Tensor) -> dict:
+        """The noise argument of `sampler.step`: per-image streams give the noise itself, one
+        stream is handed to the sampler (which draws only if it needs noise)."""
+        if self.per_image:
+            return {"variance_noise": self.randn(x.shape).to(x.device)}
+        return {"generator": self.generator}
+
+
+# ── 1. the prompts ─────────────────────────────────────────────────────────────────────────────
+
+
+def prompt_list(name: str, value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r:.80}")
+
+
+def encode_prompts(
+    sd, prompt, negative_prompt, settings: SamplingSettings
+) -> tuple[list[list[tuple[str, float]]], list[str]]:
+    """The prompts as text parts per image ([(text, weight), …], composition split, template
+    applied; `num_images` copies of each) and one negative prompt per image."""
+    prompts = prompt_list("prompt", prompt)
+    negatives = prompt_list("negative_prompt", negative_prompt)
+    if len(negatives) not in (1, len(prompts)):
+        raise ValueError(
+            f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}: "
+            "give one negative prompt, or one per prompt"
+        )
+    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+    n = settings.num_images  # num_images of each prompt, side by side
+    parts = [
+        [(apply_template(text, settings.template), w) for text, w in split_composition(p)]
+        for p in prompts
+        for _ in range(n)
+    ]
+    return parts, [neg for neg in negatives for _ in range(n)]
+
+
+# ── 2. the starting latents ────────────────────────────────────────────────────────────────────
+
+
+def size_multiple(sd) -> int:
+    """Image sizes must be multiples of this: the VAE's downscale times the UNet's total
+    downsampling."""
+    return sd.vae.downscale * 2 ** (len(sd.config.unet.channel_mult) - 1)
+
+
+def images_and_size(sd, settings: SamplingSettings, batch: int):
+    """-> (image [1|B, 3, H, W] in [0, 1] or None, mask [1|B, 1, H, W] or None, height, width),
+    all checked."""
+    s = settings
+    image = mask = None
+    if s.init_image is not None:
+        image = load_image(s.init_image)
+        if s.mask is not None:
+            mask = load_mask(s.mask)
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise ValueError(
+                    f"mask is {mask.shape[-1]}x{mask.shape[-2]} (width x height) but the init "
+                    f"image is {image.shape[-1]}x{image.shape[-2]}: they must have the same size"
+                )
+        if image.shape[0] not in (1, batch):
+            raise ValueError(
+                f"init_image holds {image.shape[0]} images for {batch} prompts: give 1 or {batch}"
+            )
+    size = sd.config.image_size
+    default = tuple(image.shape[-2:]) if image is not None else (size, size)
+    height = default[0] if s.height is None else s.height
+    width = default[1] if s.width is None else s.width
+    multiple = size_multiple(sd)
+    for name, value in (("height", height), ("width", width)):
+        check_number(name, value, 1, integer=True)
+        if value % multiple:
+            raise ValueError(
+                f"{name} must be a multiple of {multiple} for this model (VAE downscale "
+                f"{sd.vae.downscale} x 2^{len(sd.config.unet.channel_mult) - 1} UNet "
+                f"downsamplings), got {value}"
+            )
+    if image is not None and tuple(image.shape[-2:]) != (height, width):  # as diffusers resizes
+        image = load_image(s.init_image, size=(height, width))
+        mask = None if s.mask is None else load_mask(s.mask, size=(height, width))
+    return image, mask, height, width
+
+
+@torch.no_grad()
+def encode_image(sd, images: torch.Tensor, batch: int, streams: RandomStreams) -> torch.Tensor:
+    """images [1 or B, 3, H, W] in [-1, 1] -> latent_scale · z, z sampled from q(z|x) (as
+    diffusers), [B, 4, h, w]."""
+    posterior = sd.vae.encode(images.to(sd.device, sd.dtype))
+    mean, std = posterior.mean.float(), posterior.std.float()
+    if streams.per_image:  # sample each image's latents from its own stream
+        mean, std = mean.expand(batch, -1, -1, -1), std.expand(batch, -1, -1, -1)
+    z = mean + std * streams.randn(mean.shape).to(mean.device)
+    return sd.config.latent_scale * z.expand(batch, -1, -1, -1)
+
+
+def starting_noise(settings: SamplingSettings, shape, streams: RandomStreams, device):
+    """ε of the start x_T: the given `latents`, or drawn."""
+    latents = settings.latents
+    if latents is None:
+        return streams.randn(shape).to(device)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+        raise ValueError(
+            f"latents must be a tensor of shape {list(shape)} (batch, channels, height/f, "
+            f"width/f), got {getattr(latents, 'shape', latents)}"
+        )
+    return latents.float().cpu().to(device)
+
+
+# ── 3. the denoising loop ──────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Step:
+    """One step of the loop, as `denoise_steps` yields it."""
+
+    index: int  # 0 … N−1
+    timestep: int  # t of this step (the noise level it started from)
+    latents: torch.Tensor  # x after the step, [B, 4, h, w] float32
+    pred_x0: torch.Tensor  # the sampler's x̂₀ at this step
+
+
+def denoising_loop(
+    predict: Callable, sampler, x: torch.Tensor, timesteps, streams: RandomStreams
+) -> Iterator[Step]:
+    """DDIM / DDPM sampling (chapter 08): for t = τ_N … τ_1, predict and step.
+
+    predict(x, t) -> the guided prediction ε̂ (or v̂) [B, 4, h, w];  sampler.step(ε̂, t, x) ->
+    x at the previous timestep and x̂₀.
+    """
+    for i, t in enumerate(timesteps):
+        prediction = predict(x, t)  # ε̂ = ε_u + s · (ε_c − ε_u)       (guidance.py)
+        out = sampler.step(prediction, t, x, **streams.for_step(x))  # x_t -> x_prev, x̂₀
+        x = out.prev_sample
+        yield Step(i, t, x, out.pred_x0)
+
+
+# ── the layers around the loop ─────────────────────────────────────────────────────────────────
+
+
+def ensemble_of(sd_or_ensemble) -> list[tuple]:
+    """[(model, weight), …]: a ModelEnsemble's members, or one model of weight 1."""
+    members = getattr(sd_or_ensemble, "members", None)
+    if members is not None:
+        return members
+    if not hasattr(sd_or_ensemble, "unet") or not hasattr(sd_or_ensemble, "config"):
+        raise TypeError(
+            "expected a StableDiffusion model or a ModelEnsemble, got "
+            f"{type(sd_or_ensemble).__name__}"
+        )
+    return [(sd_or_ensemble, 1.0)]
+
+
+def make_predictor(
+    members: list[tuple],
+    conditionings: list[Conditioning],
+    guidance_scale: float,
+    extra_channels: Optional[torch.Tensor] = None,
+) -> Callable:
+    """predict(x, t) = Σₖ λₖ · guided ε̂⁽ᵏ⁾(x, t): classifier-free guidance (and composition) per
+    model, mixed over the ensemble; `extra_channels` are what inpainting models read beside x."""
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        with plain_convolutions_for_small_latents(x):
+            return sum(
+                weight * guided_prediction(model, x, t, cond, guidance_scale, extra_channels)
+                for (model, weight), cond in zip(members, conditionings)
+            )
+
+    return predict
+
+
+class KeepKnownRegion:
+    """Inpainting with an ordinary model, as a sampler around any sampler: after each step put the
+    known region (m↓ = 0) back at the noise level of the next timestep,
+        x ← m↓ · x + (1 − m↓) · q_sample(z₀, t_prev, ε)        (z₀ itself after the last step)."""
+
+    def __init__(self, sampler, mask: torch.Tensor, x0_known: torch.Tensor, noise: torch.Tensor):
+        self.sampler, self.mask, self.x0_known, self.noise = sampler, mask, x0_known, noise
+
+    def step(self, prediction, t, x, **noise) -> StepOutput:
+        out = self.sampler.step(prediction, t, x, **noise)
+        t_prev = self.sampler.previous_timestep(t)
+        known = self.x0_known
+        if t_prev >= 0:
+            t_batch = torch.full((len(x),), t_prev, dtype=torch.long)
+            known = self.sampler.add_noise(self.x0_known, t_batch, self.noise)
+        x = self.mask * out.prev_sample + (1 - self.mask) * known
+        return StepOutput(prev_sample=x, pred_x0=out.pred_x0)
 
 
 @contextlib.contextmanager
@@ -61,7 +409,8 @@ def plain_convolutions_for_small_latents(latents: torch.Tensor):
     oneDNN, PyTorch's default CPU convolution, spends ~0.1 ms setting up each call: on the bundled
     model's 8×8 latents that is most of the work, and the plain kernels make a 50-step image about a
     quarter faster. Larger latents (SD's 64×64, or big batches) keep oneDNN, which is faster there.
-    Same convolution, same result up to float rounding; nothing changes on a GPU.
+    Same convolution, same result up to float rounding; nothing changes on a GPU. (The switch is
+    torch's own and process-wide, so it is set for one prediction at a time and always restored.)
     """
     positions = latents.shape[0] * latents.shape[-2] * latents.shape[-1]
     small = latents.device.type == "cpu" and positions <= SMALL_LATENT_POSITIONS
@@ -74,353 +423,119 @@ def plain_convolutions_for_small_latents(latents: torch.Tensor):
         torch.backends.mkldnn.enabled = previous
 
 
-def size_multiple(sd) -> int:
-    """Image sizes must be multiples of this: the VAE's downscale times the UNet's total
-    downsampling."""
-    return sd.vae.downscale * 2 ** (len(sd.config.unet.channel_mult) - 1)
+# ── putting it together ────────────────────────────────────────────────────────────────────────
 
 
-def noise_schedule(sd):
-    from .schedule import NoiseSchedule, ScheduleConfig
+@dataclass
+class Run:
+    """A checked, prepared request: what the loop starts from and what decoding needs."""
 
-    c = sd.config
-    return NoiseSchedule(
-        ScheduleConfig(
-            kind=c.beta_schedule,
-            num_train_timesteps=c.num_train_timesteps,
-            beta_start=c.beta_start,
-            beta_end=c.beta_end,
-            prediction_type=c.prediction_type,
-        )
-    )
+    sd: object  # the model whose VAE encodes and decodes (an ensemble's first member)
+    settings: SamplingSettings
+    predict: Callable
+    sampler: object
+    timesteps: list
+    start: torch.Tensor  # x at the first timestep (or the result, if there are no steps)
+    streams: RandomStreams
+    image: Optional[torch.Tensor]  # the init image in [0, 1]
+    mask: Optional[torch.Tensor]  # the full-size mask, 1 = repaint
 
-
-def make_sampler(sd, name: str, steps: int, eta: float):
-    if name == "ddim":
-        from .ddim import DDIMSampler
-
-        return DDIMSampler(noise_schedule(sd), steps, eta=eta)
-    from .ddpm import DDPMSampler
-
-    return DDPMSampler(noise_schedule(sd), steps)
+    def steps(self) -> Iterator[Step]:
+        timesteps = self.timesteps
+        if self.settings.progress:
+            timesteps = tqdm(timesteps, desc="sampling", unit="step")
+        return denoising_loop(self.predict, self.sampler, self.start, timesteps, self.streams)
 
 
-def _number(name, value, low=None, high=None, integer=False):
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options) -> Run:
+    """Check every argument, encode the prompts, and make the starting latents (random numbers
+    drawn in diffusers' order: image latents, starting noise, masked-image latents)."""
+    s = settings_from(settings, options)
+    members = ensemble_of(sd_or_ensemble)
+    sd, cfg = members[0][0], members[0][0].config
+    parts, negatives = encode_prompts(sd, prompt, negative_prompt, s)
+    s.check(cfg.num_train_timesteps)
+    batch, device = len(parts), sd.device
+    image, mask, height, width = images_and_size(sd, s, batch)
+    f = sd.vae.downscale
+    shape = (batch, cfg.vae.latent_channels, height // f, width // f)
+    inpainting = mask is not None
+    strength = (1.0 if inpainting else 0.8) if s.strength is None else s.strength
+    sampler = make_sampler(sd, s.sampler, s.steps, s.eta)
+    timesteps = sampler.timesteps if image is None else sampler.timesteps_for_strength(strength)
+    conditionings = [
+        build_conditioning(model, parts, negatives, s.guidance_scale, s.prompt_weighting)
+        for model, _ in members
+    ]
+    announce_batch(members, conditionings, shape[-2:])  # for attention maps, if recorded
+    streams = RandomStreams(s.seed, s.generator, batch)
+
+    # 2. the start: noise, or (img2img) the noised image, or (strength 0) the image itself
+    image_vae = None if image is None else image * 2 - 1
+    x0_known = None  # z₀ of the init image (img2img, and the known region when inpainting)
+    if image is not None and not (cfg.is_inpainting and inpainting and strength == 1):
+        x0_known = encode_image(sd, image_vae, batch, streams)
+    noise = starting_noise(s, shape, streams, device)
+    if image is None or (inpainting and strength == 1):
+        start = noise
+    elif len(timesteps):
+        start = sampler.add_noise(x0_known, timesteps[:1].expand(batch), noise)
+    else:
+        start = x0_known
+    mask_latent = None if mask is None else F.interpolate(mask, size=shape[-2:]).to(device)
+
+    # inpainting: the model reads [m↓, z(masked image)] (repaint all, empty image, without a
+    # mask), or an ordinary model gets the known region put back after every step
+    extra = None
+    if cfg.is_inpainting:
+        keep = torch.zeros(1, 1, height, width) if mask is None else (mask < 0.5).float()
+        known = image_vae if image is not None else torch.zeros(1, 3, height, width)
+        masked = encode_image(sd, known * keep, batch, streams)
+        m = mask_latent if mask is not None else torch.ones(1, 1, *shape[-2:], device=device)
+        extra = torch.cat([m.expand(batch, -1, -1, -1), masked], dim=1)
+    elif inpainting:
+        sampler = KeepKnownRegion(sampler, mask_latent, x0_known, noise)
+    predict = make_predictor(members, conditionings, s.guidance_scale, extra)
+    return Run(sd, s, predict, sampler, timesteps.tolist(), start, streams, image, mask)
 
 
-def _prompt_list(name: str, value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r:.80}")
+def denoise_steps(sd, prompt, negative_prompt="", settings=None, **options) -> Iterator[Step]:
+    """The denoising loop one step at a time: yields a `Step` (index, timestep, latents, pred_x0)
+    after every sampler step. Takes the arguments of `generate` (output_type, callback and
+    paste_back aside: nothing is decoded).
 
-
-def _generators(seed, generator, batch: int):
-    """A torch.Generator, a list of B generators (one per image), or None (torch's global RNG)."""
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
-    if seed is not None:
-        seeds = seed if isinstance(seed, (list, tuple)) else None
-        for s in seeds or [seed]:
-            _number("seed", s, 0, 2**63 - 1, integer=True)
-        if seeds is None:
-            return torch.Generator().manual_seed(seed)
-        generator = [torch.Generator().manual_seed(s) for s in seeds]
-    if isinstance(generator, (list, tuple)) and len(generator) != batch:
-        raise ValueError(
-            f"got {len(generator)} seeds/generators for {batch} images: give one, or one per image"
-        )
-    return generator
-
-
-def _randn(shape, generators) -> torch.Tensor:
-    """Standard normal noise, float32 on the CPU (moved later): one stream, or one stream per
-    image."""
-    if isinstance(generators, list):
-        return torch.cat(
-            [torch.randn((1, *shape[1:]), generator=g, device=g.device).cpu() for g in generators]
-        )
-    device = generators.device if generators is not None else "cpu"
-    return torch.randn(shape, generator=generators, device=device).cpu()
+        for step in denoise_steps(sd, "a red circle", steps=20, seed=0):
+            show(step.pred_x0)
+    """
+    return prepare(sd, prompt, negative_prompt, settings, **options).steps()
 
 
 @torch.no_grad()
-def _encode(sd, images: torch.Tensor, batch: int, generators) -> torch.Tensor:
-    """images [1 or B, 3, H, W] in [-1, 1] -> latent_scale · z, z sampled from q(z|x) (as
-    diffusers), [B, 4, h, w]."""
-    posterior = sd.vae.encode(images.to(sd.device, sd.dtype))
-    mean, std = posterior.mean.float(), posterior.std.float()
-    # one stream per image: sample each image's latents from its own stream
-    if isinstance(generators, list):
-        mean, std = mean.expand(batch, -1, -1, -1), std.expand(batch, -1, -1, -1)
-    z = mean + std * _randn(mean.shape, generators).to(mean.device)
-    return sd.config.latent_scale * z.expand(batch, -1, -1, -1)
+def decode(sd, latents: torch.Tensor) -> torch.Tensor:
+    """Latents in UNet space [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], float32 on the CPU."""
+    with plain_convolutions_for_small_latents(latents):
+        decoded = sd.vae.decode((latents / sd.config.latent_scale).to(sd.dtype)).float()
+    return (decoded / 2 + 0.5).clamp(0, 1).cpu()
 
 
-def _check_arguments(
-    cfg,
-    prompts,
-    negatives,
-    num_images,
-    steps,
-    guidance_scale,
-    sampler,
-    eta,
-    strength,
-    output_type,
-    callback,
-    init_image,
-    mask,
-) -> None:
-    if len(negatives) not in (1, len(prompts)):
-        raise ValueError(
-            f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}: "
-            "give one negative prompt, or one per prompt"
-        )
-    _number("num_images", num_images, 1, integer=True)
-    _number("steps", steps, 1, cfg.num_train_timesteps - 1, integer=True)
-    _number("guidance_scale", guidance_scale, 0)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    _number("eta", eta, 0, 1)
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(
-            "eta applies to the DDIM sampler only (DDPM always adds its full posterior noise)"
-        )
-    if strength is not None:
-        _number("strength", strength, 0, 1)
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable, got {type(callback).__name__}")
-    if mask is not None and init_image is None:
-        raise ValueError("a mask needs the image it applies to: pass init_image too")
-
-
-def _images_and_size(sd, init_image, mask, height, width, batch):
-    """-> (image [1|B, 3, H, W] in [0, 1] or None, mask [1|B, 1, H, W] or None, height, width), all
-    checked."""
-    image = mask_full = None
-    if init_image is not None:
-        image = load_image(init_image)
-        if mask is not None:
-            mask_full = load_mask(mask)
-            if mask_full.shape[-2:] != image.shape[-2:]:
-                raise ValueError(
-                    f"mask is {mask_full.shape[-1]}x{mask_full.shape[-2]} (width x height) but the init "
-                    f"image is {image.shape[-1]}x{image.shape[-2]}: they must have the same size"
-                )
-        if image.shape[0] not in (1, batch):
-            raise ValueError(
-                f"init_image holds {image.shape[0]} images for {batch} prompts: give 1 or {batch}"
-            )
-    default = (
-        tuple(image.shape[-2:])
-        if image is not None
-        else (sd.config.image_size, sd.config.image_size)
-    )
-    height = default[0] if height is None else height
-    width = default[1] if width is None else width
-    multiple = size_multiple(sd)
-    for name, value in (("height", height), ("width", width)):
-        _number(name, value, 1, integer=True)
-        if value % multiple:
-            raise ValueError(
-                f"{name} must be a multiple of {multiple} for this model (VAE downscale "
-                f"{sd.vae.downscale} x 2^{len(sd.config.unet.channel_mult) - 1} UNet downsamplings), "
-                f"got {value}"
-            )
-    # resized as diffusers does
-    if image is not None and tuple(image.shape[-2:]) != (height, width):
-        image = load_image(init_image, size=(height, width))
-        mask_full = None if mask is None else load_mask(mask, size=(height, width))
-    return image, mask_full, height, width
-
-
-def generate(
-    sd,
-    prompt: Union[str, Sequence[str]],
-    negative_prompt: Union[str, Sequence[str]] = "",
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    sampler: str = "ddim",
-    eta: float = 0.0,
-    seed=None,
-    latents: Optional[torch.Tensor] = None,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    init_image=None,
-    strength: Optional[float] = None,
-    mask=None,
-    output_type: str = "pil",
-    callback: Optional[Callable] = None,
-    template: Optional[str] = None,
-    num_images: int = 1,
-    prompt_weighting: bool = True,
-    paste_back: bool = True,
-    generator=None,
-    progress: bool = False,
-):
+def generate(sd, prompt, negative_prompt="", settings=None, **options):
     """Generate images from text (and an init image / mask). `sd` is a StableDiffusion or a
-    guidance.ModelEnsemble.
+    ModelEnsemble.
 
     prompt: str or list (one image per prompt, × num_images); "A AND B :0.5" composes, "(word:1.3)"
-    emphasises
-        (prompt_weighting=False reads brackets literally). template="a photo of {}" wraps each
-        prompt (part).
-    negative_prompt: str or a list as long as prompt. guidance_scale ≥ 0 (0: unconditional, 1: no
-    guidance). sampler: 'ddim' (eta in [0, 1]) or 'ddpm' (eta must stay 0). seed: an int (one random
-    stream for the batch, as diffusers), a list of one int per image (each image its own
-        stream: image i is the same whatever the batch), or None; or pass `generator` (a
-        torch.Generator or a list).
-    latents: the starting noise ε [B, 4, H/f, W/f] (replaces the random draw; with an init image it
-    is the noise
-        added to it). strength in [0, 1]: the fraction of the steps run from a noised init image;
-        default 0.8 for img2img, 1.0 when inpainting; 0 returns the encoded image.
-    mask: 1 (white) = repaint; the same size as init_image. paste_back: keep the unmasked pixels
-    exactly. output_type: 'pil' (list of images), 'tensor' ([B, 3, H, W] in [0, 1]) or 'latent'
-    (final x in UNet space). callback(step_index, timestep, latents, pred_x0) after every step.
-    progress: show a tqdm bar.
+    emphasises. negative_prompt: str or a list as long as prompt. Every other argument is a field
+    of `SamplingSettings` (steps, guidance_scale, sampler, eta, seed, latents, height, width,
+    init_image, strength, mask, output_type, callback, ...), given as keywords or as `settings`.
     """
-    members = ensemble_members(sd)
-    sd, cfg = members[0][0], members[0][0].config
-    prompts, negatives = (
-        _prompt_list("prompt", prompt),
-        _prompt_list("negative_prompt", negative_prompt),
-    )
-    _check_arguments(
-        cfg,
-        prompts,
-        negatives,
-        num_images,
-        steps,
-        guidance_scale,
-        sampler,
-        eta,
-        strength,
-        output_type,
-        callback,
-        init_image,
-        mask,
-    )
-    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-    # num_images of each prompt, side by side
-    prompts = [p for p in prompts for _ in range(num_images)]
-    negatives = [n for n in negatives for _ in range(num_images)]
-    batch = len(prompts)
-    parts = [
-        [(apply_template(text, template), w) for text, w in split_composition(p)] for p in prompts
-    ]
-    image, mask_full, height, width = _images_and_size(sd, init_image, mask, height, width, batch)
-    latent_shape = (
-        batch,
-        cfg.vae.latent_channels,
-        height // sd.vae.downscale,
-        width // sd.vae.downscale,
-    )
-    if latents is not None and (
-        not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape
-    ):
-        raise ValueError(
-            f"latents must be a tensor of shape {list(latent_shape)} (batch, channels, height/"
-            f"{sd.vae.downscale}, width/{sd.vae.downscale}), got {getattr(latents, 'shape', latents)}"
-        )
-
-    inpainting = mask_full is not None
-    strength = (1.0 if inpainting else 0.8) if strength is None else strength
-    scheduler = make_sampler(sd, sampler, steps, eta)
-    timesteps = (
-        scheduler.timesteps_for_strength(strength) if image is not None else scheduler.timesteps
-    )
-    conds = [
-        build_conditioning(model, parts, negatives, guidance_scale, prompt_weighting)
-        for model, _ in members
-    ]
-    generators = _generators(seed, generator, batch)
-    device = sd.device
-
-    # ---- the starting point; random numbers drawn in diffusers' order ----
-    image_vae = None if image is None else image * 2 - 1
-    # z₀ of the init image (img2img, and the known region)
-    x0_known = None
-    if image is not None and (not cfg.is_inpainting or not inpainting or strength < 1):
-        x0_known = _encode(sd, image_vae, batch, generators)
-    noise = (latents.float().cpu() if latents is not None else _randn(latent_shape, generators)).to(
-        device
-    )
-    if image is None or (inpainting and strength == 1):
-        x = noise
-    elif len(timesteps):
-        x = scheduler.schedule.q_sample(x0_known, timesteps[:1].expand(batch), noise)
-    else:
-        x = x0_known  # strength 0: nothing to denoise
-    # nearest
-    mask_latent = (
-        None if mask_full is None else F.interpolate(mask_full, size=latent_shape[-2:]).to(device)
-    )
-    extra = None
-    # the UNet also reads [m↓, z(masked image)]; without a mask: repaint all, empty image
-    if cfg.is_inpainting:
-        keep = torch.zeros(1, 1, height, width) if mask_full is None else (mask_full < 0.5).float()
-        masked = (image_vae if image_vae is not None else torch.zeros(1, 3, height, width)) * keep
-        masked_latents = _encode(sd, masked, batch, generators)
-        m = (
-            mask_latent
-            if mask_latent is not None
-            else torch.ones(1, 1, *latent_shape[-2:], device=device)
-        )
-        extra = torch.cat([m.expand(batch, -1, -1, -1), masked_latents], dim=1)
-
-    for model, cond in zip((model for model, _ in members), conds):
-        recorder = active_recorder(model)
-        if recorder is not None:
-            owner = cond.row_image.tolist()
-            rows = [[r for r in cond.part_rows.tolist() if owner[r] == b] for b in range(batch)]
-            recorder.begin(rows, cond.ids, latent_shape[-2:])
-
-    # ---- the denoising loop ----
-    steps_iter = timesteps.tolist()
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
-    with torch.no_grad(), plain_convolutions_for_small_latents(x):
-        for i, t in enumerate(steps_iter):
-            prediction = sum(
-                weight * guided_prediction(model, x, t, cond, guidance_scale, extra)
-                for (model, weight), cond in zip(members, conds)
-            )
-            if isinstance(generators, list):  # one stream per image
-                out = scheduler.step(
-                    prediction, t, x, variance_noise=_randn(x.shape, generators).to(device)
-                )
-            else:
-                out = scheduler.step(prediction, t, x, generator=generators)
-            x = out.prev_sample
-            # put the known region back, at the noise level of t_prev
-            if inpainting and not cfg.is_inpainting:
-                known = (
-                    x0_known
-                    if i == len(timesteps) - 1
-                    else scheduler.schedule.q_sample(
-                        x0_known, timesteps[i + 1 : i + 2].expand(batch), noise
-                    )
-                )
-                x = mask_latent * x + (1 - mask_latent) * known
-            if callback is not None:
-                callback(i, t, x, out.pred_x0)
-
-        if output_type == "latent":
-            return x
-        decoded = sd.vae.decode((x / cfg.latent_scale).to(sd.dtype)).float()
-    images = (decoded / 2 + 0.5).clamp(0, 1).cpu()
-    if inpainting and paste_back:
-        images = mask_full * images + (1 - mask_full) * image
-    return images if output_type == "tensor" else tensor_to_pil(images)
+    run = prepare(sd, prompt, negative_prompt, settings, **options)
+    x, callback = run.start, run.settings.callback
+    for step in run.steps():
+        x = step.latents
+        if callback is not None:
+            callback(step.index, step.timestep, step.latents, step.pred_x0)
+    if run.settings.output_type == "latent":
+        return x
+    images = decode(run.sd, x)
+    if run.mask is not None and run.settings.paste_back:
+        images = run.mask * images + (1 - run.mask) * run.image
+    return images if run.settings.output_type == "tensor" else tensor_to_pil(images)

@@ -1,18 +1,20 @@
 """From prompt text to the context the UNet cross-attends to: templates, composition, emphasis
 weights.
 
-Template:     template="a photo of {}, detailed" wraps every prompt (each part of a composed prompt) before encoding.
+Template:     template="a photo of {}, detailed" wraps every prompt (each part of a composed
+              prompt) before encoding.
 
-Composition:  "a cat AND a hat :0.5" -> [("a cat", 1.0), ("a hat", 0.5)]. Each part is encoded and guided
-              separately (Liu et al. 2022, "Compositional Visual Generation"; the AUTOMATIC1111
-              webui syntax):
+Composition:  "a cat AND a hat :0.5" -> [("a cat", 1.0), ("a hat", 0.5)]. Each part is encoded
+              and guided separately (Liu et al. 2022, "Compositional Visual Generation"; the
+              AUTOMATIC1111 webui syntax):
                   ε = ε_u + s · Σᵢ wᵢ (εᵢ − ε_u)          (see guidance.py)
               "AND" must be upper case with spaces around it; a part's weight is a trailing
               ":number".
 
-Emphasis:     "a (red:1.3) circle" scales the context vectors of the emphasised tokens, as the AUTOMATIC1111
-              webui does (not compel, which instead blends with an empty prompt):
-                  (text) ×1.1     [text] ÷1.1     (text:w) ×w     nesting multiplies     \\( \\) \\[ \\] literal
+Emphasis:     "a (red:1.3) circle" scales the context vectors of the emphasised tokens, as the
+              AUTOMATIC1111 webui does (not compel, which instead blends with an empty prompt):
+                  (text) ×1.1    [text] ÷1.1    (text:w) ×w    nesting multiplies
+                  \\( \\) \\[ \\]  literal brackets
               An unmatched ')' or ']' is literal text; a bracket left open applies to the rest of
               the prompt. With per-token weights wₖ the context z [77, D] of one prompt becomes
                   z' = z ⊙ w  rescaled by mean(z) / mean(z ⊙ w)

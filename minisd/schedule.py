@@ -6,16 +6,17 @@ Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at ste
     q(xₜ | x₀) = N(√ᾱₜ · x₀, (1 − ᾱₜ) · I)     so     xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε,   ε ~ N(0, I).
 
 The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base) or the velocity
-v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either output, together
-with xₜ, determines both x₀ and ε:
+v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either
+output, together with xₜ, determines both x₀ and ε:
 
     epsilon:       x₀ = (xₜ − √(1 − ᾱₜ) · ε) / √ᾱₜ
     v_prediction:  x₀ = √ᾱₜ · xₜ − √(1 − ᾱₜ) · v,      ε = √ᾱₜ · v + √(1 − ᾱₜ) · xₜ
 
 Beta schedules (index t = 0 … T−1):
-    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²      (Stable Diffusion: 0.00085 … 0.012, T = 1000)
-    linear         βₜ = linspace(β_start, β_end, T)         (original DDPM used 1e-4 … 0.02)
-    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999) with ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
+    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²   (SD: 0.00085 … 0.012, T = 1000)
+    linear         βₜ = linspace(β_start, β_end, T)      (original DDPM used 1e-4 … 0.02)
+    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999),   ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+                   with s = 0.008
                    (Nichol & Dhariwal 2021, eq. 17; diffusers calls it "squaredcos_cap_v2")
 
 Precision: the schedule is held in float32 and ᾱ is a float32 cumulative product, as diffusers does.
@@ -32,42 +33,29 @@ from typing import Protocol
 
 import torch
 
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
+from .checks import check_choice, check_number
+
+BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
-        )
-
-
-def check_int_in_range(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be an int in [{low}, {high}], got {type(value).__name__} {value!r}"
-        )
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
 @dataclass
 class ScheduleConfig:
-    kind: str = "scaled_linear"
+    beta_schedule: str = "scaled_linear"  # how βₜ grows (module docstring)
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        check_choice("kind", self.kind, SCHEDULE_KINDS)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        check_int_in_range("num_train_timesteps", self.num_train_timesteps, 1, 10**7)
+        check_number("num_train_timesteps", self.num_train_timesteps, 1, 10**7, integer=True)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(
-                f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
+                "need 0 < beta_start <= beta_end < 1, got "
+                f"beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
 
 
@@ -84,12 +72,12 @@ def cosine_betas(
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
     T = config.num_train_timesteps
-    if config.kind == "scaled_linear":
+    if config.beta_schedule == "scaled_linear":
         return (
             torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
             ** 2
         )
-    if config.kind == "linear":
+    if config.beta_schedule == "linear":
         return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     return cosine_betas(T)
 
@@ -196,9 +184,9 @@ class NoiseSchedule:
         which no sampler accepts (diffusers lists it too, and fails when it steps).
         """
         T = self.num_train_timesteps
-        check_int_in_range("num_steps", num_steps, 1, T)
+        check_number("num_steps", num_steps, 1, T, integer=True)
         check_choice("spacing", spacing, SPACINGS)
-        check_int_in_range("steps_offset", steps_offset, 0, T)
+        check_number("steps_offset", steps_offset, 0, T, integer=True)
         if spacing == "leading":
             timesteps = torch.arange(num_steps, dtype=torch.long) * (T // num_steps) + steps_offset
             return timesteps.flip(0)
@@ -228,11 +216,12 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
             )
         if a.shape != b.shape:
             raise ValueError(
-                f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+                f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}"
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Shared by the samplers (ddim.py, ddpm.py)
 
 
@@ -265,9 +254,9 @@ class TimestepSampler:
         T = schedule.num_train_timesteps
         if timesteps.min() < 0 or timesteps.max() >= T:
             raise ValueError(
-                f"sampling timesteps must lie in [0, {T - 1}], got {timesteps.min().item()} … {timesteps.max().item()}"
-                " (leading spacing with steps_offset=1 and num_steps == num_train_timesteps reaches T: use"
-                " steps_offset=0 or spacing='trailing')"
+                f"sampling timesteps must lie in [0, {T - 1}], got {timesteps.min().item()} … "
+                f"{timesteps.max().item()} (leading spacing with steps_offset=1 and num_steps == "
+                "num_train_timesteps reaches T: use steps_offset=0 or spacing='trailing')"
             )
         self.schedule = schedule
         self.timesteps = timesteps
@@ -298,22 +287,22 @@ class TimestepSampler:
             a_prev = torch.tensor(self.final_alpha_bar, dtype=like.dtype, device=like.device)
         return a_t, a_prev
 
+    def add_noise(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε: the forward process of this sampler's schedule (img2img
+        and inpainting start from, or return to, a noised image)."""
+        return self.schedule.q_sample(x0, t, noise)
+
     def timesteps_for_strength(self, strength: float) -> torch.Tensor:
         """img2img: the tail of `timesteps` to run when starting from a noised image instead of pure
         noise.
 
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
-        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every step (the image is
-        fully replaced by noise); strength = 0.3 with N = 50 runs the last 15. Start from
-        `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
+        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every
+        step (the image is fully replaced by noise); strength = 0.3 with N = 50 runs the last 15.
+        Start from `add_noise(x0, returned[:1].expand(B), noise)` and step through the returned
         timesteps.
         """
-        if (
-            isinstance(strength, bool)
-            or not isinstance(strength, (int, float))
-            or not 0.0 <= strength <= 1.0
-        ):
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        check_number("strength", strength, 0, 1)
         n = self.num_steps
         init_timestep = min(int(n * strength), n)
         t_start = max(n - init_timestep, 0)

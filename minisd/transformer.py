@@ -3,7 +3,7 @@
 Per block (pre-LayerNorm, three residual sub-layers; x is the feature map flattened to H·W tokens):
 
     x = x + SelfAttention(LayerNorm(x))              # every pixel looks at every other pixel
-    x = x + CrossAttention(LayerNorm(x), context)    # every pixel looks at the prompt's 77 token embeddings
+    x = x + CrossAttention(LayerNorm(x), context)    # each pixel looks at the prompt's 77 tokens
     x = x + FeedForward(LayerNorm(x))
 
 GEGLU feed-forward (Shazeer 2020): [a, g] = x W₁ (split in two halves, value first), out = (a ⊙

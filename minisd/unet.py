@@ -90,7 +90,8 @@ class UNet(nn.Module):
         base, time_dim, n_levels = cfg.channels, 4 * cfg.channels, len(cfg.channel_mult)
         if len(cfg.attention_levels) != n_levels:
             raise ValueError(
-                f"attention_levels has {len(cfg.attention_levels)} entries, channel_mult has {n_levels}"
+                f"attention_levels has {len(cfg.attention_levels)} entries, "
+                f"channel_mult has {n_levels}"
             )
 
         def transformer(width):
@@ -166,7 +167,8 @@ class UNet(nn.Module):
             timesteps.ndim == 1 and timesteps.shape[0] not in (1, x.shape[0])
         ):
             raise ValueError(
-                f"timesteps must be a number or have shape [{x.shape[0]}], got {tuple(timesteps.shape)}"
+                f"timesteps must be a number or have shape [{x.shape[0]}], "
+                f"got {tuple(timesteps.shape)}"
             )
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
 

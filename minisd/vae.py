@@ -3,7 +3,7 @@
 
 Encoder E: image x [B, 3, H, W] in [-1, 1] -> (μ, log σ²) [B, 4, H/8, W/8]: a diagonal Gaussian
 posterior q(z|x).
-    z = μ + σ ⊙ ε, ε ~ N(0, I)                        (reparameterisation: gradients flow through μ and σ)
+    z = μ + σ ⊙ ε, ε ~ N(0, I)        (reparameterisation: gradients flow through μ and σ)
     KL(q(z|x) ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²)
 Decoder D: z -> x̂ [B, 3, H, W]. log σ² is clamped to [−30, 20] as the original code does, to keep
 exp finite.

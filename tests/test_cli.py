@@ -203,8 +203,8 @@ def test_out_folder_and_subprocess_entry_point(model_file, tmp_path):
 
 def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     """--lora loads an adapter on top of the model: the PNG equals the library's image with the same
-    adapter, differs
-    from the image without it, and records the adapter; an adapter made for another architecture is refused."""
+    adapter, differs from the image without it, and records the adapter; an adapter made for
+    another architecture is refused."""
     from minisd.train.lora import add_lora, load_adapter, save_adapter
 
     sd = minisd.load(model_file)

@@ -5,7 +5,8 @@ Relative error max|a − b| / max|b| must stay at fp32 rounding (≤ 1e-5). Thre
 outputs:
   * the stored fixture (always; needs only minisd's own requirements),
   * diffusers / transformers live, at the tiny preset and an SD 2-flavoured tiny config,
-  * diffusers / transformers live at the full SD 1 and SD 2 sizes, on an 8×8 latent to keep the CPU time low.
+  * diffusers / transformers live at the full SD 1 and SD 2 sizes, on an 8×8 latent to keep the
+    CPU time low.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 import minisd
-from minisd.attention import Attention, attention_backend, set_attention_slicing
+from minisd.attention import Attention, attention_backend
 from minisd.weights.keymap import from_diffusers
 from reference_models import (
     diffusers_unet,
@@ -75,7 +76,7 @@ def test_against_stored_reference_outputs():
     mapped = from_diffusers(
         unet=weights["unet"], vae=weights["vae"], text_encoder=weights["text_encoder"]
     )
-    sd = minisd.model.from_state_dict(cfg, mapped, source="fixture")
+    sd = minisd.from_state_dict(cfg, mapped, source="fixture")
     with torch.no_grad():
         assert (
             rel_err(
@@ -216,13 +217,10 @@ def test_fused_attention_equals_the_written_out_formula(causal):
     ctx = None if causal else torch.randn(2, 7, 48)
     mask = minisd.attention.causal_mask(10) if causal else None
     reference = attn(x, ctx, mask)
-    with attention_backend("fused"):
+    with attention_backend(attn, "fused"):
         fused = attn(x, ctx, mask)
-    set_attention_slicing(3)
-    try:
+    with attention_backend(attn, "math", slice_size=3):
         sliced = attn(x, ctx, mask)
-    finally:
-        set_attention_slicing(None)
     assert rel_err(fused, reference) < TOL
     assert rel_err(sliced, reference) < TOL
 

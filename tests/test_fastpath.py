@@ -16,7 +16,7 @@ import torch
 import minisd
 from minisd.tools import bench
 from minisd.__main__ import main as cli
-from minisd.attention import attention_backend, get_attention_backend, set_attention_slicing
+from minisd.attention import attention_backend, get_attention_backend
 from minisd.tools.fastpath import CUDAGraphCall, FastPath, slow_down, speed_up
 from minisd.tools.tiled_vae import WholeImageGroupNorm, decode_tiles, tiled_decode, _axis_tiles
 
@@ -42,9 +42,7 @@ def tiny_model(seed=0) -> minisd.StableDiffusion:
 def sd():
     model = tiny_model()
     yield model
-    # attention backend and slicing are process-wide: leave them as found
     slow_down(model)
-    set_attention_slicing(None)
 
 
 def unet_inputs(sd, size=8, batch=2, seed=1):
@@ -58,13 +56,11 @@ def unet_inputs(sd, size=8, batch=2, seed=1):
 def test_fused_and_sliced_attention_match_the_readable_path(sd):
     x, t, ctx = unet_inputs(sd)
     with torch.no_grad():
-        with attention_backend("math"):
-            readable = sd.unet(x, t, ctx)
-            # 3 does not divide batch·heads = 4: the last slice is short
-            set_attention_slicing(3)
+        readable = sd.unet(x, t, ctx)
+        # 3 does not divide batch·heads = 4: the last slice is short
+        with attention_backend(sd, "math", slice_size=3):
             sliced = sd.unet(x, t, ctx)
-            set_attention_slicing(None)
-        with attention_backend("fused"):
+        with attention_backend(sd, "fused"):
             fused = sd.unet(x, t, ctx)
     assert rel_err(fused, readable) < TOL
     assert rel_err(sliced, readable) < TOL
@@ -74,10 +70,10 @@ def test_channels_last_matches_and_slow_down_restores(sd):
     x, t, ctx = unet_inputs(sd)
     z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
     names = {k: v.clone() for k, v in sd.state_dict().items()}
-    with torch.no_grad(), attention_backend("math"):
+    with torch.no_grad(), attention_backend(sd, "math"):
         ref_unet, ref_image = sd.unet(x, t, ctx), sd.vae.decode(z)
     fast = speed_up(sd, attention="fused", channels_last=True)
-    assert get_attention_backend() == "fused" and sd.fast_path is fast
+    assert get_attention_backend(sd) == "fused" and sd.fast_path is fast
     assert sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert rel_err(sd.unet(x, t, ctx), ref_unet) < TOL
@@ -87,7 +83,7 @@ def test_channels_last_matches_and_slow_down_restores(sd):
         k: True for k in names
     }
     slow_down(sd)
-    assert get_attention_backend() == "math" and sd.fast_path is None
+    assert get_attention_backend(sd) == "math" and sd.fast_path is None
     assert sd.unet.conv_in.weight.is_contiguous()
     assert "forward" not in sd.unet.__dict__ and "decode" not in sd.vae.__dict__
 
@@ -96,7 +92,7 @@ def test_generate_on_the_fast_path_matches_the_readable_path(sd):
     # guidance 1 (no unconditional rows): a scale of 7.5 would multiply the rounding differences by
     # 7.5 per step
     kwargs = dict(steps=2, seed=0, output_type="tensor", guidance_scale=1.0)
-    with attention_backend("math"):
+    with attention_backend(sd, "math"):
         readable = sd.generate("a red circle", **kwargs)
     speed_up(sd, attention="fused", channels_last=True)
     fast = sd.generate("a red circle", **kwargs)
@@ -291,7 +287,7 @@ def test_compiled_cuda_graph_unet_matches_eager_in_float16():
     x, t, ctx = (v.to("cuda") for v in unet_inputs(sd))
     x, ctx = x.half(), ctx.half()
     try:
-        with torch.no_grad(), attention_backend("fused"):
+        with torch.no_grad(), attention_backend(sd, "fused"):
             eager = [sd.unet(x * s, t, ctx).float() for s in (1.0, 0.5)]
         speed_up(sd, compile=True, cuda_graphs=True)
         with torch.no_grad():
@@ -309,7 +305,7 @@ def test_generate_on_the_gpu_fast_path_matches_eager():
     sd = tiny_model().to("cuda", torch.float16)
     kwargs = dict(steps=4, seed=0, output_type="tensor")
     try:
-        with attention_backend("fused"):
+        with attention_backend(sd, "fused"):
             eager = sd.generate("a red circle", **kwargs)
         speed_up(sd, compile=True, cuda_graphs=True)
         fast = sd.generate("a red circle", **kwargs)

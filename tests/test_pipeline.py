@@ -20,8 +20,9 @@ from PIL import Image
 
 import minisd
 from minisd.ddim import DDIMSampler
-from minisd.guidance import ModelEnsemble
-from minisd.pipeline import noise_schedule, record_cross_attention
+from minisd.ensemble import ModelEnsemble
+from minisd.attention_maps import record_cross_attention
+from minisd.pipeline import noise_schedule
 from minisd.prompts import parse_emphasis, split_composition
 from reference_models import (
     diffusers_unet,
@@ -118,7 +119,7 @@ def box_mask(size=SIZE):
     return Image.fromarray(mask, mode="L")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # parity with diffusers
 
 
@@ -234,7 +235,7 @@ def test_inpainting_matches_diffusers(in_channels, strength, eps_refs):
     assert rel_err(got, expected) <= TOL
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # properties
 
 
@@ -544,3 +545,21 @@ def test_plain_cpu_convolutions_only_for_small_latents_and_restored_afterwards()
         with plain_convolutions_for_small_latents(torch.zeros(1, 4, 8, 8)):
             raise RuntimeError("an error inside the loop")
     assert torch.backends.mkldnn.enabled
+
+
+def test_denoise_steps_yields_the_loop_of_generate(sd):
+    """The generator is the loop `generate` runs: same latents at every step, same final x, and
+    x̂₀ of the last step is the sampler's estimate; settings as an object equal keywords."""
+    kwargs = dict(steps=4, seed=3, guidance_scale=5.0, output_type="latent")
+    seen = []
+    final = sd.generate("a red circle", callback=lambda i, t, x, x0: seen.append(x), **kwargs)
+    steps = list(sd.generate_steps("a red circle", steps=4, seed=3, guidance_scale=5.0))
+    assert [s.index for s in steps] == [0, 1, 2, 3]
+    assert all(torch.equal(s.latents, x) for s, x in zip(steps, seen))
+    assert torch.equal(steps[-1].latents, final)
+    settings = minisd.SamplingSettings(steps=4, seed=3, guidance_scale=5.0)
+    assert torch.equal(sd.generate("a red circle", settings=settings, output_type="latent"), final)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['stepz'\\]"):
+        sd.generate("a red circle", stepz=4)
+    with pytest.raises(TypeError, match="settings must be a SamplingSettings"):
+        sd.generate("a red circle", "", 4)

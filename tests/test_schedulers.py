@@ -33,7 +33,7 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def schedule(prediction_type="epsilon", kind="scaled_linear"):
-    return NoiseSchedule(ScheduleConfig(kind=kind, prediction_type=prediction_type))
+    return NoiseSchedule(ScheduleConfig(beta_schedule=kind, prediction_type=prediction_type))
 
 
 def toy_model(x, t):
@@ -47,7 +47,7 @@ def diffusers():
     return pytest.importorskip("diffusers")
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # against diffusers
 
 
@@ -254,7 +254,7 @@ def _bayes_posterior_closed_form(x0, x_t, a_t, a_prev):
     """q(x_prev | x_t, x0) ∝ q(x_t | x_prev) q(x_prev | x0), a product of two Gaussians in x_prev
     (float64).
 
-    q(x_t | x_prev) = N(√α' x_prev, β'),   α' = ᾱ_t / ᾱ_prev, β' = 1 − α'   → in x_prev: precision α'/β'
+    q(x_t | x_prev) = N(√α' x_prev, β'),  α' = ᾱ_t / ᾱ_prev, β' = 1 − α' → x_prev: precision α'/β'
     q(x_prev | x0)  = N(√ᾱ_prev x0, 1 − ᾱ_prev)
     Precisions add; the mean is the precision-weighted average of the two means.
     """
@@ -377,7 +377,7 @@ def test_img2img_strength_examples():
     assert sampler.timesteps_for_strength(0.0).tolist() == []
 
 
-# ------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # bad input
 
 
@@ -390,7 +390,7 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
         DDIMSampler(sched, 50, spacing="karras")
     with pytest.raises(ValueError, match="'scaled_linear', 'linear', 'cosine'"):
-        ScheduleConfig(kind="squaredcos_cap_v2")
+        ScheduleConfig(beta_schedule="squaredcos_cap_v2")
     with pytest.raises(ValueError, match="'epsilon', 'v_prediction'"):
         ScheduleConfig(prediction_type="sample")
     for eta in (-0.1, 1.5):

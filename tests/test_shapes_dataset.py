@@ -240,7 +240,8 @@ def test_detector_robust_to_noise_and_blur(image_size, count):
     colour_shape_hits, full_hits = _scores(pairs, degrade, value_range=(0, 1))
     colour_shape, full = colour_shape_hits.mean(), full_hits.mean()
     print(
-        f"\n{image_size}px 3x3 blur + noise sigma 0.05: colour_shape {colour_shape:.4f} full {full:.4f}"
+        f"\n{image_size}px 3x3 blur + noise sigma 0.05: colour_shape {colour_shape:.4f} "
+        f"full {full:.4f}"
     )
     assert colour_shape >= 0.95 and full >= 0.95
 

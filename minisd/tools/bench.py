@@ -2,24 +2,31 @@
 weights.
 
 For every model and image size, each variant below is measured for:
-    UNet ms, it/s   one UNet call on the guided batch (2 × images: unconditional + prompt rows), median of --iters;
-                    it/s = calls per second, the rate of the denoising loop's dominant work
-    s/image         text to image end to end: encode the prompts, --steps DDIM steps with guidance, decode (median)
-    first image     the same for the variant's first image: compilation and CUDA-graph recording included
-    peak GiB        (CUDA) the variant's weights + the most memory it held above them while making an image
-                    (after its first image: what that left allocated counts, its one-time scratch
-                    does not)
+    UNet ms, it/s   one UNet call on the guided batch (2 × images: unconditional + prompt rows),
+                    median of --iters; it/s = calls per second, the rate of the denoising loop's
+                    dominant work
+    s/image         text to image end to end: encode the prompts, --steps DDIM steps with guidance,
+                    decode (median)
+    first image     the same for the variant's first image: compilation and CUDA-graph recording
+                    included
+    peak GiB        (CUDA) the variant's weights + the most memory it held above them while making
+                    an image (after its first image: what that left allocated counts, its one-time
+                    scratch does not)
 
 Variants (the same weights in each):
     minisd-math         the readable path: attention written out as einsum, softmax, einsum; eager
-    minisd              eager, fused attention (torch's scaled_dot_product_attention, which diffusers uses too)
+    minisd              eager, fused attention (torch's scaled_dot_product_attention, which
+                        diffusers uses too)
     minisd-cl           the same, channels_last weights
-    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU torch.compile of
-                        the UNet and VAE decoder and a CUDA graph of the UNet call (--no-compile,
-                        --no-cuda-graphs)
-    diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel, eager
-    diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last: diffusers' documented recipe
-    diffusers-compiled+cudnn   the same, re-timed with cudnn.benchmark on (which the minisd fast path turns on)
+    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU
+                        torch.compile of the UNet and VAE decoder and a CUDA graph of the UNet call
+                        (--no-compile, --no-cuda-graphs)
+    diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers'
+                               CLIPTextModel, eager
+    diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last: diffusers' documented
+                        recipe
+    diffusers-compiled+cudnn   the same, re-timed with cudnn.benchmark on (which the minisd fast
+                               path turns on)
 
 The diffusers variants run diffusers' modules holding the minisd model's own tensors (bench_cases.py
 builds them and times one variant; this file reads the settings, runs every case and prints the
@@ -35,9 +42,14 @@ import gc
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
+import torch
+
+from ..config import PRESETS
 from .bench_cases import BUNDLED, Case, build_minisd, run_variant, warm_up
+from .fastpath import slow_down
 
 ORDER = (
     "minisd-math",
@@ -65,9 +77,12 @@ DTYPES = {
     "bf16": "bfloat16",
 }
 MEMORY_HELP = (
-    "Options that need less GPU memory: fused attention (the default; never builds the tokens × tokens "
-    "matrix), --attention-slicing N (math attention, N batch·head rows at a time), --tiled-decode (decode "
-    "the latents in overlapping tiles), --dtype float16, a smaller --size or --batch, and one variant at a "
+    "Options that need less GPU memory: fused attention (the default; never builds the tokens × "
+    "tokens "
+    "matrix), --attention-slicing N (math attention, N batch·head rows at a time), --tiled-decode "
+    "(decode "
+    "the latents in overlapping tiles), --dtype float16, a smaller --size or --batch, and one "
+    "variant at a "
     "time (--variants minisd) so that only one copy of the weights is on the GPU."
 )
 
@@ -151,8 +166,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- settings: refuse what cannot
 # work, clearly
 def check_settings(args) -> dict:
-    import torch
-    from ..config import PRESETS
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -173,7 +186,8 @@ def check_settings(args) -> dict:
             )
         if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(
-                f"--device {device_name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"--device {device_name}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
             )
     dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
@@ -181,7 +195,8 @@ def check_settings(args) -> dict:
     dtype_name = DTYPES[dtype_name]
     if device.type == "cpu" and dtype_name == "float16":
         raise ValueError(
-            "--dtype float16 needs a GPU: the CPU has no fast float16 arithmetic (use float32 or bfloat16)"
+            "--dtype float16 needs a GPU: the CPU has no fast float16 arithmetic (use float32 or "
+            "bfloat16)"
         )
     if device.type == "cuda" and dtype_name == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ValueError(
@@ -204,7 +219,8 @@ def check_settings(args) -> dict:
         for name in models:
             if name == "bundled" and not BUNDLED.exists():
                 raise ValueError(
-                    f"--preset bundled: the bundled model is not there ({BUNDLED}); use --preset tiny"
+                    f"--preset bundled: the bundled model is not there ({BUNDLED}); use --preset "
+                    "tiny"
                 )
             if name != "bundled" and name not in PRESETS:
                 raise ValueError(f"--preset {name!r} is not one of {', '.join(PRESETS)}, bundled")
@@ -286,15 +302,18 @@ def _fmt(value, spec):
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first image s | peak GiB |",
+        "| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first "
+        "image s | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = _ratio(rows, r)
         its = r.get("unet_its")
         lines.append(
-            f"| {r['model']} | {r['size']}² | {r['dtype']} | {r['variant']} | {_fmt(r.get('unet_ms'), '.2f')} "
-            f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | {_fmt(r.get('image_s'), '.3f')} "
+            f"| {r['model']} | {r['size']}² | {r['dtype']} | {r['variant']} | "
+            f"{_fmt(r.get('unet_ms'), '.2f')} "
+            f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | "
+            f"{_fmt(r.get('image_s'), '.3f')} "
             f"| {_fmt(r.get('first_image_s'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} |"
             + (f" {r['error']}" if r.get("error") else "")
         )
@@ -357,8 +376,6 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def header(settings) -> str:
-    import platform
-    import torch
 
     device = settings["device"]
     if device.type == "cuda":
@@ -368,22 +385,22 @@ def header(settings) -> str:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     try:
-        import diffusers
+        import diffusers  # here, not at the top: optional, only for the comparison
 
         versions = f"diffusers {diffusers.__version__}"
     except ImportError:
         versions = "diffusers not installed"
     cap = f"; memory capped at {settings['max_memory']:g} GiB" if settings.get("max_memory") else ""
     return (
-        f"minisd bench on {where}; torch {torch.__version__}, {versions}; {settings['steps']} DDIM steps, "
-        f"guidance 7.5, batch {settings['batch']} (UNet batch {2 * settings['batch']}); presets have random weights"
+        f"minisd bench on {where}; torch {torch.__version__}, {versions}; {settings['steps']} DDIM "
+        "steps, "
+        f"guidance 7.5, batch {settings['batch']} (UNet batch {2 * settings['batch']}); presets "
+        "have random weights"
         + cap
     )
 
 
 def main(args) -> int:
-    import torch
-
     settings = check_settings(args)
     options = (
         {name.strip(): True for name in args.compile_options.split(",")}
@@ -404,11 +421,13 @@ def main(args) -> int:
     wants_diffusers = any(v.startswith("diffusers") for v in settings["variants"])
     if wants_diffusers:
         try:
+            # optional dependencies, needed only for the comparison: imported where used
             import diffusers  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
             print(
-                "diffusers/transformers are not installed: timing minisd only (pip install diffusers transformers)"
+                "diffusers/transformers are not installed: timing minisd only (pip install "
+                "diffusers transformers)"
             )
             settings["variants"] = [
                 v for v in settings["variants"] if not v.startswith("diffusers")
@@ -465,7 +484,8 @@ def main(args) -> int:
                     if os.environ.get("MINISD_TRACEBACK"):
                         raise
                     failed = True
-                    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    message = f"{type(error).__name__}: {first_line}"
                     row = dict(
                         model=case.name,
                         size=size,
@@ -480,8 +500,6 @@ def main(args) -> int:
                     Path(args.json).write_text(
                         json.dumps(dict(header=header(settings), rows=rows), indent=1)
                     )
-            from .fastpath import slow_down
-
             slow_down(sd)
             del case
             gc.collect()
@@ -501,7 +519,8 @@ def _progress(r: dict) -> str:
         return f"  {r['model']} {r['size']}² {r['variant']}: {r['error']}"
     checks = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if "diff" in k or "err" in k)
     return (
-        f"  {r['model']} {r['size']}² {r['dtype']} {r['variant']}: UNet {_fmt(r.get('unet_ms'), '.2f')} ms, "
+        f"  {r['model']} {r['size']}² {r['dtype']} {r['variant']}: UNet "
+        f"{_fmt(r.get('unet_ms'), '.2f')} ms, "
         f"{_fmt(r.get('image_s'), '.3f')} s/image, first {_fmt(r.get('first_image_s'), '.2f')} s, "
         f"peak {_fmt(r.get('peak_gib'), '.2f')} GiB" + (f" ({checks})" if checks else "")
     )

@@ -10,9 +10,11 @@ One variant of one Case (a model at one image size), all timings wall clock betw
 synchronisations:
     first image     one text-to-image run (compilation and CUDA-graph recording included)
     s/image         median over --images further runs
-    UNet ms         median over --iters calls on the guided batch x [2B, C, h, h], t = 500, random context [2B, 77, d]
-    peak GiB        (CUDA) bytes of the variant's parameters + max allocated − allocated before the variant started,
-                    the max counted from after the first image when more images follow
+    UNet ms         median over --iters calls on the guided batch x [2B, C, h, h], t = 500, random
+                    context [2B, 77, d]
+    peak GiB        (CUDA) bytes of the variant's parameters + max allocated − allocated before the
+                    variant started, the max counted from after the first image when more images
+                    follow
 and its outputs are compared with minisd's eager ones: UNet max|a − b| / max|b|, image max and mean
 |a − b|.
 """
@@ -24,16 +26,23 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+from torch.nn import functional as F
+
+from ..model import StableDiffusion
+from ..weights.convert import load
+from ..attention import set_attention_backend
+from ..config import BUNDLED_MODEL, PRESETS
+from ..weights.keymap import from_diffusers
+from .fastpath import speed_up
+
 PROMPT = "a red circle on the left and a blue square at the top"
-BUNDLED = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
+BUNDLED = BUNDLED_MODEL
 
 
 # ---------------------------------------------------------------- the models: minisd, and diffusers
 # on its weights
 def build_minisd(name: str, device, dtype):
-    import torch
-    from .. import StableDiffusion, load
-    from ..config import PRESETS
 
     if name == "bundled" or Path(name).exists():
         return load(BUNDLED if name == "bundled" else name, device=device, dtype=dtype).eval()
@@ -47,8 +56,6 @@ def build_minisd(name: str, device, dtype):
 def _fill(module, part: str, sd, device) -> None:
     """Load minisd's `part` tensors into a reference module built on the meta device (names through
     keymap)."""
-    import torch
-    from ..weights.keymap import from_diffusers
 
     # minisd name -> reference name
     names = from_diffusers(**{part: {k: k for k in module.state_dict()}})
@@ -70,8 +77,7 @@ def _fill(module, part: str, sd, device) -> None:
 def diffusers_twin(sd, with_pipeline: bool):
     """(unet, pipeline or None, text model or None) from diffusers/transformers, holding sd's
     weights."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # optional dependency: imported where used
 
     cfg, device = sd.config, sd.device
     u = cfg.unet
@@ -156,8 +162,6 @@ def diffusers_twin(sd, with_pipeline: bool):
 
 # ---------------------------------------------------------------- timing
 def _sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -181,8 +185,6 @@ class Case:
     compared with."""
 
     def __init__(self, model_name, size, settings, sd):
-        import torch
-
         self.name, self.size, self.s, self.sd = model_name, size, settings, sd
         self.device, self.dtype = settings["device"], settings["dtype"]
         cfg = sd.config
@@ -224,8 +226,6 @@ class Case:
         )
 
     def diffusers_image(self):
-        import torch
-
         b = self.s["batch"]
         with torch.no_grad():
             ids = self.sd.tokenizer([""] * b + [PROMPT] * b).to(self.device)
@@ -253,17 +253,12 @@ class Case:
 
 def prepare(case: Case, variant: str) -> str:
     """Put the model(s) in the variant's state; returns the library that runs it."""
-    import torch
-    from ..attention import set_attention_backend, set_attention_slicing
-    from .fastpath import speed_up
 
     s = case.s
     torch.backends.cudnn.benchmark = variant == "diffusers-compiled+cudnn"
-    set_attention_slicing(s["attention_slicing"])
     if variant.startswith("minisd"):
-        set_attention_backend(
-            "math" if variant == "minisd-math" or s["attention_slicing"] else "fused"
-        )
+        math_path = variant == "minisd-math" or s["attention_slicing"]
+        set_attention_backend(case.sd, "math" if math_path else "fused", s["attention_slicing"])
         if variant == "minisd-cl":
             speed_up(
                 case.sd,
@@ -308,8 +303,6 @@ def prepare(case: Case, variant: str) -> str:
 
 
 def run_variant(case: Case, variant: str) -> dict:
-    import torch
-
     s, device = case.s, case.device
     row = dict(
         model=case.name,
@@ -391,8 +384,6 @@ def compare(case: Case, variant: str) -> dict:
 def warm_up(device, dtype) -> None:
     """Load the math libraries' kernels once, so that the first variant does not pay for
     everyone."""
-    import torch
-    from torch.nn import functional as F
 
     x = torch.randn(2, 64, 32, 32, device=device, dtype=dtype)
     F.conv2d(x, torch.randn(64, 64, 3, 3, device=device, dtype=dtype), padding=1)

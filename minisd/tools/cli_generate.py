@@ -12,7 +12,8 @@ import argparse
 import random
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
+from ..config import BUNDLED_MODEL
+
 DTYPES = ("float32", "float16", "bfloat16")
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag
 # left out.

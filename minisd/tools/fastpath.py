@@ -4,23 +4,27 @@ memory.
 Nothing here changes the mathematics of a module; each switch changes *how* the GPU (or CPU) is
 asked to do it:
 
-    attention="fused"    softmax(QKᵀ/√d)V in one kernel (torch's scaled_dot_product_attention, flash attention on
-                         recent GPUs): the [tokens × tokens] matrix is never stored.
-    channels_last        convolution weights and activations stored as [B, H, W, C] (NHWC), the layout the tensor
-                         cores read; the transformer's "b c h w -> b (h w) c" then becomes a view,
-                         not a copy.
-    dtype                float16 / bfloat16: half the bytes per number, and the tensor cores' fast arithmetic.
-    compile              torch.compile the UNet's and the VAE decoder's forward: GroupNorm + SiLU, the GEGLU gate,
-                         the residual adds ... become a few generated kernels instead of one pass
-                         over memory each.
-    cuda_graphs          record the UNet's kernel launches once per input shape and replay the recording: one launch
-                         per denoising step instead of hundreds. The loop calls the UNet with the
-                         same shapes every step, which is what makes a recording reusable.
-    cudnn_benchmark      let cuDNN time its convolution algorithms once per shape and keep the fastest.
-    attention_slicing    (memory) the math path builds the score matrix for a few (batch, head) rows at a time.
-    tiled_decode         (memory) decode the latents in overlapping tiles (tiled_vae.py): the VAE's big activations
-                         are made one tile at a time (SD 1, 1024², float16: peak 4.4 → 3.4 GiB on an
-                         H100).
+    attention="fused"    softmax(QKᵀ/√d)V in one kernel (torch's scaled_dot_product_attention, flash
+                         attention on recent GPUs): the [tokens × tokens] matrix is never stored.
+    channels_last        convolution weights and activations stored as [B, H, W, C] (NHWC), the
+                         layout the tensor cores read; the transformer's "b c h w -> b (h w) c" then
+                         becomes a view, not a copy.
+    dtype                float16 / bfloat16: half the bytes per number, and the tensor cores' fast
+                         arithmetic.
+    compile              torch.compile the UNet's and the VAE decoder's forward: GroupNorm + SiLU,
+                         the GEGLU gate, the residual adds ... become a few generated kernels
+                         instead of one pass over memory each.
+    cuda_graphs          record the UNet's kernel launches once per input shape and replay the
+                         recording: one launch per denoising step instead of hundreds. The loop
+                         calls the UNet with the same shapes every step, which is what makes a
+                         recording reusable.
+    cudnn_benchmark      let cuDNN time its convolution algorithms once per shape and keep the
+                         fastest.
+    attention_slicing    (memory) the math path builds the score matrix for a few (batch, head) rows
+                         at a time.
+    tiled_decode         (memory) decode the latents in overlapping tiles (tiled_vae.py): the VAE's
+                         big activations are made one tile at a time (SD 1, 1024², float16: peak 4.4
+                         → 3.4 GiB on an H100).
 
 How the switches are applied without forking a module: `speed_up` sets the *instance* attribute
 `forward` of `sd.unet` (and `sd.vae.decoder`, `sd.vae.decode`) to a compiled / graph-replaying
@@ -42,7 +46,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import attention as attention_module
+from .tiled_vae import tiled_decode
+from ..attention import set_attention_backend
+from ..checks import check_number
 
 # recordings kept per model (one per input shape); each holds its own activation memory
 CUDA_GRAPH_CACHE = 4
@@ -159,17 +165,8 @@ def _check_switches(fast: FastPath, sd) -> None:
     device = torch.device(fast.device) if fast.device is not None else sd.device
     if fast.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}")
-    for name in ("tile_size", "tile_overlap"):
-        value = getattr(fast, name)
-        if (
-            not isinstance(value, int)
-            or isinstance(value, bool)
-            or value < (1 if name == "tile_size" else 0)
-        ):
-            raise ValueError(
-                f"{name} must be a {'positive' if name == 'tile_size' else 'non-negative'} integer, "
-                f"got {value!r}"
-            )
+    check_number("tile_size", fast.tile_size, 1, integer=True)
+    check_number("tile_overlap", fast.tile_overlap, 0, integer=True)
     if fast.compile_mode is not None and fast.compile_options:
         raise ValueError(
             "give compile_mode or compile_options, not both (torch.compile takes one of them)"
@@ -188,8 +185,8 @@ def speed_up(sd, fast: Optional[FastPath] = None, **switches) -> FastPath:
         speed_up(sd, dtype=torch.float16, compile=True, cuda_graphs=True)
         speed_up(sd, attention="math", attention_slicing=4, tiled_decode=True)   # small GPUs
 
-    Attention backend and slicing (attention.py) and cudnn.benchmark are process-wide: they apply to
-    every model.
+    Everything but cudnn.benchmark (a switch of torch itself, process-wide) belongs to `sd`: the
+    attention backend and slicing are set on its own Attention layers, so other models keep theirs.
     """
     if fast is None:
         fast = FastPath(**switches)
@@ -200,8 +197,7 @@ def speed_up(sd, fast: Optional[FastPath] = None, **switches) -> FastPath:
 
     if fast.device is not None or fast.dtype is not None:
         sd.to(device=fast.device, dtype=fast.dtype)
-    attention_module.set_attention_backend(fast.attention)
-    attention_module.set_attention_slicing(fast.attention_slicing)
+    set_attention_backend(sd, fast.attention, fast.attention_slicing)
     if sd.device.type == "cuda" and fast.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     if fast.channels_last:
@@ -222,8 +218,6 @@ def speed_up(sd, fast: Optional[FastPath] = None, **switches) -> FastPath:
     if fast.compile or fast.cuda_graphs:
         sd.unet.forward = unet_forward
     if fast.tiled_decode:
-        from .tiled_vae import tiled_decode
-
         sd.vae.decode = functools.partial(
             tiled_decode,
             sd.vae,
@@ -243,8 +237,7 @@ def slow_down(sd) -> None:
             # instance attributes only: the class methods come back
             module.__dict__.pop(name, None)
     if getattr(sd, "fast_path", None) is not None:
-        attention_module.set_attention_backend("math")
-        attention_module.set_attention_slicing(None)
+        set_attention_backend(sd, "math", None)
         if sd.fast_path.channels_last:
             sd.unet.to(memory_format=torch.contiguous_format)
             sd.vae.to(memory_format=torch.contiguous_format)

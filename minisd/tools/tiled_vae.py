@@ -14,19 +14,19 @@ next instead of showing an edge, and the pixels nearest a tile's edge, which its
 computed from zero padding, get no weight at all.
 
 Three things in the decoder look beyond a pixel's neighbourhood, and each is handled:
-  - the middle block's attention (every pixel attends to every pixel): it runs at latent resolution, where it is
-    small (128² × 512 channels for a 1024² image), so the middle block runs once on the whole
-    latent, untiled;
+  - the middle block's attention (every pixel attends to every pixel): it runs at latent resolution,
+    where it is small (128² × 512 channels for a 1024² image), so the middle block runs once on the
+    whole latent, untiled;
   - 3×3 convolutions see only neighbours: the overlap gives each tile's centre the context it needs;
-  - GroupNorm normalises with the mean and variance of the *whole* image. A tile alone would use its own, and that
-    difference moves the output by several percent. So the tiles are swept `sweeps` times: every
-    sweep measures each GroupNorm's statistics over all tiles (each tile counting only the pixels it
-    owns), and the next sweep normalises every tile with those whole-image statistics; the last
-    sweep draws the image. Sweep k gets the statistics of the first k GroupNorms exactly right, so
-    the result is exact only after (number of GroupNorms
-    + 1) sweeps; the default 2 roughly halves the error of 1 at twice the compute. It stays an approximation, as
-    every tiled decoder is: on random-weight test models the tiles differ from the plain decode by a
-    few percent.
+  - GroupNorm normalises with the mean and variance of the *whole* image. A tile alone would use its
+    own, and that difference moves the output by several percent. So the tiles are swept `sweeps`
+    times: every sweep measures each GroupNorm's statistics over all tiles (each tile counting only
+    the pixels it owns), and the next sweep normalises every tile with those whole-image statistics;
+    the last sweep draws the image. Sweep k gets the statistics of the first k GroupNorms exactly
+    right, so the result is exact only after (number of GroupNorms + 1) sweeps; the default 2
+    roughly halves the error of 1 at twice the compute. It stays an approximation, as every tiled
+    decoder is: on random-weight test models the tiles differ from the plain decode by a few
+    percent.
 Given the exact whole-image statistics, tiles with enough overlap reproduce the plain decode to
 float rounding (the tests check this), and a single tile that covers the image runs exactly the
 plain decode's operations.
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checks import check_tensor
+from ..checks import check_number, check_tensor
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -180,13 +180,9 @@ def tiled_decode(
     check_tensor(
         "VAE decode latents", latents, 4, "[B, latent_channels, h, w]", vae.cfg.latent_channels
     )
-    for name, value, low in (
-        ("tile_size", tile_size, 1),
-        ("overlap", overlap, 0),
-        ("sweeps", sweeps, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_number("tile_size", tile_size, 1, integer=True)
+    check_number("overlap", overlap, 0, integer=True)
+    check_number("sweeps", sweeps, 1, integer=True)
     if overlap >= tile_size:
         raise ValueError(f"overlap ({overlap}) must be smaller than tile_size ({tile_size})")
     decoder, scale = vae.decoder, vae.downscale

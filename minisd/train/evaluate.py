@@ -5,13 +5,14 @@ asks for?
     python -m minisd evaluate --model runs/ldm/model.safetensors --seen 100 --heldout 100
 
 Protocol (every number is a pure function of the seeds):
-  1. Choose the guidance scale s on a *selection* set: 50 prompts of the validation split drawn with seed+1,
-     trying each scale in --scales; the scale with the highest full rate (ties: colour+shape) wins.
-  2. Seen:     --seen prompts of the validation split (seed): colour-shape pairs that occur in training, 1 or 2
-               objects. Report the colour+shape rate and the full rate (also size, position, no
-               extra object).
-  3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape pair never seen
-               in training. Report the colour+shape rate.
+  1. Choose the guidance scale s on a *selection* set: 50 prompts of the validation split drawn with
+     seed+1, trying each scale in --scales; the scale with the highest full rate (ties:
+     colour+shape) wins.
+  2. Seen:     --seen prompts of the validation split (seed): colour-shape pairs that occur in
+               training, 1 or 2 objects. Report the colour+shape rate and the full rate (also size,
+               position, no extra object).
+  3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape
+               pair never seen in training. Report the colour+shape rate.
   4. Both again at s = 1 (no guidance), to show what guidance buys.
 Image i of a set is sampled with seed (image_seed + i), DDIM, --steps steps. The detector is
 minisd.train.fidelity.
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import BUNDLED_MODEL
+from ..weights.convert import load
+from .fidelity import evaluate
 from .shapes_dataset import ShapesConfig, ShapesDataset, caption
 
-BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 
 
@@ -70,8 +73,6 @@ def fidelity(
     batch: int = 50,
 ) -> dict:
     """{'colour_shape': rate, 'full': rate, counts...} of the model's images for these prompts."""
-    from .fidelity import evaluate
-
     images = generate_images(sd, prompts, guidance_scale, image_seed, steps, batch)
     return evaluate(images, prompts, value_range=(0, 1))
 
@@ -112,7 +113,8 @@ def run_protocol(
         }
         for s, r in selection.items():
             log(
-                f"  selection set ({select} prompts), scale {s}: colour+shape {r['colour_shape']:.1%}, full {r['full']:.1%}"
+                f"  selection set ({select} prompts), scale {s}: colour+shape "
+                f"{r['colour_shape']:.1%}, full {r['full']:.1%}"
             )
     report["guidance_scale"] = guidance_scale
     seen_prompts, heldout_prompts = (
@@ -127,8 +129,10 @@ def run_protocol(
         }
         r = report[key]
         log(
-            f"scale {scale}: seen ({seen}) colour+shape {r['seen']['colour_shape']:.1%}, full {r['seen']['full']:.1%}; "
-            f"held-out ({heldout}) colour+shape {r['heldout']['colour_shape']:.1%}, full {r['heldout']['full']:.1%}"
+            f"scale {scale}: seen ({seen}) colour+shape {r['seen']['colour_shape']:.1%}, full "
+            f"{r['seen']['full']:.1%}; "
+            f"held-out ({heldout}) colour+shape {r['heldout']['colour_shape']:.1%}, full "
+            f"{r['heldout']['full']:.1%}"
         )
     return report
 
@@ -177,8 +181,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..model import load
-
     for name in ("seen", "heldout", "select", "steps", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")

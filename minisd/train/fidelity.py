@@ -3,11 +3,12 @@
 A deterministic, hand-written detector (no learned model), tolerant of the blur and noise of
 generated images:
 
-1. Background b = median colour of the border pixels. A pixel p is foreground when ||p - b|| > 0.25 (RGB in [0, 1]).
+1. Background b = median colour of the border pixels. A pixel p is foreground when ||p - b|| > 0.25
+   (RGB in [0, 1]).
 2. Foreground pixels are grouped into 4-connected components (a numpy label propagation, below);
    components smaller than 1% of the image are dropped as noise.
-3. Each component's colour c is the mean of its "core" pixels (those farthest from b, free of edge blending);
-   every pixel of the component, grown by one pixel, then gets a coverage
+3. Each component's colour c is the mean of its "core" pixels (those farthest from b, free of edge
+   blending); every pixel of the component, grown by one pixel, then gets a coverage
        alpha(p) = clip( <p - b, c - b> / ||c - b||^2, 0, 1 ),
    i.e. how far p lies along the line from background to object colour (blurred edges give 0 < alpha
    < 1). Blur and noise leave the blob's area A = sum(alpha) and centroid (coverage-weighted mean
@@ -18,10 +19,10 @@ generated images:
               is s/6 above its centroid) is compared with alpha by soft IoU = sum(min(alpha, ideal))
               / sum(max(alpha, ideal)), taking the best over a few Gaussian blurs of the ideal; the
               highest IoU wins ("unknown" below 0.6);
-   size     = s as a fraction of the image side, compared with sqrt(0.25 * 0.40), the geometric mean of the
-              small and large sides;
-   position = from the fitted box centre's offset (ox, oy) to the image centre: "center" if both are < 1/8,
-              else the dominant axis decides left / right / top / bottom.
+   size     = s as a fraction of the image side, compared with sqrt(0.25 * 0.40), the geometric mean
+              of the small and large sides;
+   position = from the fitted box centre's offset (ox, oy) to the image centre: "center" if both are
+              < 1/8, else the dominant axis decides left / right / top / bottom.
 
 score(image, prompt): colour_shape is True when every prompt object is matched by a distinct
 detection of the same colour and shape; full additionally needs size and position to match (a prompt
@@ -133,7 +134,8 @@ def to_rgb_float(image, value_range="auto") -> np.ndarray:
     slack = 0.1 * (high - low)
     if image.min() < low - slack or image.max() > high + slack:
         raise ValueError(
-            f"float image values [{image.min():.3g}, {image.max():.3g}] are outside the expected range "
+            f"float image values [{image.min():.3g}, {image.max():.3g}] are outside the expected "
+            "range "
             f"{value_range} (images in 0..255 should be uint8)"
         )
     return np.clip((image - low) / (high - low), 0.0, 1.0)
@@ -243,10 +245,10 @@ def _fit_shape(
     """Place the ideal `shape` with the same area and centroid as the blob: (soft IoU, side, box cx,
     box cy).
 
-    side = sqrt(area / fill_ratio); a triangle's centroid lies side/6 below its box centre, a circle's and a
-    square's at it (blur keeps both area and centroid). Soft IoU = sum(min(alpha, ideal)) /
-    sum(max(alpha, ideal)), on a window around the blob, best over a few blur widths, because a
-    blurred square looks like a sharp circle but still like a blurred square.
+    side = sqrt(area / fill_ratio); a triangle's centroid lies side/6 below its box centre, a
+    circle's and a square's at it (blur keeps both area and centroid). Soft IoU = sum(min(alpha,
+    ideal)) / sum(max(alpha, ideal)), on a window around the blob, best over a few blur widths,
+    because a blurred square looks like a sharp circle but still like a blurred square.
     """
     side = float(np.sqrt(area / FILL_RATIO[shape]))
     box_cx, box_cy = centroid[0], centroid[1] - (side / 6 if shape == "triangle" else 0.0)

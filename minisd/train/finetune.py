@@ -1,14 +1,15 @@
 """Teach a trained model a new word — the colour "orange" — from a few dozen pictures, with LoRA, on
 a CPU in minutes.
 
-    python -m minisd finetune --out runs/orange       # the bundled model; writes runs/orange/orange.safetensors
+    python -m minisd finetune --out runs/orange   # bundled model -> runs/orange/orange.safetensors
 
 What is trained (everything else stays frozen):
   - LoRA adapters (lora.py) on to_q, to_k, to_v, to_out of every attention layer of the UNet and the
   text encoder:
         W x  ->  W x + (α/r) · B A x
-  - the token-embedding row of the new word (textual inversion, Gal et al. 2022): the base text encoder never saw
-    "orange" (its row is still the random init), so the word first needs a vector of its own.
+  - the token-embedding row of the new word (textual inversion, Gal et al. 2022): the base text
+    encoder never saw "orange" (its row is still the random init), so the word first needs a vector
+    of its own.
 The loss is the base model's own (train_ldm.py): ‖UNet(z_t, t, c) − target‖², with the caption
 dropped 10% of the time.
 
@@ -34,7 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import BUNDLED_MODEL
+from ..weights.convert import load
+from ..pipeline import noise_schedule
+from . import shapes_dataset
 from . import training as T
+from .evaluate import fidelity, prompts_of
+from .lora import add_lora, lora_parameters, save_adapter
+from .shapes_dataset import (
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    SceneSpec,
+    caption,
+    render,
+)
+from .train_ldm import Denoiser, diffusion_loss, encode_pool
 
 NEW_WORD = "orange"
 NEW_HUE = 30.0  # degrees; red is 0, yellow 60: the detector's nearest-hue rule then accepts 15°–45°
@@ -50,8 +67,6 @@ def extra_colour(name: str = NEW_WORD, hue: float = NEW_HUE):
     restored on exit. Sampling of the *training* split is not meant to run inside (it would draw the
     new colour too).
     """
-    from . import shapes_dataset
-
     if name in shapes_dataset.COLOUR_HUES:  # already inside such a block
         yield
         return
@@ -67,8 +82,6 @@ def extra_colour(name: str = NEW_WORD, hue: float = NEW_HUE):
 
 def new_concept_scenes(count: int, seed: int, colour: str = NEW_WORD):
     """`count` one-object scenes of the new colour, with random shapes, sizes and positions."""
-    from .shapes_dataset import POSITIONS, SHAPES, SIZES, SceneObject, SceneSpec
-
     rng = np.random.default_rng(seed)
     with extra_colour():
         return [
@@ -90,8 +103,6 @@ def render_new_concept(
     count: int, seed: int, image_size: int = 32
 ) -> tuple[torch.Tensor, list[str]]:
     """(uint8 [count, 3, H, W], captions) of jittered pictures of the new colour."""
-    from .shapes_dataset import caption, render
-
     rng = np.random.default_rng([seed, 1])
     with extra_colour():
         scenes = new_concept_scenes(count, seed)
@@ -101,8 +112,6 @@ def render_new_concept(
 
 
 def new_concept_prompts(count: int, seed: int) -> list[str]:
-    from .shapes_dataset import caption
-
     with extra_colour():
         return [caption(spec) for spec in new_concept_scenes(count, seed)]
 
@@ -121,10 +130,6 @@ def finetune(
 ) -> dict:
     """Add LoRA + a trainable word row to `sd` (in place), train, save out/orange.safetensors;
     returns a summary."""
-    from .lora import add_lora, lora_parameters, save_adapter
-    from ..pipeline import noise_schedule
-    from .train_ldm import Denoiser, diffusion_loss, encode_pool
-
     torch.manual_seed(seed)
     sd.requires_grad_(False)
     add_lora(sd.unet, rank=rank)
@@ -154,7 +159,8 @@ def finetune(
     denoiser = Denoiser(sd).train()
     log(
         f"fine-tuning on {images} pictures of '{NEW_WORD}' + {len(base_images)} base pictures: "
-        f"{sum(p.numel() for p in parameters):,} LoRA parameters + {word_rows.numel()} embedding values, {steps} steps"
+        f"{sum(p.numel() for p in parameters):,} LoRA parameters + {word_rows.numel()} embedding "
+        f"values, {steps} steps"
     )
 
     losses, began = [], time.time()
@@ -255,8 +261,6 @@ def measure(
 ) -> dict:
     """Fidelity on prompts of the new concept (the detector knows the new colour) and on seen base
     prompts (0: skip)."""
-    from .evaluate import fidelity, prompts_of
-
     result = {"guidance_scale": guidance_scale, "prompt_seed": seed, "image_seed": seed}
     if new_prompts:
         with extra_colour():
@@ -272,8 +276,6 @@ def measure(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    from .evaluate import BUNDLED_MODEL
-
     p.add_argument(
         "--model", default=str(BUNDLED_MODEL), help="the base model (default: the bundled one)"
     )
@@ -289,14 +291,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--measure",
         type=int,
         default=50,
-        help="prompts of the new concept to score before and after (and twice as many base prompts after; 0: skip)",
+        help="prompts of the new concept to score before and after (and twice as many base "
+        "prompts after; 0: skip)",
     )
     p.add_argument("--json", default=None, help="also write the summary and measurements here")
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..model import load
-
     for name in ("images", "steps", "batch_size", "rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -307,7 +308,8 @@ def main(args: argparse.Namespace) -> int:
         sd, out, args.images, args.steps, args.batch_size, args.lr, args.rank, args.seed
     )
     print(
-        f"adapter {summary['adapter']} ({summary['bytes'] / 1e3:.0f} kB), loss {summary['first_loss']:.4f} -> "
+        f"adapter {summary['adapter']} ({summary['bytes'] / 1e3:.0f} kB), loss "
+        f"{summary['first_loss']:.4f} -> "
         f"{summary['last_loss']:.4f}, {summary['seconds']} s"
     )
     if args.measure:
@@ -316,7 +318,8 @@ def main(args: argparse.Namespace) -> int:
             f"'{NEW_WORD}' prompts ({args.measure}, seeds {after['prompt_seed']}+): colour+shape "
             f"{before['new']['colour_shape']:.1%} before, {after['new']['colour_shape']:.1%} after "
             f"(full {after['new']['full']:.1%}); base prompts ({2 * args.measure}) colour+shape "
-            f"{after['base']['colour_shape']:.1%}, full {after['base']['full']:.1%} with the adapter"
+            f"{after['base']['colour_shape']:.1%}, full {after['base']['full']:.1%} with the "
+            "adapter"
         )
         summary.update(before=before, after=after)
     if args.json:

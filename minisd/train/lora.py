@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..attention import Attention
-from ..model import atomic_write
+from ..files import atomic_write
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 ADAPTER_KEY = "minisd_lora"
@@ -44,7 +46,8 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
         if not isinstance(rank, int) or not 1 <= rank <= min(base.in_features, base.out_features):
             raise ValueError(
-                f"rank must be an int in [1, {min(base.in_features, base.out_features)}], got {rank!r}"
+                f"rank must be an int in [1, {min(base.in_features, base.out_features)}], got "
+                f"{rank!r}"
             )
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
@@ -175,8 +178,6 @@ def save_adapter(
     sd, path: Union[str, Path], token_ids: Iterable[int] = (), info: Optional[dict] = None
 ) -> None:
     """Write only the adapter (not the base model) as safetensors, with its settings as metadata."""
-    from safetensors.torch import save_file
-
     layers = {
         **{f"unet.{n}": m for n, m in lora_layers(sd.unet).items()},
         **{f"text_encoder.{n}": m for n, m in lora_layers(sd.text_encoder).items()},
@@ -185,13 +186,15 @@ def save_adapter(
         raise ValueError("the model has no LoRA layers to save: call add_lora first")
     if any(m.merged for m in layers.values()):
         raise ValueError(
-            "unmerge the LoRA layers before saving the adapter (merged weights are part of the base)"
+            "unmerge the LoRA layers before saving the adapter (merged weights are part of the "
+            "base)"
         )
     ranks = {m.rank for m in layers.values()}
     alphas = {m.alpha for m in layers.values()}
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError(
-            f"save_adapter expects one rank and alpha for all layers, got ranks {ranks}, alphas {alphas}"
+            f"save_adapter expects one rank and alpha for all layers, got ranks {ranks}, alphas "
+            f"{alphas}"
         )
     settings = {
         "rank": ranks.pop(),
@@ -212,8 +215,6 @@ def save_adapter(
 def load_adapter(sd, path: Union[str, Path]) -> dict:
     """Add the adapter's LoRA layers to `sd` (if not there yet), load A, B and token rows; returns
     its settings."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter at {path}")

@@ -8,15 +8,15 @@ Rendering is supersampled: each output pixel blends the shape colour with the ba
 coverage, the fraction of an S x S grid of sub-pixel samples that falls inside the shape,
 
     coverage_k(i, j) = 1/S^2 * #{sub-samples u of pixel (i, j) inside shape k}
-    pixel(i, j)      = (1 - coverage_k) * background + coverage_k * colour_k    (shapes never overlap),
+    pixel(i, j)      = (1 - coverage_k) * background + coverage_k * colour_k  (shapes never overlap)
 
 so edges are anti-aliased yet the picture is a pure function of (spec, image size, jitter RNG).
 
 Vocabulary (six colours 60 degrees apart in hue, so a hue detector separates them easily):
-    colours   red, yellow, green, cyan, blue, magenta      ("purple" is read as magenta)
-    shapes    circle, square, triangle                     (triangle = isosceles, apex up, base = height)
+    colours   red, yellow, green, cyan, blue, magenta   ("purple" is read as magenta)
+    shapes    circle, square, triangle                (triangle: isosceles, apex up, base = height)
     sizes     small (side 0.25 of the image), large (side 0.40)
-    positions left, right, top, bottom, center             (box centre at 0.25 / 0.5 / 0.75 of the image)
+    positions left, right, top, bottom, center        (box centre at 0.25 / 0.5 / 0.75 of the image)
 Two-object scenes use the position pairs (left, right) or (top, bottom), with a gap between the
 halves, so the objects never touch.
 
@@ -235,12 +235,14 @@ def _parse_object(words: list[str], prompt: str) -> SceneObject:
         kind = next((k for k, allowed in vocab if word in allowed), None)
         if kind is None:
             raise ValueError(
-                f"cannot parse prompt {prompt!r}: unknown word {word!r}; expected colours {COLOURS}, "
+                f"cannot parse prompt {prompt!r}: unknown word {word!r}; expected colours "
+                f"{COLOURS}, "
                 f"shapes {SHAPES}, sizes {SIZES}, positions {POSITIONS} joined by 'and'"
             )
         if kind in found:
             raise ValueError(
-                f"cannot parse prompt {prompt!r}: two {kind}s ({found[kind]!r}, {word!r}) for one object"
+                f"cannot parse prompt {prompt!r}: two {kind}s ({found[kind]!r}, {word!r}) for one "
+                "object"
             )
         found[kind] = word
     for required in ("colour", "shape"):

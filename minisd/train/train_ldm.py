@@ -5,10 +5,11 @@ scratch.
 
 One training step (Rombach et al. 2022, eq. 2), for a batch of (image, caption) pairs:
 
-    z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)     the VAE is trained first and stays frozen
-    t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε                    (schedule.q_sample)
-    c = TextEncoder(tokens(caption)),  caption replaced by "" with probability p_drop      (for classifier-free guidance)
-    L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀  (schedule.training_target)
+    z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)    (VAE trained first, frozen)
+    t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε          (schedule.q_sample)
+    c = TextEncoder(tokens(caption)),  caption → "" with probability p_drop   (for CFG, guidance.py)
+    L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀
+                                                                        (schedule.training_target)
 
 Dropping the caption teaches the same network the unconditional prediction that guidance
 extrapolates away from. The weights that get saved are the exponential moving average
@@ -28,10 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import training as T
 from ..attention import set_attention_backend
-from ..model import StableDiffusion, save
+from ..config import PREDICTION_TYPES
+from ..model import StableDiffusion
 from ..pipeline import noise_schedule
+from ..weights.minisd_file import save
+from . import training as T
 from .train_vae import load_vae
 
 MODEL_FILE = "model.safetensors"
@@ -92,10 +95,10 @@ def diffusion_loss(
     With `snr_gamma` = γ each example's error is weighted by Min-SNR-γ (Hang et al. 2023, eq. 10 and
     its v form):
         w_t = min(SNR_t, γ) / SNR_t        for ε,        w_t = min(SNR_t, γ) / (SNR_t + 1)   for v,
-    SNR_t = ᾱ_t / (1 − ᾱ_t). It stops the nearly clean timesteps (huge SNR, easy) from dominating the gradient,
-    which makes short runs converge faster; None keeps the plain loss that Stable Diffusion was
-    trained with. `t_cpu` (the same timesteps on the CPU) lets the schedule look ᾱ_t up without
-    waiting for the GPU.
+    SNR_t = ᾱ_t / (1 − ᾱ_t). It stops the nearly clean timesteps (huge SNR, easy) from dominating
+    the gradient, which makes short runs converge faster; None keeps the plain loss that Stable
+    Diffusion was trained with. `t_cpu` (the same timesteps on the CPU) lets the schedule look ᾱ_t
+    up without waiting for the GPU.
     """
     lookup = t if t_cpu is None else t_cpu
     z_t = schedule.q_sample(z0, lookup, eps)
@@ -131,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prediction-type",
-        choices=("epsilon", "v_prediction"),
+        choices=PREDICTION_TYPES,
         default=None,
         help="what the UNet learns to output (default: the config's)",
     )
@@ -292,9 +295,12 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     empty = len(distinct)
     if dist.is_main:
         print(
-            f"UNet {T.count_parameters(sd.unet):,} + text encoder {T.count_parameters(sd.text_encoder):,} "
-            f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool {len(pool)} images "
-            f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device {device}, "
+            f"UNet {T.count_parameters(sd.unet):,} + text encoder "
+            f"{T.count_parameters(sd.text_encoder):,} "
+            f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool "
+            f"{len(pool)} images "
+            f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device "
+            f"{device}, "
             f"{dist.world_size} process(es), steps {start}->{args.steps}"
         )
     del pool
@@ -337,7 +343,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     began, step = time.time(), start
     if device.type == "cuda":
         # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
-        set_attention_backend("fused")
+        set_attention_backend(sd, "fused")
     denoiser.train()
     latent_shape = pool_mean.shape[1:]
     while step < args.steps:
@@ -397,6 +403,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
                 dtype=getattr(torch, args.save_dtype) if args.save_dtype != "float32" else None,
             )
         print(
-            f"saved {out / MODEL_FILE} (EMA weights) at step {step}, {time.time() - began:.0f} s of training"
+            f"saved {out / MODEL_FILE} (EMA weights) at step {step}, {time.time() - began:.0f} s "
+            "of training"
         )
     return 0

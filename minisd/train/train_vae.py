@@ -4,10 +4,10 @@
 
 Loss per image x (pixels in [-1, 1], x̂ = D(z), z ~ q(z|x) = N(μ, σ²)):
 
-    L = mean|x̂ − x|                                  reconstruction (L1: sharper than L2 on flat colours)
+    L = mean|x̂ − x|                            reconstruction (L1: sharper than L2 on flat colours)
       + w_mse  · mean (x̂ − x)²
-      + w_edge · mean |∇x̂ − ∇x|                      finite differences along x and y: crisp shape edges
-      + w_kl   · KL(q(z|x) ‖ N(0, I)) / (3·H·W)        a weak pull towards N(0, I), per pixel as the terms above
+      + w_edge · mean |∇x̂ − ∇x|                finite differences along x and y: crisp shape edges
+      + w_kl   · KL(q(z|x) ‖ N(0, I)) / (3·H·W)  a weak pull towards N(0, I), per pixel as above
 
 SD's autoencoder adds a perceptual (LPIPS) and an adversarial term; flat-coloured shapes do not need
 them. At the end the latent scale is measured, latent_scale = 1 / std(z) over a few thousand
@@ -23,12 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from . import training as T
 from ..attention import set_attention_backend
-from ..model import FORMAT_KEY, atomic_write
+from ..files import atomic_write
 from ..vae import AutoencoderKL
+from ..weights.minisd_file import FORMAT_KEY
+from . import training as T
 
 VAE_FILE = "vae.safetensors"
 # Values of these arguments define the run; a resumed run takes them from its checkpoint.
@@ -137,8 +140,6 @@ def measure_latent_scale(
 def save_vae(vae: AutoencoderKL, config, path) -> None:
     """vae.* tensors plus the full SDConfig (latent_scale measured) as metadata: the input of
     `train`."""
-    from safetensors.torch import save_file
-
     tensors = {
         f"vae.{k}": v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()
     }
@@ -152,8 +153,6 @@ def save_vae(vae: AutoencoderKL, config, path) -> None:
 
 def load_vae(path):
     """(config, vae state dict) from a file written by `save_vae`; UsageError when it is not one."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise T.UsageError(f"no VAE file at {path}")
@@ -165,7 +164,8 @@ def load_vae(path):
         raise T.UsageError(f"{path} is not a readable safetensors file ({error})") from None
     if FORMAT_KEY not in metadata or not tensors:
         raise T.UsageError(
-            f"{path} is not a VAE written by `python -m minisd train-vae` (no config or no vae.* tensors)"
+            f"{path} is not a VAE written by `python -m minisd train-vae` (no config or no vae.* "
+            "tensors)"
         )
     return T.config_from_json_or_error(metadata[FORMAT_KEY], str(path)), tensors
 
@@ -221,8 +221,10 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     log = T.LossLog(out / T.LOSS_LOG_NAME, resume_step=start) if dist.is_main else None
     if dist.is_main:
         print(
-            f"VAE {T.count_parameters(vae):,} parameters, downscale {vae.downscale}, {args.image_size}px, "
-            f"pool {len(pool)} images, device {device}, {dist.world_size} process(es), steps {start}->{args.steps}"
+            f"VAE {T.count_parameters(vae):,} parameters, downscale {vae.downscale}, "
+            f"{args.image_size}px, "
+            f"pool {len(pool)} images, device {device}, {dist.world_size} process(es), steps "
+            f"{start}->{args.steps}"
         )
 
     def save(step):
@@ -254,7 +256,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     began, step = time.time(), start
     if device.type == "cuda":
         # the same softmax(QKᵀ/√d)V in one kernel: fewer launches per step
-        set_attention_backend("fused")
+        set_attention_backend(vae, "fused")
     vae.train()
     while step < args.steps:
         if T.out_of_time(args.time_limit, began, dist):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -29,9 +30,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..model import atomic_write
+from ..config import PRESETS, SDConfig
+from ..files import atomic_write
+from ..model import StableDiffusion
+from .shapes_dataset import ShapesConfig, ShapesDataset, caption
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "loss.jsonl"
@@ -93,8 +99,6 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def config_from_json_or_error(text: str, source: str):
-    from ..config import SDConfig
-
     try:
         return SDConfig.from_json(text)
     except (ValueError, TypeError, KeyError) as error:
@@ -103,8 +107,6 @@ def config_from_json_or_error(text: str, source: str):
 
 def check_model_fits(config, image_size: int) -> None:
     """Raise UsageError if the networks cannot be built or the images cannot pass through them."""
-    from ..model import StableDiffusion
-
     if not isinstance(image_size, int) or image_size < 24:
         raise UsageError(
             f"image size must be an int >= 24 (the shapes dataset's smallest), got {image_size!r}"
@@ -118,7 +120,8 @@ def check_model_fits(config, image_size: int) -> None:
     latent = image_size // vae_down
     if latent % unet_down:
         raise UsageError(
-            f"latent size {latent} (image {image_size} / {vae_down}) is not divisible by the UNet's "
+            f"latent size {latent} (image {image_size} / {vae_down}) is not divisible by the "
+            "UNet's "
             f"downscale factor {unet_down}"
         )
     for name, part in (("unet", config.unet), ("vae", config.vae)):
@@ -140,8 +143,6 @@ def check_model_fits(config, image_size: int) -> None:
 
 def resolve_config(preset: Optional[str], config_file: Optional[str]):
     """--config FILE.json (an SDConfig as JSON) wins over --preset NAME."""
-    from ..config import PRESETS
-
     if config_file:
         try:
             text = Path(config_file).read_text()
@@ -362,8 +363,6 @@ def progress_bar(args, dist: Distributed, start: int, desc: str):
     """A tqdm bar over the run's steps on rank 0; None on other ranks or with --no-progress."""
     if not dist.is_main or args.no_progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=args.steps, initial=start, desc=desc, unit="step")
 
 
@@ -462,8 +461,6 @@ def read_loss_log(path) -> list[dict]:
 def save_image_grid(images: torch.Tensor, path, columns: int = 8, scale: int = 2) -> None:
     """images [N, 3, H, W] in [-1, 1] -> one PNG, `columns` per row, each pixel drawn
     scale×scale."""
-    from PIL import Image
-
     images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     n, _, h, w = images.shape
     rows = math.ceil(n / columns)
@@ -497,15 +494,11 @@ def render_pool(
     of rendering on the fly; every item carries its own random jitter, so a pool of 10⁵ images holds
     little repetition.
     """
-    from .shapes_dataset import ShapesConfig, ShapesDataset
-
     indices = list(range(shard[0], count, shard[1]))
     dataset = ShapesDataset(
         ShapesConfig(image_size=image_size, seed=seed, length=max(count, 1)), split
     )
     if workers > 1 and len(indices) > 1000:
-        import multiprocessing as mp
-
         chunks = [indices[i::workers] for i in range(workers)]
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.starmap(_render_items, [(dataset, chunk) for chunk in chunks])
@@ -521,8 +514,6 @@ def render_pool(
 
 
 def _render_items(dataset, indices):
-    from .shapes_dataset import caption
-
     images, captions = [], []
     for index in indices:
         image, spec = dataset.image_at(index)

@@ -22,7 +22,6 @@ came from the EMA copies, the .ckpt's global_step.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import re
@@ -31,10 +30,16 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import PREDICTION_TYPES, SDConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import OPENCLIP_LAYERS, PREDICTION_TYPES, SDConfig
+from ..files import atomic_write
+from ..model import StableDiffusion
 from .convert_config import config_from_diffusers, config_from_official
+from .errors import ConversionError
 from .keymap import from_diffusers
-from ..model import FORMAT_KEY, PARTS, StableDiffusion, atomic_write
+from .minisd_file import EXTRA, FORMAT_KEY, check_fits, expected_shapes, from_state_dict, write_file
 # (minisd.weights.convert.explain_key, for the conversion chapter)
 from .official_keys import explain_key  # noqa: F401
 from .official_keys import (
@@ -53,12 +58,7 @@ SOURCE_CONFIG_KEY = "minisd_config_of_origin"
 Report = Callable[[str], None]
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says why and what to do."""
-
-
-# ── reading
-# ──────────────────────────────────────────────────────────────────────────────────────────────────────
+# ── reading ───────────────────────────────────────────────────────────────────────────────────────
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,8 +80,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, {"metadata": dict(f.metadata() or {})}
@@ -102,9 +100,12 @@ def _read_pickle(path: Path, mmap: bool) -> tuple[dict, dict]:
             else f"torch says: {str(error).splitlines()[0]}"
         )
         raise ConversionError(
-            f"{path} is a pickle that needs more than tensors and plain containers to load ({needs}). minisd opens "
-            f".ckpt files with torch.load(weights_only=True) so that no code in them runs, and refuses this one. Use "
-            f"the .safetensors release of the model, or re-save only its state_dict where you trust the file"
+            f"{path} is a pickle that needs more than tensors and plain containers to load "
+            f"({needs}). minisd opens "
+            ".ckpt files with torch.load(weights_only=True) so that no code in them runs, and "
+            "refuses this one. Use "
+            "the .safetensors release of the model, or re-save only its state_dict where you "
+            "trust the file"
         ) from None
     except Exception as error:  # a truncated zip, a damaged pickle, ...
         # torch's first sentence; the rest is advice for its own users
@@ -129,7 +130,7 @@ def _read_pickle(path: Path, mmap: bool) -> tuple[dict, dict]:
 def read_yaml(path) -> dict:
     """An official inference YAML (v1-inference.yaml, v2-inference-v.yaml, ...) as a dict."""
     try:
-        import yaml
+        import yaml  # imported here: PyYAML is optional, needed only for --config
     except ImportError:
         raise ConversionError(
             "--config needs PyYAML to read the official YAML file: pip install pyyaml"
@@ -148,8 +149,7 @@ def read_yaml(path) -> dict:
     return data
 
 
-# ── official -> minisd
-# ───────────────────────────────────────────────────────────────────────────────────────────
+# ── official -> minisd ────────────────────────────────────────────────────────────────────────────
 
 
 def official_to_minisd(
@@ -174,92 +174,33 @@ def official_to_minisd(
         report("UNet weights: the EMA copies (model_ema.*); the plain ones are kept under extras")
     elif ema_count:
         report(
-            "UNet weights: the plain ones (model.diffusion_model.*); the file also has EMA copies: --ema uses them"
+            "UNet weights: the plain ones (model.diffusion_model.*); the file also has EMA copies: "
+            "--ema uses them"
         )
     else:
         report("UNet weights: model.diffusion_model.* (the file has no EMA copies)")
     taken = set(ema_of.values()) if ema else set()
-    out, unexpected, mismatched = {}, [], []
+    out, unexpected = {}, []
     for key, tensor in state.items():
         if key in taken:
             continue
         if ema and key in ema_of:
-            out["extra." + key], tensor = tensor, state[ema_of[key]]
+            out[EXTRA + key], tensor = tensor, state[ema_of[key]]
         elif is_extra(key):
-            out["extra." + key] = tensor
+            out[EXTRA + key] = tensor
             continue
         name = names.to_minisd(key)
         for new, value in split_for_minisd(name, tensor) if name else [(None, tensor)]:
             if new not in expected:
                 unexpected.append(key)
                 continue
-            if tuple(value.shape) != expected[new]:
-                mismatched.append((key, expected[new], tuple(value.shape)))
             out[new] = value
-    missing = sorted({names.to_official(k) for k in expected if k not in out})
-    check_problems(source, missing, sorted(set(unexpected)), mismatched)
+    # reported by their names in the user's file
+    check_fits(source, expected, out, unexpected, display=names.to_official)
     return out
 
 
-@contextlib.contextmanager
-def shapes_only():
-    """Build modules on the meta device (shapes, no memory) and skip their random init:
-    nn.Embedding's normal_ on meta tensors makes torch import torch._dynamo, seconds spent for
-    values that are replaced anyway."""
-    reset = torch.nn.Embedding.reset_parameters
-    torch.nn.Embedding.reset_parameters = lambda self: None
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.nn.Embedding.reset_parameters = reset
-
-
-def expected_shapes(config: SDConfig) -> dict[str, tuple]:
-    with shapes_only():
-        model = StableDiffusion(config)
-    return {
-        f"{part}.{k}": tuple(v.shape)
-        for part in PARTS
-        for k, v in getattr(model, part).state_dict().items()
-    }
-
-
-def check_problems(source: str, missing: list, unexpected: list, mismatched: list) -> None:
-    if not (missing or unexpected or mismatched):
-        return
-    parts = [f"{source} does not fit the model its shapes describe:"]
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {_grouped(missing)}.")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {_grouped(unexpected)}.")
-    parts += [
-        f"shape mismatch at {k}: expected {list(e)}, found {list(f)}." for k, e, f in mismatched[:8]
-    ]
-    if len(mismatched) > 8:
-        parts.append(f"... and {len(mismatched) - 8} more shape mismatches.")
-    raise ConversionError(" ".join(parts))
-
-
-def _grouped(keys: list, limit: int = 8) -> str:
-    """Keys grouped by their block: 'model.diffusion_model.output_blocks.4.1.* (26 keys)'; a lone
-    key in full."""
-    groups: dict[str, list] = {}
-    for key in keys:
-        # up to the first run of numbers: a block's address
-        block = re.match(r"^(.*?\.\d+(?:\.\d+)*)\.", key)
-        groups.setdefault(block.group(1) if block else key.rsplit(".", 1)[0], []).append(key)
-    items = [
-        members[0] if len(members) == 1 else f"{prefix}.* ({len(members)} keys)"
-        for prefix, members in groups.items()
-    ]
-    return ", ".join(items[:limit]) + (
-        f", and {len(items) - limit} more groups" if len(items) > limit else ""
-    )
-
-
-# ── minisd -> official
-# ───────────────────────────────────────────────────────────────────────────────────────────
+# ── minisd -> official ────────────────────────────────────────────────────────────────────────────
 
 
 def minisd_to_official(
@@ -295,13 +236,15 @@ def minisd_to_official(
     if marker is None:
         out.update({k: v for k, v in official_schedule(config).items() if k not in out})
         report(
-            "no official extras stored: wrote the schedule buffers as the official code computes them"
+            "no official extras stored: wrote the schedule buffers as the official code computes "
+            "them"
         )
         original["metadata"] = original["ckpt"] = {SOURCE_CONFIG_KEY: config.to_json()}
-    if layout["text_style"] == "openclip" and config.text.layers < 24:
+    if layout["text_style"] == "openclip" and config.text.layers < OPENCLIP_LAYERS:
         report(
-            f"note: the text tower has {config.text.layers} of OpenCLIP ViT-H's 24 layers (SD 2 runs 23); the "
-            f"official code loads it with strict=False and never runs the missing ones"
+            f"note: the text tower has {config.text.layers} of OpenCLIP ViT-H's {OPENCLIP_LAYERS} "
+            f"layers (SD 2 runs {OPENCLIP_LAYERS - 1}); the official code loads it with "
+            "strict=False and never runs the missing ones"
         )
     return out, original
 
@@ -311,8 +254,7 @@ def _layout_marker(text_style: str, ema: bool, info: dict) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
-# ── diffusers folders
-# ────────────────────────────────────────────────────────────────────────────────────────────
+# ── diffusers folders ─────────────────────────────────────────────────────────────────────────────
 
 # Old diffusers files name the VAE's attention query/key/value/proj_attn (and store 1×1 convs: see
 # TRANSFORMS).
@@ -351,18 +293,6 @@ def read_diffusers_folder(
     tensors = {
         new: value for key, tensor in mapped.items() for new, value in split_for_minisd(key, tensor)
     }
-    expected = expected_shapes(config)
-    mismatched = [
-        (k, expected[k], tuple(v.shape))
-        for k, v in tensors.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    check_problems(
-        str(folder),
-        sorted(set(expected) - set(tensors)),
-        sorted(set(tensors) - set(expected)),
-        mismatched,
-    )
     return config, tensors
 
 
@@ -388,8 +318,7 @@ def _read_folder_weights(folder: Path) -> dict:
     return state
 
 
-# ── entry points
-# ─────────────────────────────────────────────────────────────────────────────────────────────────
+# ── entry points ──────────────────────────────────────────────────────────────────────────────────
 
 
 def read_as_minisd(
@@ -409,28 +338,20 @@ def read_as_minisd(
     if not path.exists():
         raise ConversionError(f"no checkpoint at {path}")
     if path.is_dir():
-        return read_diffusers_folder(path, prediction_type, report)
+        sd_config, tensors = read_diffusers_folder(path, prediction_type, report)
+        check_fits(str(path), expected_shapes(sd_config), tensors)
+        return sd_config, tensors
     state, info = read_checkpoint(path)
     if FORMAT_KEY in info.get("metadata", {}):  # already a minisd file
         sd_config = SDConfig.from_json(info["metadata"][FORMAT_KEY])
-        expected = expected_shapes(sd_config)
-        model_keys = {k for k in state if not k.startswith("extra.")}
-        check_problems(
-            str(path),
-            sorted(set(expected) - model_keys),
-            sorted(model_keys - set(expected)),
-            [
-                (k, expected[k], tuple(state[k].shape))
-                for k in model_keys & set(expected)
-                if tuple(state[k].shape) != expected[k]
-            ],
-        )
+        check_fits(str(path), expected_shapes(sd_config), state)
         return sd_config, state
     if not any(k.startswith(UNET_PREFIX) for k in state):
         sdxl = any(k.startswith("conditioner.") for k in state)
         raise ConversionError(
             f"{path}: unknown layout, no tensor is named like an official Stable Diffusion 1.x/2.x "
-            f"checkpoint (model.diffusion_model.*); its first keys are {', '.join(list(state)[:3])}."
+            "checkpoint (model.diffusion_model.*); its first keys are "
+            f"{', '.join(list(state)[:3])}."
             + (" It looks like SDXL, which minisd does not implement." if sdxl else "")
         )
     origin = info.get("metadata", info.get("ckpt", {})).get(SOURCE_CONFIG_KEY)
@@ -453,28 +374,25 @@ def read_as_minisd(
     return sd_config, tensors
 
 
-def load_official_or_diffusers(
+def load(
     path,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
     config=None,
     prediction_type: Optional[str] = None,
     ema: bool = False,
     verbose: bool = True,
 ) -> StableDiffusion:
-    """An official checkpoint or a diffusers folder as a float32 StableDiffusion (used by
-    `minisd.load`)."""
-    sd_config, tensors = read_as_minisd(
-        path, config, prediction_type, ema, print if verbose else (lambda _: None)
-    )
-    with shapes_only():  # no random init of a billion weights that are about to be replaced
-        sd = StableDiffusion(sd_config)
-    for part in PARTS:
-        prefix = part + "."
-        getattr(sd, part).load_state_dict(
-            {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)},
-            assign=True,
-        )
-    sd.extras = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return sd.eval()
+    """`minisd.load`: a minisd file, an official checkpoint (.ckpt/.safetensors) or a diffusers
+    folder as a StableDiffusion on `device` in `dtype` (official and diffusers weights are
+    converted in memory; `config`, `prediction_type`, `ema` as for `convert_file`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    report = print if verbose else (lambda _: None)
+    sd_config, tensors = read_as_minisd(path, config, prediction_type, ema, report)
+    sd = from_state_dict(sd_config, tensors, source=str(path))
+    return sd.to(device=device, dtype=dtype)
 
 
 def convert_file(
@@ -489,8 +407,6 @@ def convert_file(
 ) -> None:
     """Convert `src` into a minisd file (to='minisd') or an official single file (to='official':
     .safetensors/.ckpt)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     suffixes = (".safetensors",) if to == "minisd" else (".safetensors", ".ckpt")
     if to not in ("minisd", "official"):
@@ -508,9 +424,7 @@ def convert_file(
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     if to == "minisd":
-        atomic_write(
-            out, lambda tmp: save_file(tensors, tmp, metadata={FORMAT_KEY: sd_config.to_json()})
-        )
+        write_file(out, tensors, sd_config)
     else:
         official = tensors
         if out.suffix == ".ckpt":

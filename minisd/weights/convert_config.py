@@ -6,11 +6,13 @@ linear projections, the context width, inpainting (9 input channels), the text t
 ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x). They cannot tell three things, which the official YAML
 (`--config`) settles:
 
-- the head layout: SD 1.x has 8 heads at every level (`num_heads: 8`), SD 2.x 64-dim heads (`num_head_channels: 64`);
-  without a YAML the text tower decides (ViT-L -> 8 heads, ViT-H -> 64-dim heads);
-- what the UNet predicts: `parameterization: "v"` -> v-prediction, else ε. SD 2.x comes as 768-v (v) and 512-base
-  (ε) with identical shapes; minisd assumes v for SD 2.x and says so;
-- the schedule (linear_start, linear_end, timesteps) and scale_factor (the file's `scale_factor` buffer when present).
+- the head layout: SD 1.x has 8 heads at every level (`num_heads: 8`), SD 2.x 64-dim heads
+  (`num_head_channels: 64`); without a YAML the text tower decides (ViT-L -> 8 heads, ViT-H ->
+  64-dim heads);
+- what the UNet predicts: `parameterization: "v"` -> v-prediction, else ε. SD 2.x comes as 768-v (v)
+  and 512-base (ε) with identical shapes; minisd assumes v for SD 2.x and says so;
+- the schedule (linear_start, linear_end, timesteps) and scale_factor (the file's `scale_factor`
+  buffer when present).
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from typing import Callable, Optional
 import torch
 
 from ..clip import TextEncoderConfig
-from ..config import SDConfig
+from ..config import OPENCLIP_LAYERS, SD_LATENT_SCALE, SDConfig
+from .errors import ConversionError
 from .official_keys import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, official_schedule
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 
-OPENCLIP_LAYERS = 24  # the official SD 2 code always builds OpenCLIP ViT-H/14's 24-layer tower ...
-PENULTIMATE = 1  # ... and stops 1 layer before its end (`layer: "penultimate"`)
+# The official SD 2 code always builds OpenCLIP ViT-H/14's OPENCLIP_LAYERS-layer tower (config.py)
+# and stops PENULTIMATE layer before its end (`layer: "penultimate"`).
+PENULTIMATE = 1
 
 
 def _error(message: str) -> Exception:
-    from .convert import ConversionError
-
     return ConversionError(message)
 
 
@@ -91,7 +93,8 @@ def config_from_official(
     attends = tuple(f"{u}input_blocks.{b}.1.proj_in.weight" in shapes for b in firsts)
     if not any(attends):
         raise _error(
-            "the UNet has no spatial transformers (input_blocks.N.1.*): not a Stable Diffusion 1.x/2.x UNet"
+            "the UNet has no spatial transformers (input_blocks.N.1.*): not a Stable Diffusion "
+            "1.x/2.x UNet"
         )
     attention = f"{u}input_blocks.{firsts[attends.index(True)]}.1."
     if unet_yaml.get("num_heads", -1) != -1:  # the official code's -1 means "not this way"
@@ -170,7 +173,8 @@ def config_from_official(
     elif sd2 and in_channels == unet.out_channels:
         prediction_type = "v_prediction"
         why = (
-            "SD 2.x default; shapes cannot tell 768-v from 512-base: for 512-base pass --prediction-type epsilon "
+            "SD 2.x default; shapes cannot tell 768-v from 512-base: for 512-base pass "
+            "--prediction-type epsilon "
             "or --config v2-inference.yaml"
         )
     else:
@@ -178,11 +182,11 @@ def config_from_official(
             "epsilon",
             "the default for " + ("SD 1.x" if not sd2 else "SD 2.x inpainting/depth"),
         )
-    latent_scale = float(params["scale_factor"]) if "scale_factor" in params else 0.18215
+    latent_scale = float(params["scale_factor"]) if "scale_factor" in params else SD_LATENT_SCALE
     if (
         "scale_factor" not in params
         and scale_factor is not None
-        and abs(float(scale_factor) - 0.18215) > 1e-4
+        and abs(float(scale_factor) - SD_LATENT_SCALE) > 1e-4
     ):
         # not SD's 0.18215 (which fp16 files store as 0.18213)
         latent_scale = round(float(scale_factor), 6)
@@ -216,10 +220,13 @@ def config_from_official(
         else f"OpenAI CLIP ViT-L ({text.layers} layers)"
     )
     report(
-        f"detected: SD {'2' if sd2 else '1'}.x layout; text {text_name} at {t}*, width {width}; UNet "
-        f"{in_channels}->{unet.out_channels} channels{' (inpainting)' if in_channels == 9 else ''}, "
+        f"detected: SD {'2' if sd2 else '1'}.x layout; text {text_name} at {t}*, width {width}; "
+        "UNet "
+        f"{in_channels}->{unet.out_channels} "
+        f"channels{' (inpainting)' if in_channels == 9 else ''}, "
         f"{'64-dim heads' if unet.head_dim else f'{unet.num_heads} heads'}, "
-        f"{'linear' if unet.linear_projection else '1×1-conv'} projections, context {unet.context_dim}; "
+        f"{'linear' if unet.linear_projection else '1×1-conv'} projections, context "
+        f"{unet.context_dim}; "
         f"VAE {vae.latent_channels} latent channels"
     )
     report(f"prediction type: {prediction_type} ({why}); latent scale {latent_scale}")
@@ -230,14 +237,16 @@ def config_from_official(
         # its head layout and prediction type would be wrong too
         if theirs is not None and ours != theirs:
             raise _error(
-                f"--config describes another model: its {name} is {theirs} but the weights have {ours}; "
+                f"--config describes another model: its {name} is {theirs} but the weights have "
+                f"{ours}; "
                 f"pass the YAML that came with this checkpoint (SD 1.x: v1-inference.yaml, SD 2.x: "
                 f"v2-inference-v.yaml or v2-inference.yaml)"
             )
     # v1-inference.yaml given for an inpainting model
     if unet_yaml.get("in_channels", in_channels) != in_channels:
         report(
-            f"note: the YAML says in_channels={unet_yaml['in_channels']} but the weights have {in_channels}: "
+            f"note: the YAML says in_channels={unet_yaml['in_channels']} but the weights have "
+            f"{in_channels}: "
             f"using the weights"
         )
     if betas is not None and betas.shape == (config.num_train_timesteps,):
@@ -245,7 +254,8 @@ def config_from_official(
         # fp16 files round betas to ~1e-3
         if ((stored - expected).abs().max() / expected.max()) > 1e-3:
             report(
-                "note: the file's stored betas differ from the schedule assumed here; pass --config if the model "
+                "note: the file's stored betas differ from the schedule assumed here; pass "
+                "--config if the model "
                 "was trained with another linear_start/linear_end"
             )
     return config, style
@@ -266,7 +276,8 @@ def config_from_diffusers(
     if u.get("addition_embed_type") or u.get("class_embed_type"):
         extra = u.get("addition_embed_type") or u.get("class_embed_type")
         raise _error(
-            f"{folder}: this UNet has extra conditioning ({extra}); minisd implements Stable Diffusion "
+            f"{folder}: this UNet has extra conditioning ({extra}); minisd implements Stable "
+            "Diffusion "
             f"1.x/2.x only"
         )
     widths, vae_widths = u["block_out_channels"], v["block_out_channels"]
@@ -279,7 +290,8 @@ def config_from_diffusers(
         head_layout = {"num_heads": None, "head_dim": widths[0] // heads[0]}
     else:
         raise _error(
-            f"{folder}/unet/config.json: heads {heads} for widths {widths} are neither constant nor "
+            f"{folder}/unet/config.json: heads {heads} for widths {widths} are neither constant "
+            "nor "
             f"of one size"
         )
     depth = u.get("transformer_layers_per_block", 1)
@@ -332,7 +344,7 @@ def config_from_diffusers(
         vae=vae,
         text=text,
         prediction_type=prediction_type,
-        latent_scale=v.get("scaling_factor", 0.18215),
+        latent_scale=v.get("scaling_factor", SD_LATENT_SCALE),
         beta_schedule=s.get("beta_schedule", "scaled_linear"),
         beta_start=s.get("beta_start", 0.00085),
         beta_end=s.get("beta_end", 0.012),
@@ -341,8 +353,10 @@ def config_from_diffusers(
         image_size=u.get("sample_size", 64) * 2 ** (len(vae_widths) - 1),
     )
     report(
-        f"detected: diffusers pipeline, text {text.layers} layers of width {text.width} ({text.activation}), UNet "
-        f"{unet.in_channels}->{unet.out_channels} channels, context {unet.context_dim}; prediction type "
+        f"detected: diffusers pipeline, text {text.layers} layers of width {text.width} "
+        f"({text.activation}), UNet "
+        f"{unet.in_channels}->{unet.out_channels} channels, context {unet.context_dim}; prediction "
+        "type "
         f"{prediction_type} ({why})"
     )
     return config

@@ -3,8 +3,8 @@ minisd's.
 
 A rule is (pattern, replacement): a regular expression over a dotted key and what it becomes.
 `rename` applies every rule of a table in order, so a key may be touched by several (a block rename,
-then a layer rename inside it), and `explain` lists which rules fired: the conversion chapter prints
-it for any key.
+then a layer rename inside it). (The official checkpoints' rules, official_keys.py, are the ones
+the conversion chapter explains key by key with `explain_key`.)
 
 Rules that change tensors (splitting a fused q/k/v, reshaping 1×1 convs to linear layers) live in
 `convert.py`; this table only renames.
@@ -70,17 +70,6 @@ def rename(key: str, rules: Iterable[Rule]) -> str:
     for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
     return key
-
-
-def explain(key: str, rules: Iterable[Rule]) -> list[tuple[str, str, str]]:
-    """Every rule that changes `key`, as (pattern, replacement, key after the rule)."""
-    fired = []
-    for pattern, replacement in rules:
-        new = re.sub(pattern, replacement, key)
-        if new != key:
-            fired.append((pattern, replacement, new))
-            key = new
-    return fired
 
 
 def rename_state_dict(state: dict, rules: Iterable[Rule], drop: Iterable[str] = ()) -> dict:

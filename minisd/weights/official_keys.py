@@ -7,7 +7,8 @@ An official single file (CompVis `v1-5-pruned.ckpt`, Stability `v2-1_768-ema-pru
     model.diffusion_model.*    the UNet            -> minisd `unet.*`
     first_stage_model.*        the VAE             -> minisd `vae.*`
     cond_stage_model.*         the text encoder    -> minisd `text_encoder.*`
-    betas, alphas_cumprod ...  the noise schedule, model_ema.* (EMA copies), ...  -> kept under minisd `extras`
+    betas, alphas_cumprod ...  the noise schedule, model_ema.* (EMA copies), ... -> kept under
+                               minisd `extras`
 
 A rule is a pair (official, minisd) of name fragments, read in both directions. `{n}` stands for a
 number (the same one on both sides), `{coder}` for `encoder`/`decoder`, `{resnet}` for a ResNet
@@ -377,7 +378,8 @@ def _compile(source: str, target: str) -> tuple[str, str, str, str]:
     holders = [p for p in pieces if p in _PLACEHOLDERS]
     if holders != re.findall(r"\{\w+\}", target):
         raise ValueError(
-            f"rule {source!r} -> {target!r}: both sides need the same placeholders in the same order"
+            f"rule {source!r} -> {target!r}: both sides need the same placeholders in the same "
+            "order"
         )
     numbers = iter(range(1, len(holders) + 1))
     replacement = re.sub(r"\{\w+\}", lambda _: f"\\{next(numbers)}", target.rstrip("$"))
