@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .card import ModelCard
 from .clip import TextEncoderConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
@@ -32,6 +33,8 @@ class SDConfig:
     # the resolution the model was trained at: generate's default height/width
     image_size: int = 512
     name: str = "custom"
+    # default sampling settings and vocabulary (card.py); files older than the card get SD's usual
+    card: ModelCard = field(default_factory=ModelCard)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -73,6 +76,7 @@ class SDConfig:
             unet=build(UNetConfig, data.pop("unet")),
             vae=build(VAEConfig, data.pop("vae")),
             text=build(TextEncoderConfig, data.pop("text")),
+            card=build(ModelCard, data.pop("card", {})),
             **data,
         )
 

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 # (record_cross_attention: API)
 from .attention_maps import active_recorder, record_cross_attention  # noqa: F401
+from .card import sampling_defaults
 from .guidance import build_conditioning, ensemble_members, guided_prediction
 from .images import load_image, load_mask, tensor_to_pil
 from .prompts import apply_template, split_composition
@@ -248,9 +249,9 @@ def generate(
     sd,
     prompt: Union[str, Sequence[str]],
     negative_prompt: Union[str, Sequence[str]] = "",
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    sampler: str = "ddim",
+    steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    sampler: Optional[str] = None,
     eta: float = 0.0,
     seed=None,
     latents: Optional[torch.Tensor] = None,
@@ -275,6 +276,7 @@ def generate(
     emphasises
         (prompt_weighting=False reads brackets literally). template="a photo of {}" wraps each
         prompt (part).
+    steps, guidance_scale, sampler: None takes the model card's (`sd.config.card`, card.py).
     negative_prompt: str or a list as long as prompt. guidance_scale ≥ 0 (0: unconditional, 1: no
     guidance). sampler: 'ddim' (eta in [0, 1]) or 'ddpm' (eta must stay 0). seed: an int (one random
     stream for the batch, as diffusers), a list of one int per image (each image its own
@@ -291,6 +293,8 @@ def generate(
     """
     members = ensemble_members(sd)
     sd, cfg = members[0][0], members[0][0].config
+    # left out (None): the model card's (SD's usual 50 DDIM steps at 7.5, or the model's own)
+    steps, guidance_scale, sampler = sampling_defaults(cfg.card, steps, guidance_scale, sampler)
     prompts, negatives = (
         _prompt_list("prompt", prompt),
         _prompt_list("negative_prompt", negative_prompt),
