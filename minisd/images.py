@@ -13,6 +13,7 @@ prompt on its own (`prompt`) for image viewers, so an image can be regenerated f
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -48,9 +49,19 @@ def _open(source: Union[str, Path], what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        # A file that claims more pixels than PIL's limit (Image.MAX_IMAGE_PIXELS, ~89 M) is refused
+        # before it is decoded: a few kB of PNG can otherwise ask for gigabytes (a decompression
+        # bomb). PIL only warns between 1× and 2× the limit: an error here too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"{what} {str(path)!r} is refused: {error} (raise PIL.Image.MAX_IMAGE_PIXELS in Python "
+            "to read it anyway)"
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{what} {str(path)!r} is not a readable image file ({error})") from None
 
@@ -83,7 +94,8 @@ def load_image(
         )
     if image.numel() and (image.min() < 0 or image.max() > 1):
         raise ValueError(
-            f"{what} tensor values must lie in [0, 1], got {image.min().item():.3g} … {image.max().item():.3g}"
+            f"{what} tensor values must lie in [0, 1], "
+            f"got {image.min().item():.3g} … {image.max().item():.3g}"
         )
     if size is not None and tuple(image.shape[-2:]) != tuple(size):
         image = torch.nn.functional.interpolate(
@@ -112,11 +124,13 @@ def load_mask(
         mask = {2: mask[None, None], 3: mask[None], 4: mask}.get(mask.ndim)
         if mask is None or mask.shape[1] != 1:
             raise ValueError(
-                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], got {tuple(source.shape)}"
+                f"{what} tensor must have shape [H, W], [1, H, W] or [B, 1, H, W], "
+                f"got {tuple(source.shape)}"
             )
         if mask.numel() and (mask.min() < 0 or mask.max() > 1):
             raise ValueError(
-                f"{what} values must lie in [0, 1], got {mask.min().item():.3g} … {mask.max().item():.3g}"
+                f"{what} values must lie in [0, 1], "
+                f"got {mask.min().item():.3g} … {mask.max().item():.3g}"
             )
         if size is not None and tuple(mask.shape[-2:]) != tuple(size):
             mask = torch.nn.functional.interpolate(

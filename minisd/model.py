@@ -67,8 +67,9 @@ def atomic_write(path: Union[str, Path], write) -> None:
         raise FileNotFoundError(f"output folder {folder} does not exist")
     tmp = _new_empty_file_beside(path)
     try:
-        # what open(path, "w") would give: 0o666 less the umask
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        # what open(path, "w") would give: the mode of the file it replaces, else 0o666 less the
+        # umask
+        mode = stat.S_IMODE(os.stat(path if path.is_file() else tmp).st_mode)
         write(tmp)
         # writers that save through a temporary file of their own (safetensors) leave 0o600
         os.chmod(tmp, mode)
@@ -167,14 +168,17 @@ def load(
         try:
             with safe_open(str(path), framework="pt") as f:
                 config_json = (f.metadata() or {}).get(FORMAT_KEY)
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
         except Exception as error:  # safetensors raises its own types for truncated/corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     if config_json is not None:
         from safetensors.torch import load_file
 
-        sd = from_state_dict(
-            SDConfig.from_json(config_json), load_file(str(path)), source=str(path)
-        )
+        from .weights.validate import check_config_counts
+
+        config = SDConfig.from_json(config_json)
+        check_config_counts(config, shapes, str(path))  # before building: a cheap, clear refusal
+        sd = from_state_dict(config, load_file(str(path)), source=str(path))
     else:
         from .weights.convert import load_official_or_diffusers
 

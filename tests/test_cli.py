@@ -69,10 +69,13 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
         str(tmp_path / "cat-1.png"),
     ]
     with Image.open(tmp_path / "cat-1.png") as image:
-        assert image.size == (32, 32)
+        # enlarged 8× (nearest neighbour) to the 256 px viewing size; the native size is recorded
+        assert image.size == (256, 256)
         settings = json.loads(image.text["minisd"])
         assert image.text["prompt"] == "a red (circle:1.2)"
-        pixels = np.asarray(image)
+        big = np.asarray(image)
+    pixels = big[::8, ::8]
+    assert np.array_equal(big, pixels.repeat(8, axis=0).repeat(8, axis=1))
     assert (
         settings["seed"] == 11 and settings["steps"] == 3 and settings["negative_prompt"] == "blue"
     )
@@ -80,6 +83,7 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
         settings["guidance_scale"] == 7.5
         and settings["sampler"] == "ddim"
         and settings["height"] == 32
+        and settings["view_scale"] == 8
     )
 
     # The same image from the library, and again from its own file. Batch 1 against batch 2: the
@@ -91,7 +95,7 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
     again = tmp_path / "again" / "x.png"
     again.parent.mkdir()
     assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--out", again, "--quiet"]) == 0
-    assert np.abs(np.asarray(Image.open(again)).astype(int) - pixels.astype(int)).max() <= 1
+    assert np.abs(np.asarray(Image.open(again)).astype(int) - big.astype(int)).max() <= 1
     # Flags next to --from-png override the stored settings.
     assert (
         run(
@@ -165,7 +169,7 @@ def test_img2img_and_inpainting_from_files(model_file, tmp_path):
     )
     original, inpainted = (
         np.asarray(Image.open(tmp_path / "in.png")),
-        np.asarray(Image.open(tmp_path / "inp.png")),
+        np.asarray(Image.open(tmp_path / "inp.png"))[::8, ::8],  # saved enlarged 8×
     )
     # the kept half is the input, pixel for pixel
     assert np.array_equal(inpainted[:, :16], original[:, :16])
@@ -233,7 +237,8 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     )
     assert run(common + ["--out", tmp_path / "without.png"]) == 0
     with_adapter, without = (
-        np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "without.png")
+        np.asarray(Image.open(tmp_path / n)).astype(int)[::8, ::8]
+        for n in ("with.png", "without.png")
     )
     expected = minisd.load(model_file)
     load_adapter(expected, tmp_path / "adapter.safetensors")

@@ -22,6 +22,7 @@ modules the notebooks use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -247,15 +248,22 @@ def view_scale(height: int, width: int, native_size: bool) -> int:
     return max(1, math.ceil(VIEW_SIDE / min(height, width)))
 
 
-def use_fastest_proven_path(sd, readable: bool) -> None:
+@contextlib.contextmanager
+def fastest_proven_path(sd, readable: bool):
     """Fused attention (proven equal to the readable math: tests/test_fastpath.py) everywhere, and
-    channels_last on a GPU; nothing with --readable. One place to re-point when the attention
-    backend becomes a setting of each model."""
+    channels_last on a GPU, while the block runs; nothing with --readable. The one place to
+    re-point when the attention backend becomes a setting of each model. Undone afterwards, since
+    the backend is still process-wide (main() may be called from a notebook or a test)."""
     if readable:
+        yield
         return
-    from .fastpath import speed_up
+    from .fastpath import slow_down, speed_up
 
     speed_up(sd, attention="fused", channels_last=sd.device.type == "cuda")
+    try:
+        yield
+    finally:
+        slow_down(sd)
 
 
 def warn_unknown_words(sd, prompt: str, template) -> None:
@@ -345,24 +353,24 @@ def main(args: argparse.Namespace) -> int:
         sd.config.card, s["steps"], s["guidance_scale"], s["sampler"]
     )
     warn_unknown_words(sd, s["prompt"], s["template"])
-    use_fastest_proven_path(sd, args.readable)
-    images = sd.generate(
-        [s["prompt"]] * s["batch"],
-        negative_prompt=s["negative_prompt"],
-        steps=s["steps"],
-        guidance_scale=s["guidance_scale"],
-        sampler=s["sampler"],
-        eta=s["eta"],
-        seed=seeds,
-        height=s["height"],
-        width=s["width"],
-        init_image=s["init_image"],
-        strength=s["strength"],
-        mask=s["mask"],
-        template=s["template"],
-        prompt_weighting=s["prompt_weighting"],
-        progress=not args.quiet,
-    )
+    with fastest_proven_path(sd, args.readable):
+        images = sd.generate(
+            [s["prompt"]] * s["batch"],
+            negative_prompt=s["negative_prompt"],
+            steps=s["steps"],
+            guidance_scale=s["guidance_scale"],
+            sampler=s["sampler"],
+            eta=s["eta"],
+            seed=seeds,
+            height=s["height"],
+            width=s["width"],
+            init_image=s["init_image"],
+            strength=s["strength"],
+            mask=s["mask"],
+            template=s["template"],
+            prompt_weighting=s["prompt_weighting"],
+            progress=not args.quiet,
+        )
 
     from PIL import Image
 
