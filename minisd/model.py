@@ -40,8 +40,10 @@ class StableDiffusion(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import CLIPTokenizer
-            self._tokenizer = CLIPTokenizer(pad_token_id=self.config.text.pad_token_id)
+            from .tokenizer import CLIPTokenizer, family_of
+            self._tokenizer = CLIPTokenizer(
+                pad_token_id=self.config.text.pad_token_id, family=family_of(self.config.text)
+            )
         return self._tokenizer
 
     @property
