@@ -201,7 +201,9 @@ class CLIPTokenizer:
         family: str = "clip",
     ):
         if family not in FAMILY_SPECIAL_TOKENS:
-            raise ValueError(f"family must be one of {tuple(FAMILY_SPECIAL_TOKENS)}, got {family!r}")
+            raise ValueError(
+                f"family must be one of {tuple(FAMILY_SPECIAL_TOKENS)}, got {family!r}"
+            )
         self.family = family
         self.special_tokens = FAMILY_SPECIAL_TOKENS[family]
         self.pattern = pretokenize_pattern(self.special_tokens)
