@@ -20,6 +20,7 @@ the VAE; each step draws fresh posterior noise n, t and ε. Run it under `torchr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import training as T
+from .shapes_dataset import caption_vocabulary
 from ..attention import set_attention_backend
 from ..model import StableDiffusion, save
 from ..pipeline import noise_schedule
@@ -222,6 +224,8 @@ def setup(args, dist: T.Distributed):
         if args.prediction_type:
             config.prediction_type = args.prediction_type
     T.check_model_fits(config, config.image_size)
+    # the saved model's card names the words of its captions (card.py: unknown words are reported)
+    config.card = dataclasses.replace(config.card, vocabulary=caption_vocabulary())
     if not 0.0 <= args.cfg_dropout < 1.0:
         raise T.UsageError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
