@@ -306,7 +306,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tiny_vae, tmp_path):
     """2 gloo processes × batch 2 average their gradients: the weights equal one process with batch
     4."""
@@ -351,7 +351,8 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tiny_vae, tmp_pat
     # magnitudes, which we take as at most the tensor's largest gradient: 1e-3 · max|g| per
     # tensor, for both runs together. A tensor whose true gradient is zero (a bias just before a
     # GroupNorm, which removes it) still gets the rounding of the upstream gradients it sums: about
-    # 8ε ≈ 1e-6 of the largest gradient in the model. G is the sum of the two. Adam's first moment m is linear in the gradients
+    # 8ε ≈ 1e-6 of the largest gradient in the model. G is the sum of the two. Adam's first
+    # moment m is linear in the gradients
     # (m = (1−β₁)(β₁·g₀ + g₁)), so it inherits that bound directly; averaging wrongly (a sum, or
     # no all-reduce) would show as a factor 2 or O(1) differences in m. The weights move by
     # lr · m̂/(√v̂ + 1e-8) per step, a step of at most about lr whatever the gradient's size
