@@ -12,6 +12,7 @@ Any failure prints one paragraph on stderr and exits with status 2, leaving no o
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -56,11 +57,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_signal(number, frame):
+    raise SystemExit(128 + number)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # after argument parsing, so --help answers without importing torch
     from minisd.weights.convert import convert_file
 
+    # SIGTERM (kill, a job scheduler, a closed terminal's SIGHUP) ends the run as Ctrl-C does: an
+    # exception, so atomic_write deletes its .tmp file (by default these signals end the process at
+    # once, leaving up to a checkpoint's size of .tmp behind)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _exit_on_signal)
     try:
         convert_file(
             args.src,

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card import ModelCard
 from .clip import TextEncoderConfig
 from .checks import check_choice
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES
@@ -40,6 +41,8 @@ class SDConfig:
     # the resolution the model was trained at: generate's default height/width
     image_size: int = 512
     name: str = "custom"
+    # default sampling settings and vocabulary (card.py); files older than the card get SD's usual
+    card: ModelCard = field(default_factory=ModelCard)
 
     def __post_init__(self):
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -79,6 +82,7 @@ class SDConfig:
             unet=build(UNetConfig, data.pop("unet")),
             vae=build(VAEConfig, data.pop("vae")),
             text=build(TextEncoderConfig, data.pop("text")),
+            card=build(ModelCard, data.pop("card", {})),
             **data,
         )
 

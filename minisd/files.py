@@ -18,8 +18,9 @@ def atomic_write(path: Union[str, Path], write) -> None:
         raise FileNotFoundError(f"output folder {folder} does not exist")
     tmp = _new_empty_file_beside(path)
     try:
-        # what open(path, "w") would give: 0o666 less the umask
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        # what open(path, "w") would give: the mode of the file it replaces, else 0o666 less the
+        # umask
+        mode = stat.S_IMODE(os.stat(path if path.is_file() else tmp).st_mode)
         write(tmp)
         # writers that save through a temporary file of their own (safetensors) leave 0o600
         os.chmod(tmp, mode)

@@ -13,6 +13,7 @@ prompt on its own (`prompt`) for image viewers, so an image can be regenerated f
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -50,9 +51,19 @@ def _open(source: Union[str, Path], what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        # A file that claims more pixels than PIL's limit (Image.MAX_IMAGE_PIXELS, ~89 M) is refused
+        # before it is decoded: a few kB of PNG can otherwise ask for gigabytes (a decompression
+        # bomb). PIL only warns between 1× and 2× the limit: an error here too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"{what} {str(path)!r} is refused: {error} (raise PIL.Image.MAX_IMAGE_PIXELS in Python "
+            "to read it anyway)"
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{what} {str(path)!r} is not a readable image file ({error})") from None
 

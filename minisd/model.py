@@ -14,7 +14,7 @@ from torch import nn
 from . import pipeline
 from .clip import CLIPTextEncoder
 from .config import SDConfig
-from .tokenizer import CLIPTokenizer
+from .tokenizer import CLIPTokenizer, family_of
 from .unet import UNet
 from .vae import AutoencoderKL
 
@@ -32,7 +32,9 @@ class StableDiffusion(nn.Module):
     @property
     def tokenizer(self) -> CLIPTokenizer:
         if self._tokenizer is None:  # built on first use: reading the vocabulary takes ~0.1 s
-            self._tokenizer = CLIPTokenizer(pad_token_id=self.config.text.pad_token_id)
+            self._tokenizer = CLIPTokenizer(
+                pad_token_id=self.config.text.pad_token_id, family=family_of(self.config.text)
+            )
         return self._tokenizer
 
     @property

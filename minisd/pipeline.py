@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .attention_maps import announce_batch
+from .card import sampling_defaults
 from .checks import check_choice, check_number
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
@@ -110,9 +111,11 @@ class SamplingSettings:
     step; progress shows a tqdm bar.
     """
 
-    steps: int = 50
-    guidance_scale: float = 7.5
-    sampler: str = "ddim"
+    # None: the model card's (`sd.config.card`, card.py): SD's usual 50 DDIM steps at 7.5, or a
+    # model's own (the bundled model: 1.5)
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    sampler: Optional[str] = None
     eta: float = 0.0
     seed: Union[int, Sequence[int], None] = None
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None
@@ -453,6 +456,9 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
     s = settings_from(settings, options)
     members = ensemble_of(sd_or_ensemble)
     sd, cfg = members[0][0], members[0][0].config
+    s.steps, s.guidance_scale, s.sampler = sampling_defaults(
+        cfg.card, s.steps, s.guidance_scale, s.sampler
+    )
     parts, negatives = encode_prompts(sd, prompt, negative_prompt, s)
     s.check(cfg.num_train_timesteps)
     batch, device = len(parts), sd.device

@@ -21,12 +21,12 @@ Emphasis:     "a (red:1.3) circle" scales the context vectors of the emphasised 
               so its overall mean (over tokens and channels) is unchanged. The webui takes that mean
               over the whole batch; here it is taken per prompt, so a prompt's context does not
               depend on its neighbours. A prompt without emphasis is tokenized and encoded exactly
-              as plain text (weights all 1: no rescale).
+              as plain text (weights all 1: no rescale). A context whose mean is zero up to float
+              rounding has no mean to keep and is not rescaled (see _emphasise).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 
@@ -144,6 +144,35 @@ def tokenize_weighted(
     return torch.tensor(row, dtype=torch.long), torch.tensor(weight_row, dtype=torch.float32)
 
 
+# |mean(z)| at most this times mean(|z|) is a zero mean: float rounding, not a mean to keep (see
+# _emphasise). 1e-4 ≈ 800 float32 ε: above what the final LayerNorm's rounding leaves in a row's
+# mean (a few ε, times mean|x|/std(x), times √width for its summation), below any mean a context
+# has by its LayerNorm bias (e.g. 0.01 of mean|z|).
+ZERO_MEAN = 1e-4
+
+
+def _emphasise(z: torch.Tensor, w: torch.Tensor, prompt: str) -> torch.Tensor:
+    """z [77, D] ⊙ w [77] rescaled by mean(z) / mean(z ⊙ w), computed in float64.
+
+    The rescale is a ratio of two means; when mean(z) is zero up to rounding it is a ratio of
+    rounding noise (a text encoder whose final LayerNorm has no bias gives every token a zero mean:
+    the tiny test models), which picked a random scale, or raised, depending on the CPU's summation
+    order. Such a context is left at z ⊙ w: rows of zero mean keep a zero mean under any weights,
+    and otherwise the only scale giving mean 0 is 0, which would erase the prompt. float64 makes the
+    result depend only on z and w, up to one final rounding to float32.
+    """
+    z64 = z.double()
+    weighted = z64 * w.double()[:, None]
+    if abs(z64.mean().item()) <= ZERO_MEAN * z64.abs().mean().item():
+        return weighted.to(z.dtype)
+    if abs(weighted.mean().item()) <= ZERO_MEAN * weighted.abs().mean().item():
+        raise ValueError(
+            f"emphasis weights make the context's mean zero in prompt {prompt!r}, so it cannot be "
+            "rescaled to the original mean: use weights closer to 1"
+        )
+    return (weighted * (z64.mean() / weighted.mean())).to(z.dtype)
+
+
 def has_emphasis(text: str) -> bool:
     return any(char in text for char in "()[]\\")
 
@@ -167,12 +196,5 @@ def encode_prompts(
     for b in range(len(prompts)):
         if torch.all(weights[b] == 1):
             continue  # nothing emphasised: keep the exact plain-text context
-        z = context[b].float()
-        weighted = z * weights[b, :, None]
-        scale = z.mean() / weighted.mean()
-        if not math.isfinite(scale.item()):
-            raise ValueError(
-                f"emphasis weights make the context's mean zero in prompt {prompts[b]!r}"
-            )
-        context[b] = (weighted * scale).to(context.dtype)
+        context[b] = _emphasise(context[b], weights[b], prompts[b])
     return context, ids

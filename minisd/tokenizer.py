@@ -1,7 +1,8 @@
 """CLIP's byte-level BPE tokenizer: a prompt becomes the 77 token ids the text encoder reads.
 
-This reproduces OpenAI CLIP's ``SimpleTokenizer`` id for id (SD 1.x and 2.x both use it). For one
-prompt:
+This reproduces OpenAI CLIP's ``SimpleTokenizer`` id for id (SD 1.x), and OpenCLIP's copy of it
+(SD 2.x), which differs only in how BOS and EOS are spelled when typed in a prompt (``family``). For
+one prompt:
 
 1. Clean:        ftfy.fix_text, html.unescape twice (web captions are often double-escaped, ``&amp;amp;``),
                  strip, collapse whitespace runs to one space, lowercase.
@@ -60,16 +61,36 @@ NUM_MERGES = 49152 - 256 - 2
 END_OF_WORD = "</w>"
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
+# The two tokenizer families, which differ only in how BOS and EOS are spelled. SD 1 tokenizes with
+# OpenAI's CLIP tokenizer: "<|startoftext|>" / "<|endoftext|>" typed in a prompt are those tokens.
+# SD 2's official code tokenizes with OpenCLIP's copy, whose special tokens are spelled
+# "<start_of_text>" / "<end_of_text>": there "<|endoftext|>" in a prompt is ordinary text, cut into
+# BPE pieces like any other ("<|", "endoftext", "|>").
+FAMILY_SPECIAL_TOKENS = {
+    "clip": SPECIAL_TOKENS,
+    "openclip": ("<start_of_text>", "<end_of_text>"),
+}
 
-PRETOKENIZE_PATTERN = regex.compile(
-    r"<\|startoftext\|>|<\|endoftext\|>"  # the special tokens, typed literally, stay whole
-    r"|'s|'t|'re|'ve|'m|'ll|'d"  # English contractions become pieces of their own
-    r"|[\p{L}]+"  # a run of letters, any script
-    r"|[\p{N}]"  # numbers are split into single digits
-    # a run of anything else that is not whitespace: punctuation, emoji, symbols
-    r"|[^\s\p{L}\p{N}]+",
-    regex.IGNORECASE,
-)
+
+def pretokenize_pattern(special_tokens: tuple[str, str]) -> regex.Pattern:
+    return regex.compile(
+        "|".join(regex.escape(t) for t in special_tokens)  # typed literally, they stay whole
+        + r"|'s|'t|'re|'ve|'m|'ll|'d"  # English contractions become pieces of their own
+        r"|[\p{L}]+"  # a run of letters, any script
+        r"|[\p{N}]"  # numbers are split into single digits
+        # a run of anything else that is not whitespace: punctuation, emoji, symbols
+        r"|[^\s\p{L}\p{N}]+",
+        regex.IGNORECASE,
+    )
+
+
+PRETOKENIZE_PATTERN = pretokenize_pattern(SPECIAL_TOKENS)
+
+
+def family_of(text_config) -> str:
+    """'openclip' for SD 2's OpenCLIP text tower (exact GELU), else 'clip' (OpenAI's, quick GELU:
+    SD 1 and the models minisd trains)."""
+    return "openclip" if text_config.activation == "gelu" else "clip"
 
 
 def clean_text(text: str) -> str:
@@ -164,6 +185,8 @@ class CLIPTokenizer:
     """Text -> CLIP token ids. ``tok(prompts)`` gives the [B, 77] LongTensor the text encoder takes.
 
     pad_token_id: what fills the row after EOS. SD 1.x: 49407 (EOS, the default); SD 2.x: 0.
+    family: "clip" (SD 1, OpenAI's tokenizer) or "openclip" (SD 2): how BOS/EOS are spelled when
+    typed in a prompt (FAMILY_SPECIAL_TOKENS); everything else is the same.
     """
 
     model_max_length = 77
@@ -172,8 +195,18 @@ class CLIPTokenizer:
     eos_token_id = 49407
 
     def __init__(
-        self, pad_token_id: int = 49407, vocab_file: Union[str, Path] = DEFAULT_VOCAB_FILE
+        self,
+        pad_token_id: int = 49407,
+        vocab_file: Union[str, Path] = DEFAULT_VOCAB_FILE,
+        family: str = "clip",
     ):
+        if family not in FAMILY_SPECIAL_TOKENS:
+            raise ValueError(
+                f"family must be one of {tuple(FAMILY_SPECIAL_TOKENS)}, got {family!r}"
+            )
+        self.family = family
+        self.special_tokens = FAMILY_SPECIAL_TOKENS[family]
+        self.pattern = pretokenize_pattern(self.special_tokens)
         if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
             raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
         if not 0 <= pad_token_id < self.vocab_size:
@@ -187,12 +220,13 @@ class CLIPTokenizer:
 
         base = list(self.byte_to_symbol.values())
         merged = ("".join(pair) for pair in merges)
-        self.id_to_token = [*base, *(s + END_OF_WORD for s in base), *merged, *SPECIAL_TOKENS]
+        specials = self.special_tokens
+        self.id_to_token = [*base, *(s + END_OF_WORD for s in base), *merged, *specials]
         self.token_to_id = {token: i for i, token in enumerate(self.id_to_token)}
         assert len(self.token_to_id) == self.vocab_size, "vocabulary tokens must be unique"
         assert (
-            self.token_to_id[BOS_TOKEN] == self.bos_token_id
-            and self.token_to_id[EOS_TOKEN] == self.eos_token_id
+            self.token_to_id[specials[0]] == self.bos_token_id
+            and self.token_to_id[specials[1]] == self.eos_token_id
         )
         # prompts repeat words a lot; BPE is the slow part
         self._bpe_cache: dict[str, tuple[str, ...]] = {}
@@ -202,7 +236,7 @@ class CLIPTokenizer:
     def pretokenize(self, text: str) -> list[str]:
         """Steps 1-3: the pieces of the cleaned text, each written in byte symbols (plain ASCII is
         unchanged)."""
-        pieces = PRETOKENIZE_PATTERN.findall(clean_text(text))
+        pieces = self.pattern.findall(clean_text(text))
         return ["".join(self.byte_to_symbol[b] for b in piece.encode("utf-8")) for piece in pieces]
 
     def bpe_steps(self, word: str) -> list[tuple[str, ...]]:
@@ -210,7 +244,7 @@ class CLIPTokenizer:
         teaching)."""
         if not isinstance(word, str) or not word:
             raise ValueError(f"word must be a non-empty string, got {word!r}")
-        if word in SPECIAL_TOKENS:  # never split: one id of its own
+        if word in self.special_tokens:  # never split: one id of its own
             return [(word,)]
         return list(merge_steps(word, self.merge_rank))
 
@@ -304,4 +338,7 @@ class CLIPTokenizer:
         return batch
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer(vocab_size={self.vocab_size}, pad_token_id={self.pad_token_id})"
+        return (
+            f"CLIPTokenizer(vocab_size={self.vocab_size}, pad_token_id={self.pad_token_id}, "
+            f"family={self.family!r})"
+        )

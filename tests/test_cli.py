@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,13 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
         str(tmp_path / "cat-1.png"),
     ]
     with Image.open(tmp_path / "cat-1.png") as image:
-        assert image.size == (32, 32)
+        # enlarged 8× (nearest neighbour) to the 256 px viewing size; the native size is recorded
+        assert image.size == (256, 256)
         settings = json.loads(image.text["minisd"])
         assert image.text["prompt"] == "a red (circle:1.2)"
-        pixels = np.asarray(image)
+        big = np.asarray(image)
+    pixels = big[::8, ::8]
+    assert np.array_equal(big, pixels.repeat(8, axis=0).repeat(8, axis=1))
     assert (
         settings["seed"] == 11 and settings["steps"] == 3 and settings["negative_prompt"] == "blue"
     )
@@ -80,6 +84,7 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
         settings["guidance_scale"] == 7.5
         and settings["sampler"] == "ddim"
         and settings["height"] == 32
+        and settings["view_scale"] == 8
     )
 
     # The same image from the library, and again from its own file. Batch 1 against batch 2: the
@@ -91,7 +96,7 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
     again = tmp_path / "again" / "x.png"
     again.parent.mkdir()
     assert run(["generate", "--from-png", tmp_path / "cat-1.png", "--out", again, "--quiet"]) == 0
-    assert np.abs(np.asarray(Image.open(again)).astype(int) - pixels.astype(int)).max() <= 1
+    assert np.abs(np.asarray(Image.open(again)).astype(int) - big.astype(int)).max() <= 1
     # Flags next to --from-png override the stored settings.
     assert (
         run(
@@ -165,7 +170,7 @@ def test_img2img_and_inpainting_from_files(model_file, tmp_path):
     )
     original, inpainted = (
         np.asarray(Image.open(tmp_path / "in.png")),
-        np.asarray(Image.open(tmp_path / "inp.png")),
+        np.asarray(Image.open(tmp_path / "inp.png"))[::8, ::8],  # saved enlarged 8×
     )
     # the kept half is the input, pixel for pixel
     assert np.array_equal(inpainted[:, :16], original[:, :16])
@@ -233,7 +238,8 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
     )
     assert run(common + ["--out", tmp_path / "without.png"]) == 0
     with_adapter, without = (
-        np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("with.png", "without.png")
+        np.asarray(Image.open(tmp_path / n)).astype(int)[::8, ::8]
+        for n in ("with.png", "without.png")
     )
     expected = minisd.load(model_file)
     load_adapter(expected, tmp_path / "adapter.safetensors")
@@ -324,3 +330,76 @@ def test_no_command_and_unknown_command(capsys):
     assert "generate" in capsys.readouterr().out
     assert run(["paint"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ── the model card, the viewing size, the fast path ───────────────────────────────────────────
+
+BUNDLED = REPO / "minisd" / "assets" / "bundled.safetensors"
+
+
+def readme_prompts_for_the_bundled_model() -> list[str]:
+    """Every prompt the README gives to `generate` (command line or Python) whose words the bundled
+    model knows: its own examples (the LoRA's "orange" and SD 1.5's astronaut are for other
+    models)."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r'generate[( ]\s*"([^"]+)"', text)
+    card = minisd.load(BUNDLED).config.card
+    return sorted({p for p in found if not card.unknown_words(p)})
+
+
+def test_readme_prompts_draw_what_they_say():
+    """Issue #12: each README prompt for the bundled model, at the card's defaults (the command
+    line's), scored by the fidelity detector: colour and shape right for ≥ 19 of seeds 0–19."""
+    from minisd.train import fidelity
+
+    prompts = readme_prompts_for_the_bundled_model()
+    assert "a red circle on the left" in prompts and len(prompts) >= 3, prompts
+    sd = minisd.load(BUNDLED)
+    assert sd.config.card.guidance_scale == 1.5
+    for prompt in prompts:
+        images = sd.generate([prompt] * 20, seed=list(range(20)), output_type="tensor")
+        result = fidelity.evaluate(images, [prompt] * 20)
+        assert result["colour_shape_count"] >= 19, (prompt, result)
+
+
+def test_the_bundled_card_is_used_and_unknown_words_are_named(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    argv = ["generate", "a photo of a red cat", "--steps", 2, "--seed", 0, "--out", out]
+    assert run(argv + ["--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown: photo, of, cat" in err and "colours red" in err
+    with Image.open(out) as image:
+        settings = json.loads(image.text["minisd"])
+        assert image.size == (256, 256)
+    assert settings["guidance_scale"] == 1.5 and settings["sampler"] == "ddim"
+    assert (settings["height"], settings["width"], settings["view_scale"]) == (32, 32, 8)
+    # known words: no note
+    argv = ["generate", "a red circle on the left", "--steps", 2, "--out", out, "--quiet"]
+    assert run(argv) == 0 and capsys.readouterr().err == ""
+
+
+def test_card_round_trip_and_official_defaults(tmp_path):
+    from minisd.card import ModelCard
+
+    assert minisd.sd1().card == ModelCard(7.5, 50, "ddim", None)  # SD's usual defaults
+    sd = minisd.StableDiffusion(minisd.tiny())
+    sd.config.card = ModelCard(2.0, 20, "ddpm", {"colours": ["red"], "other words": ["a"]})
+    minisd.save(sd, tmp_path / "m.safetensors")
+    assert minisd.load(tmp_path / "m.safetensors").config.card == sd.config.card
+    assert sd.config.card.unknown_words("a (red:1.3) blue AND a cat") == ["blue", "and", "cat"]
+
+
+def test_native_size_and_readable_flags(model_file, tmp_path):
+    """--native-size keeps the model's pixels one to one; --readable (math attention) makes the
+    same picture as the default fused path, up to float rounding (±1 of 255)."""
+    common = ["generate", "a red circle", "--model", model_file, "--steps", 3, "--seed", 4]
+    assert run(common + ["--out", tmp_path / "fast.png", "--quiet"]) == 0
+    assert run(common + ["--out", tmp_path / "slow.png", "--quiet", "--readable"]) == 0
+    assert run(common + ["--out", tmp_path / "native.png", "--quiet", "--native-size"]) == 0
+    fast, slow, native = (
+        np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int)
+        for n in ("fast", "slow", "native")
+    )
+    assert native.shape == (32, 32, 3) and np.abs(fast[::8, ::8] - native).max() <= 1
+    assert np.abs(fast - slow).max() <= 1
+

@@ -417,3 +417,55 @@ def test_imports_only_allowed_libraries():
         "regex",
         "torch",
     }, imported
+
+
+# ---------------------------------------------------------------- the two families' special tokens
+
+SPECIAL_PROMPTS = [
+    "a cat <|endoftext|> a dog",
+    "<|startoftext|>a photo<|endoftext|>",
+    "a cat <end_of_text> and <start_of_text> a hat",
+    "<|ENDOFTEXT|> upper case",
+    "x<|endoftext|>y <|endoftext|><|endoftext|>",
+]
+
+
+def test_sd2_family_follows_openclip_special_tokens(ref):
+    """SD 2's official code tokenizes with OpenCLIP's SimpleTokenizer: "<|endoftext|>" in a prompt
+    is plain text in BPE pieces, "<end_of_text>" is the end token."""
+    ours = CLIPTokenizer(pad_token_id=0, family="openclip")
+    for text in SPECIAL_PROMPTS + ["a red circle", "<end_of_text>"]:
+        assert ours.encode(text) == ref.encode(text), text
+    assert 49407 not in ours.encode("a cat <|endoftext|> a dog")
+    assert torch.equal(ours(SPECIAL_PROMPTS), reference_batch(ref, SPECIAL_PROMPTS))
+
+
+def test_sd1_family_follows_openai_clip_special_tokens(tmp_path):
+    """SD 1 (OpenAI's tokenizer, transformers' CLIPTokenizer) reads "<|endoftext|>" in a prompt as
+    the end token 49407. transformers' tokenizer is built here from minisd's own vocabulary file
+    (the same 49,408 tokens and merges: test_vocabulary_and_merges_match_reference), so no download
+    is needed; these prompts are plain ASCII, where its missing ftfy step changes nothing."""
+    transformers = pytest.importorskip("transformers")
+    ours = CLIPTokenizer()
+    vocab = {token: i for i, token in enumerate(ours.id_to_token)}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    merges = sorted(ours.merge_rank, key=ours.merge_rank.get)
+    (tmp_path / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    reference = transformers.CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    )
+    for text in SPECIAL_PROMPTS[:2] + SPECIAL_PROMPTS[4:] + ["a red circle"]:
+        expected = reference(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text) == expected, text
+    assert 49407 in ours.encode("a cat <|endoftext|> a dog")
+
+
+def test_a_model_picks_its_family():
+    import minisd
+
+    assert minisd.StableDiffusion(minisd.tiny()).tokenizer.family == "clip"
+    with torch.device("meta"):
+        sd2 = minisd.StableDiffusion(minisd.sd2())
+    assert sd2.tokenizer.family == "openclip" and sd2.tokenizer.pad_token_id == 0

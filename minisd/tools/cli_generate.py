@@ -5,24 +5,45 @@ Every image is written as a PNG whose text metadata holds the prompt and every s
 its own seed (image i of a batch uses seed + i), so `--from-png IMAGE.png` regenerates it; flags
 given next to --from-png override the stored ones. Nothing is written unless generation succeeds,
 and files are written atomically.
+
+Settings left out come from the model's card (card.py): SD's usual 50 DDIM steps at guidance 7.5
+for official checkpoints, the bundled model's own 1.5. A model trained on a closed vocabulary names
+the prompt's words it never saw, in one line on stderr, and makes the image anyway.
+
+What the user sees: images of small models (the bundled one is 32×32) are saved enlarged by a whole
+factor to at least VIEW_SIDE pixels, nearest neighbour so every model pixel stays a sharp square;
+the PNG records the native size (height, width) and the factor (`view_scale`). `--native-size`
+keeps the model's pixels one to one.
+
+Speed: the command line runs the fastest path proven equal to the readable one (fused attention,
+channels_last on a GPU: tools/fastpath.py, tests/test_fastpath.py); `--readable` keeps the readable
+modules the notebooks use.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import random
+import sys
 from pathlib import Path
 
 from ..config import BUNDLED_MODEL
 
 DTYPES = ("float32", "float16", "bfloat16")
+# images smaller than this on a side are saved enlarged (nearest neighbour) to at least this size
+VIEW_SIDE = 256
+# height and width at most this many times the model's native size, unless --no-size-limit: far
+# from their training size models draw poorly, and the memory of attention grows with (H·W)²
+MAX_SIZE_FACTOR = 4
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag
 # left out.
 DEFAULTS = dict(
     prompt=None,
     negative_prompt="",
-    steps=50,
-    guidance_scale=7.5,
-    sampler="ddim",
+    steps=None,  # None: the model card's
+    guidance_scale=None,
+    sampler=None,
     eta=0.0,
     seed=None,
     height=None,
@@ -69,13 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='the prompt ("a cat AND a hat :0.5" composes, "(red:1.3)" emphasises)',
     )
     a("--negative-prompt", help="what to steer away from (default: empty)")
-    a("--steps", type=int, help="sampling steps (default 50)")
+    a("--steps", type=int, help="sampling steps (default: the model card's; SD: 50)")
     a(
         "--guidance-scale",
         type=float,
-        help="classifier-free guidance scale s >= 0 (default 7.5; 1 = no guidance)",
+        help="classifier-free guidance scale s >= 0, 1 = no guidance "
+        "(default: the model card's; SD: 7.5, the bundled model: 1.5)",
     )
-    a("--sampler", choices=("ddim", "ddpm"), help="default ddim")
+    a("--sampler", choices=("ddim", "ddpm"), help="default: the model card's (ddim)")
     a("--eta", type=float, help="DDIM noise in [0, 1] (default 0: deterministic)")
     a(
         "--seed",
@@ -88,6 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image height (default: the model's native size, or the init image's)",
     )
     a("--width", type=int, help="image width (same default)")
+    a(
+        "--no-size-limit",
+        action="store_true",
+        help=f"allow height/width above {MAX_SIZE_FACTOR}x the model's native size",
+    )
+    a(
+        "--native-size",
+        action="store_true",
+        help=f"save the model's pixels one to one (default: small images are enlarged to at least "
+        f"{VIEW_SIDE} px, nearest neighbour)",
+    )
+    a(
+        "--readable",
+        action="store_true",
+        help="run the readable modules (math attention) instead of the fastest proven-equal path",
+    )
     a("--init-image", help="start from this image (img2img)")
     a(
         "--strength",
@@ -97,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
     a(
         "--model",
-        help="a minisd file, an official .ckpt/.safetensors or a diffusers folder (default: the bundled model)",
+        help="a minisd file, an official .ckpt/.safetensors or a diffusers folder "
+        "(default: the bundled model)",
     )
     a(
         "--lora",
@@ -120,17 +159,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=DTYPES, help="default float32; float16 needs a GPU")
     a(
         "--from-png",
-        help="take the settings stored in a PNG written by this command (other flags override them)",
+        help="take the settings stored in a PNG written by this command "
+        "(other flags override them)",
     )
     a("--quiet", action="store_true", help="no progress bar")
 
 
-def resolve_settings(args: argparse.Namespace) -> dict:
-    stored = {}
-    if args.from_png:
-        from ..images import read_png_settings
+# The type each stored setting must have (a PNG's settings are data from outside: checked)
+_STR, _INT, _NUMBER, _BOOL = (str,), (int,), (int, float), (bool,)
+STORED_TYPES = dict(
+    prompt=_STR,
+    negative_prompt=_STR,
+    steps=_INT,
+    guidance_scale=_NUMBER,
+    sampler=_STR,
+    eta=_NUMBER,
+    seed=_INT,
+    height=_INT,
+    width=_INT,
+    init_image=_STR,
+    strength=_NUMBER,
+    mask=_STR,
+    model=_STR,
+    template=_STR,
+    prompt_weighting=_BOOL,
+    dtype=_STR,
+    lora=_STR,
+)
+_TYPE_WORDS = {_STR: "a string", _INT: "an integer", _NUMBER: "a number", _BOOL: "true or false"}
 
-        stored = {k: v for k, v in read_png_settings(args.from_png).items() if k in STORED}
+
+def stored_settings(path) -> dict:
+    """The settings of a PNG written by this command, each checked for its type (null: left
+    out)."""
+    from ..images import read_png_settings
+
+    stored = read_png_settings(path)
+    if not isinstance(stored, dict):
+        raise ValueError(
+            f"--from-png {path}: the stored settings must be a JSON object, "
+            f"got a JSON {type(stored).__name__}"
+        )
+    checked = {}
+    for name in STORED:
+        value = stored.get(name)
+        if value is None:
+            continue
+        kinds = STORED_TYPES[name]
+        # bool is an int in Python: 'true' is no step count, and 1 is no prompt_weighting
+        if isinstance(value, bool) != (kinds is _BOOL) or not isinstance(value, kinds):
+            raise ValueError(
+                f"--from-png {path}: the stored {name} must be {_TYPE_WORDS[kinds]}, "
+                f"got {value!r:.80}"
+            )
+        checked[name] = value
+    return checked
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    stored = stored_settings(args.from_png) if args.from_png else {}
     settings = {}
     for name, default in DEFAULTS.items():
         given = getattr(args, name, None)
@@ -138,6 +225,56 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     if settings["prompt"] is None:
         raise ValueError("give a prompt (or --from-png IMAGE)")
     return settings
+
+
+def check_size(settings: dict, native: int, no_limit: bool) -> None:
+    """Height and width at most MAX_SIZE_FACTOR × the native size, unless --no-size-limit."""
+    limit = MAX_SIZE_FACTOR * native
+    for name in ("height", "width"):
+        value = settings[name]
+        if value is not None and value > limit and not no_limit:
+            raise ValueError(
+                f"--{name} {value} is more than {MAX_SIZE_FACTOR}x this model's native size "
+                f"({native} px; the limit is {limit}): far from its training size a model draws "
+                "poorly and attention's memory grows with the square of the pixel count; "
+                "to go bigger anyway, add --no-size-limit"
+            )
+
+
+def view_scale(height: int, width: int, native_size: bool) -> int:
+    """The whole factor that brings the image's shorter side to at least VIEW_SIDE pixels (1 with
+    --native-size, or when it is already that big)."""
+    if native_size:
+        return 1
+    return max(1, math.ceil(VIEW_SIDE / min(height, width)))
+
+
+@contextlib.contextmanager
+def fastest_proven_path(sd, readable: bool):
+    """Fused attention (proven equal to the readable math: tests/test_fastpath.py) everywhere, and
+    channels_last on a GPU, while the block runs; nothing with --readable. The switches belong to
+    this model alone (fastpath.speed_up); they are undone afterwards so that a model handed in by a
+    caller (a notebook, a test) comes back as it was."""
+    if readable:
+        yield
+        return
+    from .fastpath import slow_down, speed_up
+
+    speed_up(sd, attention="fused", channels_last=sd.device.type == "cuda")
+    try:
+        yield
+    finally:
+        slow_down(sd)
+
+
+def warn_unknown_words(sd, prompt: str, template) -> None:
+    """One line on stderr naming the prompt's words outside the model's vocabulary (if it has
+    one)."""
+    from ..prompts import apply_template
+
+    line = sd.config.card.describe_unknown(apply_template(prompt, template), sd.config.name)
+    if line is not None:
+        print(f"note: {line}", file=sys.stderr)
 
 
 def check_device(device_name: str, dtype_name: str):
@@ -151,7 +288,8 @@ def check_device(device_name: str, dtype_name: str):
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"--device {device_name}: CUDA is not available on this machine (torch {torch.__version__})"
+            f"--device {device_name}: CUDA is not available on this machine "
+            f"(torch {torch.__version__})"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device_name}: MPS is not available on this machine")
@@ -204,35 +342,55 @@ def main(args: argparse.Namespace) -> int:
     paths = output_paths(s["out"], seeds)  # before the slow part: a bad --out fails at once
 
     sd = load_model(s["model"], device, dtype)
+    check_size(s, sd.config.image_size, args.no_size_limit)
     if s["lora"] is not None:
         from ..train.lora import load_adapter
 
         # a mismatched or foreign file is a ValueError: one line, exit 2
         load_adapter(sd, s["lora"])
-    images = sd.generate(
-        [s["prompt"]] * s["batch"],
-        negative_prompt=s["negative_prompt"],
-        steps=s["steps"],
-        guidance_scale=s["guidance_scale"],
-        sampler=s["sampler"],
-        eta=s["eta"],
-        seed=seeds,
-        height=s["height"],
-        width=s["width"],
-        init_image=s["init_image"],
-        strength=s["strength"],
-        mask=s["mask"],
-        template=s["template"],
-        prompt_weighting=s["prompt_weighting"],
-        progress=not args.quiet,
+    from ..card import sampling_defaults
+
+    s["steps"], s["guidance_scale"], s["sampler"] = sampling_defaults(
+        sd.config.card, s["steps"], s["guidance_scale"], s["sampler"]
     )
+    warn_unknown_words(sd, s["prompt"], s["template"])
+    with fastest_proven_path(sd, args.readable):
+        images = sd.generate(
+            [s["prompt"]] * s["batch"],
+            negative_prompt=s["negative_prompt"],
+            steps=s["steps"],
+            guidance_scale=s["guidance_scale"],
+            sampler=s["sampler"],
+            eta=s["eta"],
+            seed=seeds,
+            height=s["height"],
+            width=s["width"],
+            init_image=s["init_image"],
+            strength=s["strength"],
+            mask=s["mask"],
+            template=s["template"],
+            prompt_weighting=s["prompt_weighting"],
+            progress=not args.quiet,
+        )
+
+    from PIL import Image
 
     from .. import __version__
     from ..images import save_png
 
     for image, seed, path in zip(images, seeds, paths):
         stored = {name: s[name] for name in STORED}
-        stored.update(seed=seed, height=image.height, width=image.width, minisd_version=__version__)
+        # the native size, so --from-png makes the same image; view_scale: how it was enlarged
+        scale = view_scale(image.height, image.width, args.native_size)
+        stored.update(
+            seed=seed,
+            height=image.height,
+            width=image.width,
+            view_scale=scale,
+            minisd_version=__version__,
+        )
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
         save_png(image, path, stored)
         print(path)
     return 0

@@ -189,6 +189,21 @@ def _validate_heldout(heldout_pairs) -> None:
 # ---------------------------------------------------------------- captions and prompts
 
 
+def caption_vocabulary() -> dict[str, tuple[str, ...]]:
+    """Every word a caption uses, by kind: what a model trained on these captions knows (its card,
+    minisd/card.py). The "other words" are those of "a", "and" and the position phrases."""
+    phrase_words = {w for phrase in POSITION_PHRASE.values() for w in phrase.split()}
+    other = sorted({"a", "and"} | (phrase_words - set(POSITIONS)))
+    return {
+        "colours": COLOURS,
+        "shapes": SHAPES,
+        "sizes": SIZES,
+        "positions": POSITIONS,
+        "other words": tuple(other),
+    }
+
+
+
 def caption(spec: SceneSpec) -> str:
     """The canonical caption, e.g. "a small red circle on the left and a large blue square on the
     right"."""

@@ -21,6 +21,7 @@ the VAE; each step draws fresh posterior noise n, t and ε. Run it under `torchr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,7 @@ from ..model import StableDiffusion
 from ..pipeline import noise_schedule
 from ..weights.minisd_file import save
 from . import training as T
+from .shapes_dataset import caption_vocabulary
 from .train_vae import load_vae
 
 MODEL_FILE = "model.safetensors"
@@ -225,6 +227,8 @@ def setup(args, dist: T.Distributed):
         if args.prediction_type:
             config.prediction_type = args.prediction_type
     T.check_model_fits(config, config.image_size)
+    # the saved model's card names the words of its captions (card.py: unknown words are reported)
+    config.card = dataclasses.replace(config.card, vocabulary=caption_vocabulary())
     if not 0.0 <= args.cfg_dropout < 1.0:
         raise T.UsageError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:

@@ -39,6 +39,7 @@ from ..model import StableDiffusion
 from .convert_config import config_from_diffusers, config_from_official
 from .errors import ConversionError
 from .keymap import from_diffusers
+from .validate import check_config_counts
 from .minisd_file import EXTRA, FORMAT_KEY, check_fits, expected_shapes, from_state_dict, write_file
 # (minisd.weights.convert.explain_key, for the conversion chapter)
 from .official_keys import explain_key  # noqa: F401
@@ -344,6 +345,8 @@ def read_as_minisd(
     state, info = read_checkpoint(path)
     if FORMAT_KEY in info.get("metadata", {}):  # already a minisd file
         sd_config = SDConfig.from_json(info["metadata"][FORMAT_KEY])
+        # counts first: a config claiming 200,000 layers is refused before any module is built
+        check_config_counts(sd_config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
         check_fits(str(path), expected_shapes(sd_config), state)
         return sd_config, state
     if not any(k.startswith(UNET_PREFIX) for k in state):

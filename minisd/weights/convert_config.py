@@ -17,7 +17,6 @@ ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x). They cannot tell three things, whi
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,6 +27,7 @@ from ..clip import TextEncoderConfig
 from ..config import OPENCLIP_LAYERS, SD_LATENT_SCALE, SDConfig
 from .errors import ConversionError
 from .official_keys import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, official_schedule
+from .validate import DIFFUSERS_REQUIRED, check_unet_input, read_json_config, require_keys
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 
@@ -80,6 +80,8 @@ def config_from_official(
 
     u = UNET_PREFIX
     channels, in_channels = shape(u + "input_blocks.0.0.weight")[:2]
+    latents = shape(VAE_PREFIX + "decoder.conv_in.weight")[1]
+    check_unet_input(u + "input_blocks.0.0.weight", shape(u + "input_blocks.0.0.weight"), latents)
     downsample = re.compile(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.weight$")
     downsamples = sorted(int(m.group(1)) for k in shapes if (m := downsample.match(k)))
     per_level = (
@@ -268,11 +270,11 @@ def config_from_diffusers(
     config.json files."""
 
     def read(name):
-        path = folder / name
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json_config(folder / name)
 
     u, v, t = read("unet/config.json"), read("vae/config.json"), read("text_encoder/config.json")
     s = read("scheduler/scheduler_config.json")
+    require_keys(folder, dict(zip(DIFFUSERS_REQUIRED, (u, v, t))))
     if u.get("addition_embed_type") or u.get("class_embed_type"):
         extra = u.get("addition_embed_type") or u.get("class_embed_type")
         raise _error(
