@@ -45,7 +45,7 @@ from .guidance import build_conditioning, ensemble_members, guided_prediction
 from .images import load_image, load_mask, tensor_to_pil
 from .prompts import apply_template, split_composition
 
-SAMPLERS = ("ddim", "ddpm")
+from .samplers import SAMPLER_NAMES as SAMPLERS
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 
 # Up to this many latent positions (images × height × width) the CPU runs convolutions with
@@ -86,7 +86,7 @@ def noise_schedule(sd):
     c = sd.config
     return NoiseSchedule(
         ScheduleConfig(
-            kind=c.beta_schedule,
+            beta_schedule=c.beta_schedule,
             num_train_timesteps=c.num_train_timesteps,
             beta_start=c.beta_start,
             beta_end=c.beta_end,
@@ -95,14 +95,10 @@ def noise_schedule(sd):
     )
 
 
-def make_sampler(sd, name: str, steps: int, eta: float):
-    if name == "ddim":
-        from .ddim import DDIMSampler
+def make_sampler(sd, name: str, steps: int, eta: float, karras: bool = False):
+    from .samplers import make_sampler as make_named_sampler
 
-        return DDIMSampler(noise_schedule(sd), steps, eta=eta)
-    from .ddpm import DDPMSampler
-
-    return DDPMSampler(noise_schedule(sd), steps)
+    return make_named_sampler(name, noise_schedule(sd), steps, karras=karras, eta=eta)
 
 
 def _number(name, value, low=None, high=None, integer=False):
@@ -178,6 +174,7 @@ def _check_arguments(
     callback,
     init_image,
     mask,
+    karras=False,
 ) -> None:
     if len(negatives) not in (1, len(prompts)):
         raise ValueError(
@@ -190,10 +187,10 @@ def _check_arguments(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     _number("eta", eta, 0, 1)
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(
-            "eta applies to the DDIM sampler only (DDPM always adds its full posterior noise)"
-        )
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
+    if karras and sampler in ("ddim", "ddpm"):
+        raise ValueError(f"karras sigmas apply to the σ-based samplers, not {sampler!r}")
     if strength is not None:
         _number("strength", strength, 0, 1)
     if output_type not in OUTPUT_TYPES:
@@ -252,6 +249,7 @@ def generate(
     guidance_scale: float = 7.5,
     sampler: str = "ddim",
     eta: float = 0.0,
+    karras: bool = False,
     seed=None,
     latents: Optional[torch.Tensor] = None,
     height: Optional[int] = None,
@@ -309,6 +307,7 @@ def generate(
         callback,
         init_image,
         mask,
+        karras,
     )
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     # num_images of each prompt, side by side
@@ -335,7 +334,7 @@ def generate(
 
     inpainting = mask_full is not None
     strength = (1.0 if inpainting else 0.8) if strength is None else strength
-    scheduler = make_sampler(sd, sampler, steps, eta)
+    scheduler = make_sampler(sd, sampler, steps, eta, karras)
     timesteps = (
         scheduler.timesteps_for_strength(strength) if image is not None else scheduler.timesteps
     )
@@ -356,9 +355,9 @@ def generate(
         device
     )
     if image is None or (inpainting and strength == 1):
-        x = noise
+        x = noise * scheduler.init_noise_sigma
     elif len(timesteps):
-        x = scheduler.schedule.q_sample(x0_known, timesteps[:1].expand(batch), noise)
+        x = scheduler.add_noise(x0_known, noise, timesteps[0])
     else:
         x = x0_known  # strength 0: nothing to denoise
     # nearest
@@ -393,8 +392,9 @@ def generate(
         steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
     with torch.no_grad(), plain_convolutions_for_small_latents(x):
         for i, t in enumerate(steps_iter):
+            x_in = scheduler.scale_model_input(x, t)  # σ-based samplers rescale the UNet input
             prediction = sum(
-                weight * guided_prediction(model, x, t, cond, guidance_scale, extra)
+                weight * guided_prediction(model, x_in, t, cond, guidance_scale, extra)
                 for (model, weight), cond in zip(members, conds)
             )
             if isinstance(generators, list):  # one stream per image
@@ -409,9 +409,7 @@ def generate(
                 known = (
                     x0_known
                     if i == len(timesteps) - 1
-                    else scheduler.schedule.q_sample(
-                        x0_known, timesteps[i + 1 : i + 2].expand(batch), noise
-                    )
+                    else scheduler.add_noise(x0_known, noise, timesteps[i + 1])
                 )
                 x = mask_latent * x + (1 - mask_latent) * known
             if callback is not None:

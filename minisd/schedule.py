@@ -5,17 +5,20 @@ Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at ste
 
     q(xₜ | x₀) = N(√ᾱₜ · x₀, (1 − ᾱₜ) · I)     so     xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε,   ε ~ N(0, I).
 
-The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base) or the velocity
-v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either output, together
-with xₜ, determines both x₀ and ε:
+The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base), the velocity
+v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4), or x₀
+itself ("sample"). Any of them, together with xₜ, determines both x₀ and ε:
 
     epsilon:       x₀ = (xₜ − √(1 − ᾱₜ) · ε) / √ᾱₜ
     v_prediction:  x₀ = √ᾱₜ · xₜ − √(1 − ᾱₜ) · v,      ε = √ᾱₜ · v + √(1 − ᾱₜ) · xₜ
+    sample:        x₀ = output,                          ε = (xₜ − √ᾱₜ · x₀) / √(1 − ᾱₜ)
 
 Beta schedules (index t = 0 … T−1):
-    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²      (Stable Diffusion: 0.00085 … 0.012, T = 1000)
+    scaled_linear  βₜ = linspace(√β_start, √β_end, T)²
+                   (Stable Diffusion: 0.00085 … 0.012, T = 1000)
     linear         βₜ = linspace(β_start, β_end, T)         (original DDPM used 1e-4 … 0.02)
-    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999) with ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
+    cosine         βₜ = min(1 − ᾱ(t+1)/ᾱ(t), 0.999),
+                   ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008
                    (Nichol & Dhariwal 2021, eq. 17; diffusers calls it "squaredcos_cap_v2")
 
 Precision: the schedule is held in float32 and ᾱ is a float32 cumulative product, as diffusers does.
@@ -32,8 +35,8 @@ from typing import Protocol
 
 import torch
 
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -55,19 +58,22 @@ def check_int_in_range(name: str, value, low: int, high: int) -> None:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "scaled_linear"
+    beta_schedule: str = "scaled_linear"
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
+    # Lin et al. 2024, Algorithm 1: shift and scale √ᾱ so that ᾱ_{T−1} = 0 (pure noise at the end)
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
-        check_choice("kind", self.kind, SCHEDULE_KINDS)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_int_in_range("num_train_timesteps", self.num_train_timesteps, 1, 10**7)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(
-                f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
+                "need 0 < beta_start <= beta_end < 1, got "
+                f"beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
 
 
@@ -82,16 +88,34 @@ def cosine_betas(
     return betas.clamp(max=max_beta).to(torch.float32)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR: Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", WACV 2024), Algorithm 1.
+
+    SD's schedule ends at ᾱ_{T−1} ≈ 0.0047: the "pure noise" the sampler starts from still holds a
+    little signal that training saw and sampling never does. Shift √ᾱ so its last entry is 0 and
+    scale it so its first entry is unchanged, then turn ᾱ back into β:
+        √ᾱ' = (√ᾱ − √ᾱ_{T−1}) · √ᾱ₀ / (√ᾱ₀ − √ᾱ_{T−1}),   β'ₜ = 1 − ᾱ'ₜ / ᾱ'ₜ₋₁   (β'_{T−1} = 1)
+    float32, in diffusers' order of operations.
+    """
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
     T = config.num_train_timesteps
-    if config.kind == "scaled_linear":
-        return (
-            torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
-            ** 2
-        )
-    if config.kind == "linear":
-        return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
-    return cosine_betas(T)
+    if config.beta_schedule == "scaled_linear":
+        root = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
+        betas = root**2
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    else:
+        betas = cosine_betas(T)
+    return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
 
 
 class NoiseSchedule:
@@ -157,9 +181,11 @@ class NoiseSchedule:
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """What the network should output at (xₜ, t): ε or v, depending on the prediction type."""
+        _check_same_shape(x0=x0, noise=noise)
         if self.prediction_type == "epsilon":
-            _check_same_shape(x0=x0, noise=noise)
             return noise
+        if self.prediction_type == "sample":
+            return x0
         return self.v_target(x0, noise, t)
 
     def predict_x0_and_eps(
@@ -171,6 +197,9 @@ class NoiseSchedule:
         if self.prediction_type == "epsilon":
             eps = model_output
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        elif self.prediction_type == "sample":  # the network predicts x₀ itself
+            x0 = model_output
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
         else:
             v = model_output
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * v
@@ -228,11 +257,12 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
             )
         if a.shape != b.shape:
             raise ValueError(
-                f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+                f"{name_a} and {name_b} must have the same shape, "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Shared by the samplers (ddim.py, ddpm.py)
 
 
@@ -240,6 +270,10 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
 class StepOutput:
     prev_sample: torch.Tensor  # x at the next (smaller) timestep of the sampler
     pred_x0: torch.Tensor  # the sampler's estimate of the clean sample at this step
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor:  # diffusers' name for pred_x0
+        return self.pred_x0
 
 
 class Sampler(Protocol):
@@ -258,6 +292,16 @@ class TimestepSampler:
     """
 
     final_alpha_bar: float | None = None  # None means ᾱ₀
+    order = 1  # one model call per step
+    init_noise_sigma = 1.0  # x_T ~ N(0, I): the sample is xₜ itself
+
+    def scale_model_input(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The UNet reads xₜ unchanged (σ-based samplers in minisd/samplers/ rescale it)."""
+        return x_t
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε at one timestep t for the whole batch (img2img)."""
+        return self.schedule.q_sample(x0, int(t), noise)
 
     def __init__(self, schedule: NoiseSchedule, timesteps: torch.Tensor):
         if not isinstance(schedule, NoiseSchedule):
@@ -265,8 +309,10 @@ class TimestepSampler:
         T = schedule.num_train_timesteps
         if timesteps.min() < 0 or timesteps.max() >= T:
             raise ValueError(
-                f"sampling timesteps must lie in [0, {T - 1}], got {timesteps.min().item()} … {timesteps.max().item()}"
-                " (leading spacing with steps_offset=1 and num_steps == num_train_timesteps reaches T: use"
+                f"sampling timesteps must lie in [0, {T - 1}], "
+                f"got {timesteps.min().item()} … {timesteps.max().item()}"
+                " (leading spacing with steps_offset=1 and num_steps == num_train_timesteps"
+                " reaches T: use"
                 " steps_offset=0 or spacing='trailing')"
             )
         self.schedule = schedule
@@ -303,9 +349,9 @@ class TimestepSampler:
         noise.
 
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
-        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every step (the image is
-        fully replaced by noise); strength = 0.3 with N = 50 runs the last 15. Start from
-        `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
+        t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every
+        step (the image is fully replaced by noise); strength = 0.3 with N = 50 runs the last 15.
+        Start from `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
         timesteps.
         """
         if (

@@ -32,8 +32,10 @@ KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "square
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def schedule(prediction_type="epsilon", kind="scaled_linear"):
-    return NoiseSchedule(ScheduleConfig(kind=kind, prediction_type=prediction_type))
+def schedule(prediction_type="epsilon", beta_schedule="scaled_linear", **options):
+    return NoiseSchedule(
+        ScheduleConfig(beta_schedule=beta_schedule, prediction_type=prediction_type, **options)
+    )
 
 
 def toy_model(x, t):
@@ -56,7 +58,7 @@ def test_alphas_cumprod_match_diffusers(diffusers, kind):
     reference = diffusers.DDIMScheduler(
         beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012
     )
-    mine = schedule(kind=kind)
+    mine = schedule(beta_schedule=kind)
     torch.testing.assert_close(mine.betas, reference.betas, rtol=1e-6, atol=0)
     torch.testing.assert_close(mine.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6, atol=0)
 
@@ -148,7 +150,7 @@ def test_q_sample_and_v_target_match_add_noise_and_get_velocity(diffusers, kind)
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
-    mine = schedule(kind=kind)
+    mine = schedule(beta_schedule=kind)
     torch.testing.assert_close(
         mine.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), **TOL
     )
@@ -200,7 +202,7 @@ def test_fixture_alphas_cumprod():
     tensors, _ = _load_fixture()
     for kind in KINDS:
         expected = tensors[f"alphas_cumprod.{kind}"]
-        torch.testing.assert_close(schedule(kind=kind).alphas_cumprod, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(schedule(beta_schedule=kind).alphas_cumprod, expected, rtol=1e-6, atol=0)
 
 
 def test_fixture_trajectories():
@@ -390,9 +392,9 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="'leading', 'trailing', 'linspace'"):
         DDIMSampler(sched, 50, spacing="karras")
     with pytest.raises(ValueError, match="'scaled_linear', 'linear', 'cosine'"):
-        ScheduleConfig(kind="squaredcos_cap_v2")
-    with pytest.raises(ValueError, match="'epsilon', 'v_prediction'"):
-        ScheduleConfig(prediction_type="sample")
+        ScheduleConfig(beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction', 'sample'"):
+        ScheduleConfig(prediction_type="x0")
     for eta in (-0.1, 1.5):
         with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
             DDIMSampler(sched, 50, eta=eta)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "bundled.safetensors"
 DTYPES = ("float32", "float16", "bfloat16")
+# the sampler registry's names (minisd/samplers/__init__.py), listed here so `--help` needs no torch
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag
 # left out.
 DEFAULTS = dict(
@@ -23,6 +25,7 @@ DEFAULTS = dict(
     guidance_scale=7.5,
     sampler="ddim",
     eta=0.0,
+    karras=False,
     seed=None,
     height=None,
     width=None,
@@ -45,6 +48,7 @@ STORED = (
     "guidance_scale",
     "sampler",
     "eta",
+    "karras",
     "seed",
     "height",
     "width",
@@ -74,7 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="classifier-free guidance scale s >= 0 (default 7.5; 1 = no guidance)",
     )
-    a("--sampler", choices=("ddim", "ddpm"), help="default ddim")
+    a("--sampler", choices=SAMPLER_NAMES, help="default ddim")
+    a(
+        "--karras",
+        action="store_const",
+        const=True,
+        help="Karras et al. 2022 sigma spacing (euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde)",
+    )
     a("--eta", type=float, help="DDIM noise in [0, 1] (default 0: deterministic)")
     a(
         "--seed",
@@ -215,6 +225,7 @@ def main(args: argparse.Namespace) -> int:
         guidance_scale=s["guidance_scale"],
         sampler=s["sampler"],
         eta=s["eta"],
+        karras=s["karras"],
         seed=seeds,
         height=s["height"],
         width=s["width"],

@@ -19,7 +19,7 @@ GOALS = [
 def _schedule(ctx) -> NoiseSchedule:
     kind = ctx.choice(["scaled_linear", "linear", "cosine"])
     beta_start, beta_end = (0.00085, 0.012) if kind == "scaled_linear" else (0.0001, 0.02)
-    return NoiseSchedule(ScheduleConfig(kind=kind, beta_start=beta_start, beta_end=beta_end))
+    return NoiseSchedule(ScheduleConfig(beta_schedule=kind, beta_start=beta_start, beta_end=beta_end))
 
 
 def check_q_sample(ctx):
@@ -42,7 +42,7 @@ def check_q_sample(ctx):
             "your ᾱ_t (shape [B]) broadcasts along the last axis (width), not the batch: reshape it to [B, 1, 1, 1]":
                 lambda: a_all[t].sqrt() * x0 + (1 - a_all[t]).sqrt() * noise,
         }
-        with ctx.case(f"{label}: x0 {tuple(x0.shape)}, t = {t.tolist()}, a {schedule.config.kind} schedule"):
+        with ctx.case(f"{label}: x0 {tuple(x0.shape)}, t = {t.tolist()}, a {schedule.config.beta_schedule} schedule"):
             ctx.expect_close(ctx.call(x0, t, noise, a_all), expected, what="x_t", mistakes=mistakes)
     t = ctx.integer(0, schedule.num_train_timesteps - 1)
     with ctx.case(f"one timestep t = {t} (an int) for the whole batch: x0 {tuple(x0.shape)}"):
@@ -70,7 +70,7 @@ def check_ddpm_posterior(ctx):
                 lambda: a_prev.sqrt() * beta / (1 - a_t) * x_t + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x0,
         }
         with ctx.case(f"t = {t}" + (" (the last step: ᾱ_prev = 1)" if t == 0 else "")
-                      + f", {schedule.config.kind} schedule"):
+                      + f", {schedule.config.beta_schedule} schedule"):
             got = ctx.call(x0, x_t, t, a_all)
             if not isinstance(got, (tuple, list)) or len(got) != 2:
                 ctx.fail(f"expected a pair (mean, variance), got {type(got).__name__}"
