@@ -248,6 +248,51 @@ class NoiseSchedule:
         return timesteps.round().long().flip(0)
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per image, s = the `ratio`
+    quantile of |x̂₀|, clamped to [1, max_value]; x̂₀ ← clamp(x̂₀, −s, s) / s. With s = 1 this is
+    plain clipping to [−1, 1]; above 1 it pulls saturated pixels inward instead of flattening them.
+    """
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+@dataclass
+class X0Limits:
+    """What a DDIM/DDPM step does to x̂₀ before using it (diffusers' clip_sample / thresholding).
+
+    clip_sample: clamp x̂₀ to [−clip_sample_range, clip_sample_range] (the original DDPM code
+    clips to [−1, 1]; SD's scheduler config turns it off: latents are not in [−1, 1]).
+    thresholding: `dynamic_threshold` instead (takes precedence over clip_sample).
+    """
+
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def apply(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.thresholding:
+            return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+
+def check_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
+    """Custom timesteps: strictly descending integers in [0, T − 1]."""
+    t = torch.as_tensor(timesteps)
+    if t.ndim != 1 or len(t) == 0 or t.is_floating_point():
+        raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r:.80}")
+    if bool((t[1:] >= t[:-1]).any()):
+        raise ValueError(f"timesteps must be strictly descending, got {t.tolist()}")
+    if t.min() < 0 or t.max() >= num_train_timesteps:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {t.tolist()}")
+    return t.long()
+
+
 def _check_same_shape(**tensors: torch.Tensor) -> None:
     (name_a, a), *rest = tensors.items()
     for name_b, b in rest:
@@ -303,7 +348,9 @@ class TimestepSampler:
         """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε at one timestep t for the whole batch (img2img)."""
         return self.schedule.q_sample(x0, int(t), noise)
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: torch.Tensor):
+    def __init__(
+        self, schedule: NoiseSchedule, timesteps: torch.Tensor, previous: dict | None = None
+    ):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         T = schedule.num_train_timesteps
@@ -317,14 +364,17 @@ class TimestepSampler:
             )
         self.schedule = schedule
         self.timesteps = timesteps
-        self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
+        # τᵢ → τᵢ₋₁: by default the next listed timestep (−1: after the last one)
+        listed = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
+        self._previous = listed if previous is None else previous
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def previous_timestep(self, t) -> int:
-        """τᵢ₋₁ for t = τᵢ: the next entry of `timesteps`, or −1 after the last one."""
+        """τᵢ₋₁ for t = τᵢ: the next entry of `timesteps` (DDIM: see its `prev_rule`), or −1 after
+        the last one."""
         t = int(t)
         if t not in self._previous:
             raise ValueError(
@@ -351,8 +401,7 @@ class TimestepSampler:
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
         t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every
         step (the image is fully replaced by noise); strength = 0.3 with N = 50 runs the last 15.
-        Start from `schedule.q_sample(x0, returned[:1].expand(B), noise)` and step through the returned
-        timesteps.
+        Start from `add_noise(x0, noise, returned[0])` and step through the returned timesteps.
         """
         if (
             isinstance(strength, bool)

@@ -45,7 +45,7 @@ from minisd.samplers.sigma_schedule import (
     karras_sigmas,
     sigma_to_t,
 )
-from minisd.schedule import StepOutput, check_choice, check_int_in_range
+from minisd.schedule import StepOutput, X0Limits, check_choice, check_int_in_range
 
 DPM_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -67,9 +67,24 @@ def dpm_timesteps(T: int, num_steps: int, spacing: str, steps_offset: int) -> to
 class DPMSolverPlusPlus2MSampler(SigmaSampler):
     sde = False
 
-    def __init__(self, schedule, num_steps, karras=False, spacing="linspace", steps_offset=1):
+    def __init__(
+        self,
+        schedule,
+        num_steps,
+        karras=False,
+        spacing="linspace",
+        steps_offset=1,
+        limits: X0Limits | None = None,
+        final_sigma: str = "zero",
+        lower_order_final: bool = True,
+    ):
         super().__init__(schedule, num_steps, False, spacing, steps_offset)
+        check_choice("final_sigma", final_sigma, ("zero", "sigma_min"))
+        # diffusers' final_sigmas_type and lower_order_final: the last step ends at σ = 0 (and is
+        # first order), or at the smallest training σ (first order only for N < 15 steps)
+        self.final_sigma, self.lower_order_final = final_sigma, lower_order_final
         self.karras = bool(karras)
+        self.limits = limits if limits is not None else X0Limits()  # thresholding of x̂₀
         T = len(self.train_sigmas)
         t = dpm_timesteps(T, num_steps, spacing, steps_offset)
         if self.karras:  # over the whole training range, whatever the spacing
@@ -80,7 +95,8 @@ class DPMSolverPlusPlus2MSampler(SigmaSampler):
                 t = t.round()
         else:
             sigmas = interpolate(t, self.train_sigmas)
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+        last = 0.0 if final_sigma == "zero" else self.train_sigmas[0].item()
+        self.sigmas = torch.cat([sigmas, sigmas.new_full((1,), last)]).float()
         self.timesteps = t.float()
         self._previous_x0 = None  # x̂₀ of the previous step, for the 2M extrapolation
 
@@ -109,10 +125,12 @@ class DPMSolverPlusPlus2MSampler(SigmaSampler):
         """x̂₀ from the network's output at xₜ."""
         alpha, sigma = self.alpha_sigma(self.sigmas[i])
         if self.prediction_type == "epsilon":
-            return (x - sigma * model_output) / alpha
-        if self.prediction_type == "v_prediction":
-            return alpha * x - sigma * model_output
-        return model_output
+            x0 = (x - sigma * model_output) / alpha
+        elif self.prediction_type == "v_prediction":
+            x0 = alpha * x - sigma * model_output
+        else:
+            x0 = model_output
+        return self.limits.apply(x0)
 
     def step(
         self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None, variance_noise=None
@@ -127,7 +145,9 @@ class DPMSolverPlusPlus2MSampler(SigmaSampler):
         h = self.lam(i + 1) - self.lam(i)
         # D = x̂₀(s) + ½·slope, slope = (x̂₀(s) − x̂₀(s_prev)) / r; the two terms are kept apart
         # below (as diffusers does) so the float32 rounding, and so the result, is the same
-        if self._previous_x0 is None or i == len(self.timesteps) - 1:
+        n = len(self.timesteps)
+        last_first_order = self.final_sigma == "zero" or (self.lower_order_final and n < 15)
+        if self._previous_x0 is None or (i == n - 1 and last_first_order):
             slope = None  # first order: x̂₀ held constant over the step
         else:  # second order: x̂₀ extrapolated linearly in λ from the previous step's
             r = (self.lam(i) - self.lam(i - 1)) / h
