@@ -38,14 +38,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--samplers", nargs="+", default=None,
+                        help="a subset, e.g. ddim euler heun:karras (default: all of CONFIGS)")
     args = parser.parse_args()
+    configs = CONFIGS
+    if args.samplers:
+        configs = [(name.split(":")[0], name.endswith(":karras")) for name in args.samplers]
     sd = minisd.load(BUNDLED_MODEL, device=args.device)
     sets = {
         "seen": prompts_of("val", args.count, 0),
         "heldout": prompts_of("heldout", args.count, 0),
     }
     results = []
-    for sampler, karras in CONFIGS:
+    for sampler, karras in configs:
         for steps in args.steps:
             start = time.time()
             row = {"sampler": sampler, "karras": karras, "steps": steps}
@@ -59,7 +64,8 @@ def main() -> None:
             row["seconds"] = round(time.time() - start, 1)
             print(json.dumps(row), flush=True)
             results.append(row)
-    meta = {"count": args.count, "guidance_scale": 1.5, "device": args.device}
+    meta = {"count": args.count, "guidance_scale": 1.5, "device": args.device,
+            "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"protocol": meta, "results": results}, indent=1))
 
 
