@@ -308,3 +308,50 @@ def test_bad_input_messages():
     sampler.step(x, t[0], x)
     with pytest.raises(ValueError, match=f"expected the step at t={t[1]} next"):
         sampler.step(x, t[2], x)
+
+
+# ------------------------------------------------------------------------------------- the pipeline
+# sd.generate(sampler=..., karras=...) against diffusers' pipelines with the same scheduler, on tiny
+# random-weight models (tests/reference_models.py); tolerance as tests/test_pipeline.py (1e-4 relative:
+# the UNet's float32 sums, not the samplers, set it)
+
+PIPELINE_CASES = [
+    ("txt2img", "euler_a", False),
+    ("txt2img", "heun", True),
+    ("txt2img", "dpmpp_2m", True),
+    ("txt2img", "dpmpp_2m_sde", True),
+    ("img2img", "heun", False),
+    ("img2img", "dpmpp_2m", False),
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_refs():
+    pytest.importorskip("transformers")
+    from test_pipeline import build_references, tiny_config
+
+    return build_references(tiny_config())
+
+
+@pytest.mark.parametrize("kind,name,karras", PIPELINE_CASES)
+def test_generate_matches_diffusers_pipeline(diffusers, pipeline_refs, kind, name, karras):
+    from test_pipeline import SIZE, diffusers_pipeline, random_image, reference_embeds
+    from reference_models import rel_err
+
+    sd, (_, _, text) = pipeline_refs
+    pipe = diffusers_pipeline(kind, pipeline_refs)
+    # SD's scheduler config as diffusers' from_config reads it: no timestep_spacing, so "linspace"
+    pipe.scheduler = reference_scheduler(diffusers, name, "epsilon", karras, "linspace")
+    image = dict(image=random_image(1), strength=0.6) if kind == "img2img" else {}
+    size = {} if kind == "img2img" else dict(height=SIZE, width=SIZE)
+    expected = pipe(
+        **reference_embeds(sd, text, "a blue square", "blurry"), **image, **size,
+        num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    ).images
+    init = dict(init_image=image["image"], strength=0.6) if image else {}
+    got = sd.generate(
+        "a blue square", negative_prompt="blurry", **init, **size, steps=6, guidance_scale=5.0,
+        sampler=name, karras=karras, seed=7, output_type="latent",
+    )
+    assert rel_err(got, expected) <= 1e-4
