@@ -312,8 +312,8 @@ def test_bad_input_messages():
 
 # ------------------------------------------------------------------------------------- the pipeline
 # sd.generate(sampler=..., karras=...) against diffusers' pipelines with the same scheduler, on tiny
-# random-weight models (tests/reference_models.py); tolerance as tests/test_pipeline.py (1e-4 relative:
-# the UNet's float32 sums, not the samplers, set it)
+# random-weight models (tests/reference_models.py); tolerance as tests/test_pipeline.py (1e-4
+# relative: the UNet's float32 sums, not the samplers, set it)
 
 PIPELINE_CASES = [
     ("txt2img", "euler_a", False),

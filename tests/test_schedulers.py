@@ -257,7 +257,8 @@ def _bayes_posterior_closed_form(x0, x_t, a_t, a_prev):
     """q(x_prev | x_t, x0) ∝ q(x_t | x_prev) q(x_prev | x0), a product of two Gaussians in x_prev
     (float64).
 
-    q(x_t | x_prev) = N(√α' x_prev, β'),  α' = ᾱ_t / ᾱ_prev, β' = 1 − α'  → in x_prev: precision α'/β'
+    q(x_t | x_prev) = N(√α' x_prev, β'), α' = ᾱ_t / ᾱ_prev, β' = 1 − α'
+                      → in x_prev: precision α'/β'
     q(x_prev | x0)  = N(√ᾱ_prev x0, 1 − ᾱ_prev)
     Precisions add; the mean is the precision-weighted average of the two means.
     """
