@@ -115,6 +115,8 @@ def guided_prediction(
     unet_input = latents[rows]
     if extra_channels is not None:
         unet_input = torch.cat([unet_input, extra_channels[rows]], dim=1)
-    timestep = torch.tensor([t], dtype=torch.long, device=latents.device)
+    # σ-based samplers visit fractional timesteps (e.g. Karras sigmas): keep them fractional
+    dtype = torch.long if isinstance(t, int) else torch.float32
+    timestep = torch.tensor([t], dtype=dtype, device=latents.device)
     output = sd.unet(unet_input.to(sd.dtype), timestep, cond.context).float()
     return combine(output, cond, guidance_scale)

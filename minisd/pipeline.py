@@ -52,19 +52,15 @@ from tqdm.auto import tqdm
 from .attention_maps import announce_batch
 from .card import sampling_defaults
 from .checks import check_choice, check_number
-from .ddim import DDIMSampler
-from .ddpm import DDPMSampler
+from . import samplers
 from .guidance import Conditioning, build_conditioning, guided_prediction
 from .images import load_image, load_mask, tensor_to_pil
 from .prompts import apply_template, split_composition
+from .samplers import SAMPLER_NAMES as SAMPLERS
 from .schedule import NoiseSchedule, ScheduleConfig, StepOutput
 
-# The samplers `generate` knows, by name: each builds a sampler from the model's noise schedule,
-# the number of steps and η. A new sampler is one more line here.
-SAMPLERS: dict[str, Callable] = {
-    "ddim": lambda schedule, steps, eta: DDIMSampler(schedule, steps, eta=eta),
-    "ddpm": lambda schedule, steps, eta: DDPMSampler(schedule, steps),
-}
+# The samplers `generate` knows are the registry's (minisd/samplers/__init__.py: a new sampler is
+# one more line there).
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 
 # Up to this many latent positions (images × height × width) the CPU runs convolutions with
@@ -86,10 +82,11 @@ def noise_schedule(sd) -> NoiseSchedule:
     )
 
 
-def make_sampler(sd, name: str, steps: int, eta: float = 0.0):
-    """The sampler `name` (a key of SAMPLERS) over `steps` timesteps of `sd`'s schedule."""
-    check_choice("sampler", name, tuple(SAMPLERS))
-    return SAMPLERS[name](noise_schedule(sd), steps, eta)
+def make_sampler(sd, name: str, steps: int, eta: float = 0.0, karras: bool = False):
+    """A fresh sampler `name` (one of SAMPLERS: samplers/__init__.py) over `steps` steps of `sd`'s
+    schedule."""
+    check_choice("sampler", name, SAMPLERS)
+    return samplers.make_sampler(name, noise_schedule(sd), steps, karras=karras, eta=eta)
 
 
 @dataclass
@@ -98,17 +95,18 @@ class SamplingSettings:
     `generate`: `sd.generate("a cat", steps=20)` is `sd.generate("a cat", settings=s)` with
     `s = SamplingSettings(steps=20)`.
 
-    steps, sampler ('ddim' or 'ddpm'), eta (DDIM only, in [0, 1]); guidance_scale ≥ 0 (0:
-    unconditional, 1: no guidance). seed: an int (one random stream for the batch, as diffusers),
-    a list of one int per image (each image its own stream: image i is the same whatever the
-    batch), or None; or `generator` (a torch.Generator or a list). latents: the starting noise ε
-    [B, 4, H/f, W/f] (with an init image: the noise added to it). init_image, strength in [0, 1]
-    (the fraction of the steps run from the noised image; default 0.8, 1.0 when inpainting; 0
-    returns the encoded image), mask (1 / white = repaint; init_image's size), paste_back (keep the
-    unmasked pixels exactly). template="a photo of {}" wraps each prompt (part); prompt_weighting
-    reads "(word:1.3)" as emphasis. output_type: 'pil' (list of images), 'tensor' ([B, 3, H, W] in
-    [0, 1]) or 'latent' (final x). callback(step_index, timestep, latents, pred_x0) after every
-    step; progress shows a tqdm bar.
+    steps, sampler (one of SAMPLERS), eta (DDIM only, in [0, 1]), karras (σ-based samplers);
+    guidance_scale ≥ 0 (0: unconditional, 1: no guidance). seed: an int (one random stream for
+    the batch, as diffusers), a list of one int per image (each image its own stream: image i is
+    the same whatever the batch), or None; or `generator` (a torch.Generator or a list).
+    latents: the starting noise ε [B, 4, H/f, W/f] (with an init image: the noise added to it).
+    init_image, strength in [0, 1] (the fraction of the steps run from the noised image; default
+    0.8, 1.0 when inpainting; 0 returns the encoded image), mask (1 / white = repaint;
+    init_image's size), paste_back (keep the unmasked pixels exactly). template="a photo of {}"
+    wraps each prompt (part); prompt_weighting reads "(word:1.3)" as emphasis. output_type:
+    'pil' (list of images), 'tensor' ([B, 3, H, W] in [0, 1]) or 'latent' (final x).
+    callback(step_index, timestep, latents, pred_x0) after every step; progress shows a tqdm
+    bar.
     """
 
     # None: the model card's (`sd.config.card`, card.py): SD's usual 50 DDIM steps at 7.5, or a
@@ -117,6 +115,7 @@ class SamplingSettings:
     guidance_scale: Optional[float] = None
     sampler: Optional[str] = None
     eta: float = 0.0
+    karras: bool = False
     seed: Union[int, Sequence[int], None] = None
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None
     latents: Optional[torch.Tensor] = None
@@ -142,10 +141,10 @@ class SamplingSettings:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {tuple(SAMPLERS)}")
         check_number("eta", self.eta, 0, 1)
-        if self.sampler == "ddpm" and self.eta != 0:
-            raise ValueError(
-                "eta applies to the DDIM sampler only (DDPM always adds its full posterior noise)"
-            )
+        if self.sampler != "ddim" and self.eta != 0:
+            raise ValueError(f"eta applies to the DDIM sampler only, not {self.sampler!r}")
+        if self.karras and self.sampler in ("ddim", "ddpm"):
+            raise ValueError(f"karras sigmas apply to the σ-based samplers, not {self.sampler!r}")
         if self.strength is not None:
             check_number("strength", self.strength, 0, 1)
         if self.output_type not in OUTPUT_TYPES:
@@ -337,13 +336,14 @@ class Step:
 def denoising_loop(
     predict: Callable, sampler, x: torch.Tensor, timesteps, streams: RandomStreams
 ) -> Iterator[Step]:
-    """DDIM / DDPM sampling (chapter 08): for t = τ_N … τ_1, predict and step.
+    """Sampling (chapters 08, 12): for t = τ_N … τ_1, predict and step.
 
     predict(x, t) -> the guided prediction ε̂ (or v̂) [B, 4, h, w];  sampler.step(ε̂, t, x) ->
     x at the previous timestep and x̂₀.
     """
     for i, t in enumerate(timesteps):
-        prediction = predict(x, t)  # ε̂ = ε_u + s · (ε_c − ε_u)       (guidance.py)
+        x_in = sampler.scale_model_input(x, t)  # σ-based samplers feed the UNet x/√(σ²+1)
+        prediction = predict(x_in, t)  # ε̂ = ε_u + s · (ε_c − ε_u)       (guidance.py)
         out = sampler.step(prediction, t, x, **streams.for_step(x))  # x_t -> x_prev, x̂₀
         x = out.prev_sample
         yield Step(i, t, x, out.pred_x0)
@@ -390,16 +390,19 @@ class KeepKnownRegion:
     known region (m↓ = 0) back at the noise level of the next timestep,
         x ← m↓ · x + (1 − m↓) · q_sample(z₀, t_prev, ε)        (z₀ itself after the last step)."""
 
-    def __init__(self, sampler, mask: torch.Tensor, x0_known: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, sampler, timesteps: list, mask, x0_known, noise: torch.Tensor):
         self.sampler, self.mask, self.x0_known, self.noise = sampler, mask, x0_known, noise
+        self.timesteps, self.index = timesteps, 0  # which step comes next (Heun repeats t)
+
+    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.sampler.scale_model_input(x, t)
 
     def step(self, prediction, t, x, **noise) -> StepOutput:
         out = self.sampler.step(prediction, t, x, **noise)
-        t_prev = self.sampler.previous_timestep(t)
+        self.index += 1
         known = self.x0_known
-        if t_prev >= 0:
-            t_batch = torch.full((len(x),), t_prev, dtype=torch.long)
-            known = self.sampler.add_noise(self.x0_known, t_batch, self.noise)
+        if self.index < len(self.timesteps):
+            known = self.sampler.add_noise(self.x0_known, self.noise, self.timesteps[self.index])
         x = self.mask * out.prev_sample + (1 - self.mask) * known
         return StepOutput(prev_sample=x, pred_x0=out.pred_x0)
 
@@ -467,7 +470,7 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
     shape = (batch, cfg.vae.latent_channels, height // f, width // f)
     inpainting = mask is not None
     strength = (1.0 if inpainting else 0.8) if s.strength is None else s.strength
-    sampler = make_sampler(sd, s.sampler, s.steps, s.eta)
+    sampler = make_sampler(sd, s.sampler, s.steps, s.eta, s.karras)
     timesteps = sampler.timesteps if image is None else sampler.timesteps_for_strength(strength)
     conditionings = [
         build_conditioning(model, parts, negatives, s.guidance_scale, s.prompt_weighting)
@@ -483,9 +486,9 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
         x0_known = encode_image(sd, image_vae, batch, streams)
     noise = starting_noise(s, shape, streams, device)
     if image is None or (inpainting and strength == 1):
-        start = noise
+        start = noise * sampler.init_noise_sigma  # σ-based samplers start at x_T = σ_max · ε
     elif len(timesteps):
-        start = sampler.add_noise(x0_known, timesteps[:1].expand(batch), noise)
+        start = sampler.add_noise(x0_known, noise, timesteps[0])
     else:
         start = x0_known
     mask_latent = None if mask is None else F.interpolate(mask, size=shape[-2:]).to(device)
@@ -500,7 +503,7 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
         m = mask_latent if mask is not None else torch.ones(1, 1, *shape[-2:], device=device)
         extra = torch.cat([m.expand(batch, -1, -1, -1), masked], dim=1)
     elif inpainting:
-        sampler = KeepKnownRegion(sampler, mask_latent, x0_known, noise)
+        sampler = KeepKnownRegion(sampler, timesteps.tolist(), mask_latent, x0_known, noise)
     predict = make_predictor(members, conditionings, s.guidance_scale, extra)
     return Run(sd, s, predict, sampler, timesteps.tolist(), start, streams, image, mask)
 

@@ -5,12 +5,13 @@ Forward process (DDPM, Ho et al. 2020, eq. 4): with βₜ the noise added at ste
 
     q(xₜ | x₀) = N(√ᾱₜ · x₀, (1 − ᾱₜ) · I)     so     xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε,   ε ~ N(0, I).
 
-The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base) or the velocity
-v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4). Either
-output, together with xₜ, determines both x₀ and ε:
+The network is trained to predict either ε ("epsilon", SD 1.x and SD 2.x-base), the velocity
+v = √ᾱₜ · ε − √(1 − ᾱₜ) · x₀ ("v_prediction", SD 2.x 768px; Salimans & Ho 2022, sec. 4), or x₀
+itself ("sample"). Any of them, together with xₜ, determines both x₀ and ε:
 
     epsilon:       x₀ = (xₜ − √(1 − ᾱₜ) · ε) / √ᾱₜ
     v_prediction:  x₀ = √ᾱₜ · xₜ − √(1 − ᾱₜ) · v,      ε = √ᾱₜ · v + √(1 − ᾱₜ) · xₜ
+    sample:        x₀ = output,                          ε = (xₜ − √ᾱₜ · x₀) / √(1 − ᾱₜ)
 
 Beta schedules (index t = 0 … T−1):
     scaled_linear  βₜ = linspace(√β_start, √β_end, T)²   (SD: 0.00085 … 0.012, T = 1000)
@@ -36,7 +37,7 @@ import torch
 from .checks import check_choice, check_number
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -47,6 +48,8 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
+    # Lin et al. 2024, Algorithm 1: shift and scale √ᾱ so that ᾱ_{T−1} = 0 (pure noise at the end)
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -70,16 +73,34 @@ def cosine_betas(
     return betas.clamp(max=max_beta).to(torch.float32)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR: Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", WACV 2024), Algorithm 1.
+
+    SD's schedule ends at ᾱ_{T−1} ≈ 0.0047: the "pure noise" the sampler starts from still holds a
+    little signal that training saw and sampling never does. Shift √ᾱ so its last entry is 0 and
+    scale it so its first entry is unchanged, then turn ᾱ back into β:
+        √ᾱ' = (√ᾱ − √ᾱ_{T−1}) · √ᾱ₀ / (√ᾱ₀ − √ᾱ_{T−1}),   β'ₜ = 1 − ᾱ'ₜ / ᾱ'ₜ₋₁   (β'_{T−1} = 1)
+    float32, in diffusers' order of operations.
+    """
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
     T = config.num_train_timesteps
     if config.beta_schedule == "scaled_linear":
-        return (
-            torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
-            ** 2
-        )
-    if config.beta_schedule == "linear":
-        return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
-    return cosine_betas(T)
+        root = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32)
+        betas = root**2
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    else:
+        betas = cosine_betas(T)
+    return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
 
 
 class NoiseSchedule:
@@ -145,9 +166,11 @@ class NoiseSchedule:
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """What the network should output at (xₜ, t): ε or v, depending on the prediction type."""
+        _check_same_shape(x0=x0, noise=noise)
         if self.prediction_type == "epsilon":
-            _check_same_shape(x0=x0, noise=noise)
             return noise
+        if self.prediction_type == "sample":
+            return x0
         return self.v_target(x0, noise, t)
 
     def predict_x0_and_eps(
@@ -159,6 +182,9 @@ class NoiseSchedule:
         if self.prediction_type == "epsilon":
             eps = model_output
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        elif self.prediction_type == "sample":  # the network predicts x₀ itself
+            x0 = model_output
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
         else:
             v = model_output
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * v
@@ -207,6 +233,51 @@ class NoiseSchedule:
         return timesteps.round().long().flip(0)
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per image, s = the `ratio`
+    quantile of |x̂₀|, clamped to [1, max_value]; x̂₀ ← clamp(x̂₀, −s, s) / s. With s = 1 this is
+    plain clipping to [−1, 1]; above 1 it pulls saturated pixels inward instead of flattening them.
+    """
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+@dataclass
+class X0Limits:
+    """What a DDIM/DDPM step does to x̂₀ before using it (diffusers' clip_sample / thresholding).
+
+    clip_sample: clamp x̂₀ to [−clip_sample_range, clip_sample_range] (the original DDPM code
+    clips to [−1, 1]; SD's scheduler config turns it off: latents are not in [−1, 1]).
+    thresholding: `dynamic_threshold` instead (takes precedence over clip_sample).
+    """
+
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def apply(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.thresholding:
+            return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+
+def check_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
+    """Custom timesteps: strictly descending integers in [0, T − 1]."""
+    t = torch.as_tensor(timesteps)
+    if t.ndim != 1 or len(t) == 0 or t.is_floating_point():
+        raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r:.80}")
+    if bool((t[1:] >= t[:-1]).any()):
+        raise ValueError(f"timesteps must be strictly descending, got {t.tolist()}")
+    if t.min() < 0 or t.max() >= num_train_timesteps:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {t.tolist()}")
+    return t.long()
+
+
 def _check_same_shape(**tensors: torch.Tensor) -> None:
     (name_a, a), *rest = tensors.items()
     for name_b, b in rest:
@@ -230,6 +301,10 @@ class StepOutput:
     prev_sample: torch.Tensor  # x at the next (smaller) timestep of the sampler
     pred_x0: torch.Tensor  # the sampler's estimate of the clean sample at this step
 
+    @property
+    def pred_original_sample(self) -> torch.Tensor:  # diffusers' name for pred_x0
+        return self.pred_x0
+
 
 class Sampler(Protocol):
     timesteps: torch.Tensor
@@ -247,8 +322,20 @@ class TimestepSampler:
     """
 
     final_alpha_bar: float | None = None  # None means ᾱ₀
+    order = 1  # one model call per step
+    init_noise_sigma = 1.0  # x_T ~ N(0, I): the sample is xₜ itself
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: torch.Tensor):
+    def scale_model_input(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The UNet reads xₜ unchanged (σ-based samplers in minisd/samplers/ rescale it)."""
+        return x_t
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε at one timestep t for the whole batch (img2img)."""
+        return self.schedule.q_sample(x0, int(t), noise)
+
+    def __init__(
+        self, schedule: NoiseSchedule, timesteps: torch.Tensor, previous: dict | None = None
+    ):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         T = schedule.num_train_timesteps
@@ -260,14 +347,17 @@ class TimestepSampler:
             )
         self.schedule = schedule
         self.timesteps = timesteps
-        self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
+        # τᵢ → τᵢ₋₁: by default the next listed timestep (−1: after the last one)
+        listed = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
+        self._previous = listed if previous is None else previous
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def previous_timestep(self, t) -> int:
-        """τᵢ₋₁ for t = τᵢ: the next entry of `timesteps`, or −1 after the last one."""
+        """τᵢ₋₁ for t = τᵢ: the next entry of `timesteps` (DDIM: see its `prev_rule`), or −1 after
+        the last one."""
         t = int(t)
         if t not in self._previous:
             raise ValueError(
@@ -287,11 +377,6 @@ class TimestepSampler:
             a_prev = torch.tensor(self.final_alpha_bar, dtype=like.dtype, device=like.device)
         return a_t, a_prev
 
-    def add_noise(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
-        """xₜ = √ᾱₜ · x₀ + √(1 − ᾱₜ) · ε: the forward process of this sampler's schedule (img2img
-        and inpainting start from, or return to, a noised image)."""
-        return self.schedule.q_sample(x0, t, noise)
-
     def timesteps_for_strength(self, strength: float) -> torch.Tensor:
         """img2img: the tail of `timesteps` to run when starting from a noised image instead of pure
         noise.
@@ -299,8 +384,7 @@ class TimestepSampler:
         As diffusers' StableDiffusionImg2ImgPipeline: init_timestep = min(int(N·strength), N),
         t_start = max(N − init_timestep, 0), return timesteps[t_start:]. strength = 1 runs every
         step (the image is fully replaced by noise); strength = 0.3 with N = 50 runs the last 15.
-        Start from `add_noise(x0, returned[:1].expand(B), noise)` and step through the returned
-        timesteps.
+        Start from `add_noise(x0, noise, returned[0])` and step through the returned timesteps.
         """
         check_number("strength", strength, 0, 1)
         n = self.num_steps

@@ -268,7 +268,7 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
         (["--height", 30], "height must be a multiple of 8"),
         (["--guidance-scale", -2], "guidance_scale must be >= 0"),
         (["--eta", 3], "eta must be in"),
-        (["--sampler", "euler"], "invalid choice: 'euler'"),
+        (["--sampler", "lms"], "invalid choice: 'lms'"),
         (["--steps", "many"], "invalid int value"),
         (["--init-image", "{tmp}/missing.png"], "does not exist"),
         (["--init-image", "{tmp}/notes.png"], "not a readable image"),

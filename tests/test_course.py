@@ -230,6 +230,12 @@ WRONG = {
         "    return eps_cond + scale * (eps_uncond - eps_cond)\n",
         "swapped",
     ),
+    "12": (
+        "karras_sigmas",
+        "import torch\ndef karras_sigmas(sigma_min, sigma_max, n, rho=7.0):\n"
+        "    return torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)\n",
+        r"evenly spaced in σ itself",
+    ),
     "10": (
         "split_fused_qkv",
         "def split_fused_qkv(in_proj_weight):\n"

@@ -532,7 +532,7 @@ def test_output_types(sd):
         (dict(steps=0), "steps must be in"),
         (dict(steps=2.5), "steps must be an integer"),
         (dict(strength=1.5, init_image="x"), "strength must be in"),
-        (dict(sampler="euler"), "unknown sampler"),
+        (dict(sampler="lms"), "unknown sampler"),
         (dict(eta=2.0), "eta must be in"),
         (dict(sampler="ddpm", eta=0.5), "DDIM sampler only"),
         (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),

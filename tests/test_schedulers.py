@@ -32,8 +32,10 @@ KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "square
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def schedule(prediction_type="epsilon", kind="scaled_linear"):
-    return NoiseSchedule(ScheduleConfig(beta_schedule=kind, prediction_type=prediction_type))
+def schedule(prediction_type="epsilon", beta_schedule="scaled_linear", **options):
+    return NoiseSchedule(
+        ScheduleConfig(beta_schedule=beta_schedule, prediction_type=prediction_type, **options)
+    )
 
 
 def toy_model(x, t):
@@ -56,7 +58,7 @@ def test_alphas_cumprod_match_diffusers(diffusers, kind):
     reference = diffusers.DDIMScheduler(
         beta_schedule=KINDS[kind], beta_start=0.00085, beta_end=0.012
     )
-    mine = schedule(kind=kind)
+    mine = schedule(beta_schedule=kind)
     torch.testing.assert_close(mine.betas, reference.betas, rtol=1e-6, atol=0)
     torch.testing.assert_close(mine.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6, atol=0)
 
@@ -148,7 +150,7 @@ def test_q_sample_and_v_target_match_add_noise_and_get_velocity(diffusers, kind)
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
-    mine = schedule(kind=kind)
+    mine = schedule(beta_schedule=kind)
     torch.testing.assert_close(
         mine.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), **TOL
     )
@@ -200,7 +202,8 @@ def test_fixture_alphas_cumprod():
     tensors, _ = _load_fixture()
     for kind in KINDS:
         expected = tensors[f"alphas_cumprod.{kind}"]
-        torch.testing.assert_close(schedule(kind=kind).alphas_cumprod, expected, rtol=1e-6, atol=0)
+        mine = schedule(beta_schedule=kind).alphas_cumprod
+        torch.testing.assert_close(mine, expected, rtol=1e-6, atol=0)
 
 
 def step_tolerance(sched, t, x, model_output, noise) -> float:
@@ -407,8 +410,8 @@ def test_validation_messages():
         DDIMSampler(sched, 50, spacing="karras")
     with pytest.raises(ValueError, match="'scaled_linear', 'linear', 'cosine'"):
         ScheduleConfig(beta_schedule="squaredcos_cap_v2")
-    with pytest.raises(ValueError, match="'epsilon', 'v_prediction'"):
-        ScheduleConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction', 'sample'"):
+        ScheduleConfig(prediction_type="x0")
     for eta in (-0.1, 1.5):
         with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
             DDIMSampler(sched, 50, eta=eta)
@@ -429,3 +432,263 @@ def test_validation_messages():
         sched.q_sample(x, torch.tensor([3]), torch.zeros(1, 4, 8, 7))
     with pytest.raises(TypeError, match="integer timesteps"):
         sched.q_sample(x, torch.tensor([3.0]), x)
+
+
+# -------------------------------------------------------------------------------------------------
+# diffusers' own full-loop numbers (tests/schedulers/test_scheduler_*.py in diffusers' repository):
+# their dummy sample, noise and model rebuilt here, their expected Σ|x| and mean |x| with their
+# tolerances (1e-2 on the sum, 1e-3 on the mean). No diffusers needed.
+
+from minisd.ddim import DDIMInversion  # noqa: E402
+from minisd.samplers import make_sampler  # noqa: E402
+from minisd.schedule import X0Limits  # noqa: E402
+
+
+def dummy_sample_deter(flip=False):
+    """diffusers' SchedulerCommonTest.dummy_sample_deter ([4, 3, 8, 8] ramp in [0, 1));
+    flip=True gives dummy_noise_deter."""
+    n = 4 * 3 * 8 * 8
+    ramp = torch.arange(n).flip(-1) if flip else torch.arange(n)
+    return (ramp.reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+
+
+def dummy_model(x, t):
+    """SchedulerCommonTest.dummy_model: sample · t / (t + 1)."""
+    return x * t / (t + 1)
+
+
+def linear_schedule(prediction_type="epsilon", T=1000, beta_start=0.0001, **options):
+    config = ScheduleConfig(
+        beta_schedule="linear", beta_start=beta_start, beta_end=0.02, num_train_timesteps=T,
+        prediction_type=prediction_type, **options,
+    )
+    return NoiseSchedule(config)
+
+
+def ddim_loop(prediction_type="epsilon", beta_start=0.0001, set_alpha_to_one=True, start=None):
+    """test_scheduler_ddim.py: clip_sample=True, 10 steps, leading, steps_offset=0, η = 0."""
+    sampler = DDIMSampler(
+        linear_schedule(prediction_type, beta_start=beta_start), 10, steps_offset=0,
+        set_alpha_to_one=set_alpha_to_one, limits=X0Limits(clip_sample=True),
+    )
+    x, timesteps = dummy_sample_deter(), sampler.timesteps
+    if start is not None:
+        timesteps = timesteps[start:]
+        x = sampler.add_noise(x, dummy_sample_deter(flip=True), timesteps[0])
+    for t in timesteps:
+        x = sampler.step(dummy_model(x, t), t, x).prev_sample
+    return x
+
+
+def ddpm_loop(prediction_type="epsilon", start=None):
+    """test_scheduler_ddpm.py: clip_sample=True, all 1000 steps, noise from torch.manual_seed(0)."""
+    sampler = DDPMSampler(linear_schedule(prediction_type), limits=X0Limits(clip_sample=True))
+    generator = torch.manual_seed(0)
+    x, timesteps = dummy_sample_deter(), sampler.timesteps
+    if start is not None:
+        timesteps = timesteps[start:]
+        x = sampler.add_noise(x, dummy_sample_deter(flip=True), timesteps[0])
+    for t in timesteps.tolist():
+        x = sampler.step(dummy_model(x, t), t, x, generator=generator).prev_sample
+    return x
+
+
+def sigma_loop(name, prediction_type="epsilon", karras=False, start=None):
+    """test_scheduler_{euler,euler_ancestral,heun}.py: T = 1100, 10 steps, linspace. Their loop
+    passes the *scaled* sample on to `step` (x ← scale_model_input(x, t)), which we repeat."""
+    sampler = make_sampler(name, linear_schedule(prediction_type, T=1100), 10, karras=karras)
+    generator = torch.manual_seed(0)
+    x = dummy_sample_deter() * float(sampler.init_noise_sigma)
+    timesteps = sampler.timesteps.tolist()
+    if start is not None:
+        timesteps = timesteps[start * sampler.order :]
+        x = sampler.add_noise(x, dummy_sample_deter(flip=True), timesteps[0])
+    for t in timesteps:
+        x = sampler.scale_model_input(x, t)
+        output = dummy_model(x, torch.tensor(t))
+        x = sampler.step(output, t, x, generator=generator if sampler.stochastic else None)
+        x = x.prev_sample
+    return x
+
+
+def dpm_loop(prediction_type="epsilon", karras=False, limits=None):
+    """test_scheduler_dpm_multi.py: linear, 10 steps, final_sigmas_type="sigma_min",
+    lower_order_final=False."""
+    sampler = make_sampler(
+        "dpmpp_2m", linear_schedule(prediction_type), 10, karras=karras,
+        final_sigma="sigma_min", lower_order_final=False, limits=limits,
+    )
+    x = dummy_sample_deter()
+    for t in sampler.timesteps.tolist():
+        x = sampler.step(dummy_model(x, torch.tensor(int(t))), t, x).prev_sample
+    return x
+
+
+THRESHOLD = X0Limits(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5)
+DIFFUSERS_FULL_LOOPS = {  # case: (run, expected sum or None, expected mean)
+    "ddim no noise": (lambda: ddim_loop(), 172.0067, 0.223967),
+    "ddim v_prediction": (lambda: ddim_loop("v_prediction"), 52.5302, 0.0684),
+    "ddim set_alpha_to_one": (lambda: ddim_loop(beta_start=0.01), 149.8295, 0.1951),
+    "ddim no set_alpha_to_one": (
+        lambda: ddim_loop(beta_start=0.01, set_alpha_to_one=False), 149.0784, 0.1941
+    ),
+    "ddim with noise (img2img)": (lambda: ddim_loop(start=8), 354.5418, 0.4616),
+    "ddpm no noise": (lambda: ddpm_loop(), 258.9606, 0.3372),
+    "ddpm v_prediction": (lambda: ddpm_loop("v_prediction"), 202.0296, 0.2631),
+    "ddpm with noise": (lambda: ddpm_loop(start=998), 387.9466, 0.5051),
+    "euler no noise": (lambda: sigma_loop("euler"), 10.0807, 0.0131),
+    "euler v_prediction": (lambda: sigma_loop("euler", "v_prediction"), 0.0002, 2.2676e-06),
+    "euler karras": (lambda: sigma_loop("euler", karras=True), 124.52299499511719, 0.1621393),
+    "euler_a no noise": (lambda: sigma_loop("euler_a"), 152.3192, 0.1983),
+    "euler_a v_prediction": (lambda: sigma_loop("euler_a", "v_prediction"), 108.4439, 0.1412),
+    "euler_a with noise": (lambda: sigma_loop("euler_a", start=8), 56163.0508, 73.1290),
+    "heun no noise": (lambda: sigma_loop("heun"), 0.1233, 0.0002),
+    "heun v_prediction": (lambda: sigma_loop("heun", "v_prediction"), 4.6934e-07, 6.1112e-10),
+    "heun karras": (lambda: sigma_loop("heun", karras=True), 0.00015, 1.9869554535034695e-07),
+    "dpmpp_2m no noise": (lambda: dpm_loop(), None, 0.3301),
+    "dpmpp_2m v_prediction": (lambda: dpm_loop("v_prediction"), None, 0.2251),
+    "dpmpp_2m karras v_prediction": (lambda: dpm_loop("v_prediction", True), None, 0.2096),
+    "dpmpp_2m thresholding": (lambda: dpm_loop(limits=THRESHOLD), None, 1.1364),
+}
+
+
+@pytest.mark.parametrize("case", DIFFUSERS_FULL_LOOPS)
+def test_diffusers_full_loop_numbers(case):
+    run, expected_sum, expected_mean = DIFFUSERS_FULL_LOOPS[case]
+    x = run()
+    if expected_sum is not None:
+        assert abs(x.abs().sum().item() - expected_sum) < 1e-2, (case, x.abs().sum().item())
+    assert abs(x.abs().mean().item() - expected_mean) < 1e-3, (case, x.abs().mean().item())
+
+
+# -------------------------------------------------------------------------------------------------
+# the DDIM / DDPM options, step by step against diffusers
+
+DDIM_OPTIONS = {
+    "clip_sample range 0.5": dict(clip_sample=True, clip_sample_range=0.5),
+    "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+    "set_alpha_to_one": dict(set_alpha_to_one=True),
+    "linspace (diffusers prev rule)": dict(timestep_spacing="linspace"),
+    "trailing N=7 (diffusers prev rule)": dict(timestep_spacing="trailing", num_steps=7),
+    "zero SNR + trailing, v": dict(
+        rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+    ),
+    "prediction sample": dict(prediction_type="sample"),
+}
+LIMIT_KEYS = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+              "sample_max_value")
+
+
+def _split_options(options):
+    options = dict(options)
+    num_steps = options.pop("num_steps", 10)
+    limits = X0Limits(**{k: options[k] for k in LIMIT_KEYS if k in options})
+    sched = dict(
+        prediction_type=options.get("prediction_type", "epsilon"),
+        rescale_betas_zero_snr=options.get("rescale_betas_zero_snr", False),
+    )
+    return num_steps, limits, sched, options
+
+
+@pytest.mark.parametrize("case", DDIM_OPTIONS)
+def test_ddim_options_match_diffusers(diffusers, case):
+    num_steps, limits, sched, options = _split_options(DDIM_OPTIONS[case])
+    spacing = options.get("timestep_spacing", "leading")
+    reference = diffusers.DDIMScheduler(
+        **{**SD, "set_alpha_to_one": False, "timestep_spacing": spacing, **options}
+    )
+    reference.set_timesteps(num_steps)
+    sampler = DDIMSampler(
+        schedule(**sched), num_steps, eta=0.5, spacing=spacing,
+        set_alpha_to_one=options.get("set_alpha_to_one", False), limits=limits,
+    )
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+    gen = torch.Generator().manual_seed(0)
+    x = x_ref = torch.randn(2, 4, 8, 8, generator=gen)
+    for t in sampler.timesteps:
+        z = torch.randn(x.shape, generator=gen)
+        ours = sampler.step(toy_model(x, t), t, x, variance_noise=z)
+        theirs = reference.step(toy_model(x_ref, t), t, x_ref, eta=0.5, variance_noise=z)
+        torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, **TOL, msg=case)
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, **TOL, msg=case)
+        x, x_ref = ours.prev_sample, theirs.prev_sample
+
+
+DDPM_OPTIONS = {
+    "fixed_small_log": dict(variance_type="fixed_small_log"),
+    "fixed_large": dict(variance_type="fixed_large"),
+    "learned": dict(variance_type="learned"),
+    "learned_range": dict(variance_type="learned_range"),
+    "custom timesteps": dict(timesteps=[900, 701, 555, 300, 87, 10, 0]),
+    "thresholding, prediction sample": dict(thresholding=True, prediction_type="sample"),
+    "clip_sample": dict(clip_sample=True),
+}
+
+
+@pytest.mark.parametrize("case", DDPM_OPTIONS)
+def test_ddpm_options_match_diffusers(diffusers, case):
+    num_steps, limits, sched, options = _split_options(DDPM_OPTIONS[case])
+    custom = options.pop("timesteps", None)
+    reference = diffusers.DDPMScheduler(**{**SD, **options})
+    if custom is None:
+        reference.set_timesteps(num_steps)
+    else:
+        reference.set_timesteps(timesteps=custom)
+    variance_type = options.get("variance_type", "fixed_small")
+    sampler = DDPMSampler(
+        schedule(**sched), None if custom else num_steps, timesteps=custom,
+        variance_type=variance_type, limits=limits,
+    )
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+    x = x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    gen, gen_ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for t in sampler.timesteps:
+        output = toy_model(x, t)
+        if variance_type.startswith("learned"):  # a second half of channels: the variance
+            extra = torch.rand(x.shape, generator=torch.Generator().manual_seed(int(t)))
+            extra = extra * 0.01 if variance_type == "learned" else extra * 2 - 1
+            output = torch.cat([output, extra], dim=1)
+        ours = sampler.step(output, t, x, generator=gen)
+        theirs = reference.step(output, t, x_ref, generator=gen_ref)
+        torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, **TOL, msg=case)
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, **TOL, msg=case)
+        x, x_ref = ours.prev_sample, theirs.prev_sample
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_inversion_matches_diffusers(diffusers, spacing, prediction_type):
+    reference = diffusers.DDIMInverseScheduler(
+        **SD, set_alpha_to_one=False, prediction_type=prediction_type, timestep_spacing=spacing
+    )
+    reference.set_timesteps(10)
+    inversion = DDIMInversion(schedule(prediction_type), 10, spacing=spacing)
+    assert torch.equal(inversion.timesteps, reference.timesteps)
+    x = x_ref = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    for t in inversion.timesteps:
+        ours = inversion.step(toy_model(x, t), t, x)
+        theirs = reference.step(toy_model(x_ref, t), t, x_ref)
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, **TOL)
+        x, x_ref = ours.prev_sample, theirs.prev_sample
+
+
+def test_ddim_inversion_round_trip_with_an_oracle():
+    """With the true ε of a single x₀, inverting then sampling returns x₀ (both directions are
+    exact for a point mass)."""
+    sched = schedule()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def eps_of(x, t):
+        a = sched.alphas_cumprod[int(t)].double()
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    inversion = DDIMInversion(sched, 20, set_alpha_to_one=True)
+    x = x0.clone()
+    for t in inversion.timesteps:  # the oracle knows x₀, so evaluating at t is exact
+        prev = max(int(t) - inversion.stride, 0)
+        x = inversion.step(eps_of(x, prev) if int(t) >= inversion.stride else 0 * x, t, x)
+        x = x.prev_sample
+    sampler = DDIMSampler(sched, 20, set_alpha_to_one=True)
+    for t in sampler.timesteps:
+        x = sampler.step(eps_of(x, t), t, x).prev_sample
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-8)

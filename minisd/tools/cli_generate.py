@@ -36,6 +36,8 @@ VIEW_SIDE = 256
 # height and width at most this many times the model's native size, unless --no-size-limit: far
 # from their training size models draw poorly, and the memory of attention grows with (H·W)²
 MAX_SIZE_FACTOR = 4
+# the sampler registry's names (minisd/samplers/__init__.py), listed here so `--help` needs no torch
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 # Defaults live here rather than in argparse, so that --from-png can tell a flag given from a flag
 # left out.
 DEFAULTS = dict(
@@ -45,6 +47,7 @@ DEFAULTS = dict(
     guidance_scale=None,
     sampler=None,
     eta=0.0,
+    karras=False,
     seed=None,
     height=None,
     width=None,
@@ -67,6 +70,7 @@ STORED = (
     "guidance_scale",
     "sampler",
     "eta",
+    "karras",
     "seed",
     "height",
     "width",
@@ -97,7 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="classifier-free guidance scale s >= 0, 1 = no guidance "
         "(default: the model card's; SD: 7.5, the bundled model: 1.5)",
     )
-    a("--sampler", choices=("ddim", "ddpm"), help="default: the model card's (ddim)")
+    a("--sampler", choices=SAMPLER_NAMES, help="default: the model card's (ddim)")
+    a(
+        "--karras",
+        action="store_const",
+        const=True,
+        help="Karras et al. 2022 sigma spacing (euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde)",
+    )
     a("--eta", type=float, help="DDIM noise in [0, 1] (default 0: deterministic)")
     a(
         "--seed",
@@ -174,6 +184,7 @@ STORED_TYPES = dict(
     guidance_scale=_NUMBER,
     sampler=_STR,
     eta=_NUMBER,
+    karras=_BOOL,
     seed=_INT,
     height=_INT,
     width=_INT,
@@ -362,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
             guidance_scale=s["guidance_scale"],
             sampler=s["sampler"],
             eta=s["eta"],
+            karras=s["karras"],
             seed=seeds,
             height=s["height"],
             width=s["width"],
