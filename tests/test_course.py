@@ -2,9 +2,10 @@
 
 Cost design: grading a whole notebook means executing it (up to ~45 s each in fast mode), and tests/test_notebooks.py
 already executes every notebook once. Here the chapter notebooks are graded with `exercises_only=True` (the exercise
-cells plus the imports/defs they read, found with ast) in ONE kernel shared across notebooks with its namespace reset
-between them (`Grader(reuse_kernel=True)`), so a grading costs about a second. The whole-notebook path (the stash of
-graded functions, cell errors, the working folder) and the fresh-kernel CLI are tested on small synthetic notebooks.
+cells plus the imports/defs they read, found with ast), each in its own fresh sandbox; `Grader(prewarm=True)` starts
+the next sandbox (python + torch, no student code yet) while the current notebook is graded, so a grading costs a
+few seconds. The whole-notebook path (the stash of graded functions, cell errors, the working folder) and the CLI are
+tested on small synthetic notebooks. Hostile notebooks: tests/test_grader_redteam.py.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def assignment(number: str) -> Path:
 
 @pytest.fixture(scope="module")
 def grader():
-    with Grader(fast=True, cell_timeout=120, reuse_kernel=True) as g:
+    with Grader(fast=True, cell_timeout=120, prewarm=True) as g:
         yield g
 
 
@@ -270,9 +271,11 @@ def synthetic_notebook(path: Path, cells: list[str], chapter: str) -> Path:
 
 def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
     """A later cell rebinding the task's name (as chapters do with the package's version) does not replace the
-    student's function; other cells' errors are listed; the kernel runs in the notebook's folder."""
+    student's function; other cells' errors are listed; the notebook runs in a fresh folder holding only a copy of
+    itself, and writes nothing beside the original."""
     path = synthetic_notebook(tmp_path / "exercise.ipynb", [
-        "import os\nFAST = os.environ.get('MINISD_FAST') == '1'\nopen('ran-here.txt', 'w').write(str(FAST))",
+        "import os\nassert os.environ.get('MINISD_FAST') == '1' and os.listdir('.') == ['exercise.ipynb'], "
+        "os.listdir('.')\nopen('ran-here.txt', 'w').write('x')",
         "import torch\ndef classifier_free_guidance(eps_uncond, eps_cond, scale):\n"
         "    return eps_uncond + scale * (eps_cond - eps_uncond)",
         "classifier_free_guidance = lambda *args: 0  # the notebook moves on to the package's version",
@@ -281,7 +284,7 @@ def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
     with Grader(fast=True) as grader:
         report = grader.grade(path, seed=3)
     assert statuses(report) == {"classifier_free_guidance": "passed"}, format_report(report)
-    assert (tmp_path / "ran-here.txt").read_text() == "True"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exercise.ipynb"]
     assert len(report.notebook_errors) == 1 and "ZeroDivisionError" in report.notebook_errors[0]
 
 

@@ -52,5 +52,7 @@ TASKS = [
          "Given a noisy sample x_t, the noise ε in it and the noise level ᾱ, return the clean sample x̂₀ by solving "
          "x_t = √ᾱ·x₀ + √(1−ᾱ)·ε for x₀. `alpha_bar` is a Python float or a tensor that broadcasts against x_t.",
          check_predict_x0,
-         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor."),
+         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor.",
+         forbidden=("minisd.schedule.NoiseSchedule.predict_x0_and_eps",),
+         allowed="torch.as_tensor, sqrt and arithmetic; not minisd's NoiseSchedule.predict_x0_and_eps."),
 ]

@@ -83,5 +83,9 @@ TASKS = [
          "negative float (torch.finfo(dtype).min) before the softmax.",
          check_attention,
          "random batch, head, token and head sizes; self-attention (n = m) and cross-attention (n ≠ m); a causal "
-         "[n, n] mask and a [B, 1, 1, m] padding mask."),
+         "[n, n] mask and a [B, 1, 1, m] padding mask.",
+         forbidden=("torch.nn.functional.scaled_dot_product_attention", "torch._C._nn.scaled_dot_product_attention",
+                    "minisd.attention.attention_math", "minisd.attention._attention"),
+         allowed="matrix products, softmax, masked_fill, torch.finfo, math.sqrt; not "
+                 "F.scaled_dot_product_attention (PyTorch's fused kernel) or minisd.attention's own functions."),
 ]

@@ -52,5 +52,7 @@ TASKS = [
          "bias [2H], split the result along the last axis into two halves [value, gate] (value first), and return "
          "value · GELU(gate) with the exact GELU, shape [..., H].",
          check_geglu,
-         "random sizes C ≠ H, inputs with zero to three leading axes."),
+         "random sizes C ≠ H, inputs with zero to three leading axes.",
+         forbidden=("minisd.transformer.GEGLU.forward",),
+         allowed="F.linear (or @), chunk, F.gelu; not minisd.transformer.GEGLU."),
 ]

@@ -58,7 +58,8 @@ def check_resnet_forward(ctx):
         while not same and cout == cin:
             cout = groups * ctx.integer(1, 5)
         time_dim = ctx.integer(4, 24) if timed else None
-        block = ctx.seed_module(ResnetBlock(cin, cout, time_dim, groups=groups, eps=ctx.choice([1e-5, 1e-6])))
+        block = ctx.seed_module(ctx.module(ResnetBlock, cin, cout, time_dim, groups=groups,
+                                           eps=ctx.choice([1e-5, 1e-6])))
         x = ctx.randn(ctx.integer(1, 3), cin, ctx.integer(3, 8), ctx.integer(3, 8))
         t_emb = ctx.randn(x.shape[0], time_dim) if timed else None
         with torch.no_grad():
@@ -91,7 +92,10 @@ TASKS = [
          "[cos(t·ω₀), …, cos(t·ω_{dim/2−1}), sin(t·ω₀), …] with ω_i = exp(−ln(10000)·i/(dim/2)): all cosines "
          "first, then all sines.",
          check_timestep_embedding,
-         "random batches of integer and float timesteps in [0, 1000), random even dims."),
+         "random batches of integer and float timesteps in [0, 1000), random even dims.",
+         forbidden=("minisd.resnet.timestep_embedding",),
+         allowed="torch's elementwise functions (torch.exp, torch.cos, torch.sin, torch.cat, torch.arange); not "
+                 "minisd.resnet.timestep_embedding."),
     Task("resnet_forward", "(block, x, t_emb)",
          "The output of the minisd.resnet.ResnetBlock `block` on x [B, C_in, H, W] and the timestep embedding "
          "t_emb [B, time_dim], computed from the block's parts (norm1, conv1, time_emb_proj, norm2, dropout, conv2, "
@@ -99,5 +103,8 @@ TASKS = [
          "block.time_emb_proj is None (and t_emb is None) there is no timestep shift.",
          check_resnet_forward,
          "random blocks with and without a shortcut convolution, with and without a time input (the VAE's kind), "
-         "random weights and norm scales, random sizes."),
+         "random weights and norm scales, random sizes.",
+         forbidden=("minisd.resnet.ResnetBlock.forward",),
+         allowed="the block's submodules (block.norm1(x), block.conv1(h), ...) and torch.nn.functional "
+                 "(F.silu); not the block itself (block(x, t_emb), block.forward)."),
 ]

@@ -24,7 +24,7 @@ def check_unet_forward(ctx):
     cfg = UNetConfig(channels=16, channel_mult=channel_mult, num_res_blocks=ctx.integer(1, 2),
                      attention_levels=attention, num_heads=2, context_dim=ctx.choice([8, 12]), groups=8,
                      transformer_depth=1, linear_projection=ctx.choice([True, False]))
-    unet = ctx.seed_module(UNet(cfg))
+    unet = ctx.seed_module(ctx.module(UNet, cfg))
     factor = 2 ** (levels - 1)
     batch = ctx.integer(1, 2)
     x = ctx.randn(batch, 4, factor * ctx.integer(1, 3), factor * ctx.integer(1, 3))
@@ -52,5 +52,9 @@ TASKS = [
          "the up levels with their skip connections, norm_out, conv_out) without calling `unet` itself.",
          check_unet_forward,
          "a small random UNet each run (2 or 3 levels, 1 or 2 ResNet blocks per level, attention at random levels), "
-         "random latents, timesteps (a tensor [B] and a single int) and context."),
+         "random latents, timesteps (a tensor [B] and a single int) and context.",
+         forbidden=("minisd.unet.UNet.forward",),
+         allowed="the UNet's parts (unet.conv_in, unet.time_mlp, each level's resnets/attentions/resample, "
+                 "unet.middle, unet.norm_out, unet.conv_out) and minisd.resnet.timestep_embedding; not the UNet "
+                 "itself (unet(x, ...), unet.forward)."),
 ]

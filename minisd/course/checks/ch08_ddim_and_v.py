@@ -59,5 +59,7 @@ TASKS = [
          check_ddim_step,
          "η = 0, η = 1 and a random η with given noise, the ᾱs as floats and as 0-dim tensors, random step counts, "
          "timesteps and shapes (sometimes the "
-         "last step), against minisd's DDIMSampler."),
+         "last step), against minisd's DDIMSampler.",
+         forbidden=("minisd.ddim.DDIMSampler.step",),
+         allowed="torch.as_tensor, sqrt and arithmetic; not minisd's DDIMSampler.step."),
 ]

@@ -41,5 +41,7 @@ TASKS = [
          "Combine the UNet's unconditional and conditional noise predictions into the guided prediction: start at the "
          "unconditional one and move `scale` times along the difference towards the conditional one.",
          check_classifier_free_guidance,
-         "random predictions of random shapes; scales between 3 and 12, exactly 1, and 0."),
+         "random predictions of random shapes; scales between 3 and 12, exactly 1, and 0.",
+         forbidden=("minisd.guidance.combine",),
+         allowed="arithmetic on the two predictions; not minisd.guidance.combine."),
 ]

@@ -51,5 +51,7 @@ TASKS = [
          "`in_proj_weight` [3d, d]. Return the three parts (W_q, W_k, W_v) as separate [d, d] tensors.",
          check_split_fused_qkv,
          "random fused weights of random widths; the parts must be exactly the blocks, in q, k, v order, as "
-         "minisd's converter splits them."),
+         "minisd's converter splits them.",
+         forbidden=("minisd.weights.official_keys.split_for_minisd",),
+         allowed="slicing, torch.chunk, torch.split; not minisd.weights.official_keys.split_for_minisd."),
 ]

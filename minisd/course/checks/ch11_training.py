@@ -20,7 +20,7 @@ GOALS = [
 def check_diffusion_loss(ctx):
     cfg = UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True), num_heads=2,
                      context_dim=8, groups=8)
-    unet = ctx.seed_module(UNet(cfg))
+    unet = ctx.seed_module(ctx.module(UNet, cfg))
     alphas_cumprod = NoiseSchedule().alphas_cumprod
     batch = ctx.integer(2, 3)
     x0 = ctx.randn(batch, 4, 2 * ctx.integer(2, 4), 2 * ctx.integer(2, 4))
@@ -54,19 +54,21 @@ def check_diffusion_loss(ctx):
     }
     label = f"x0 {tuple(x0.shape)}, timesteps {timesteps.tolist()}"
     with ctx.case(label):
-        got = ctx.expect_tensor(ctx.call(unet, x0, context, timesteps, noise, alphas_cumprod), "the loss")
+        # the loss and, when it is connected to the UNet, backward() from it in the sandbox: its gradients
+        got, grads = ctx.call_with_grads(unet, x0, context, timesteps, noise, alphas_cumprod)
+        got = ctx.expect_tensor(got, "the loss")
         if got.numel() != 1:
             ctx.fail(f"the loss should be a single number (a 0-dim tensor), got shape {tuple(got.shape)}")
         ctx.expect_close(got.reshape(()), expected.detach(), what="loss", atol=1e-6, rtol=1e-4,
                          mistakes=mistakes)
-        if not got.requires_grad:
+        if grads is None:
             ctx.fail("the loss is right but not connected to the UNet's parameters: no .item(), .detach() or "
                      "torch.no_grad() in a loss you will train with")
-        got.reshape(()).backward()
-        for name, p in unet.named_parameters():
-            if p.grad is None:
+        for name, _ in unet.named_parameters():
+            if name not in grads[unet]:
                 ctx.fail(f"the loss has no gradient for unet.{name}")
-            ctx.expect_close(p.grad, expected_grads[name], what=f"gradient of unet.{name}", atol=1e-5, rtol=1e-3)
+            ctx.expect_close(grads[unet][name], expected_grads[name], what=f"gradient of unet.{name}", atol=1e-5,
+                             rtol=1e-3)
 
 
 TASKS = [
@@ -76,5 +78,8 @@ TASKS = [
          "prediction and the noise (a 0-dim tensor that can be back-propagated).",
          check_diffusion_loss,
          "a small random UNet, random latents, timesteps, noise and context; the loss value and its gradients with "
-         "respect to every UNet parameter."),
+         "respect to every UNet parameter.",
+         forbidden=("minisd.train.train_ldm.diffusion_loss",),
+         allowed="calling the UNet (unet(x_t, timesteps, context)), F.mse_loss or arithmetic; not "
+                 "minisd.train.train_ldm.diffusion_loss."),
 ]
