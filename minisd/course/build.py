@@ -277,16 +277,20 @@ def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks,
             lines += [f"### `{task.name}{task.signature}`", "", textwrap.dedent(task.summary).strip(), ""]
             if task.checked:
                 lines += ["The grader checks: " + textwrap.dedent(task.checked).strip(), ""]
+            if task.allowed:
+                lines += ["Allowed calls: " + textwrap.dedent(task.allowed).strip() + " A function that calls "
+                          "what the task asks you to write fails the task with a message saying so.", ""]
     else:
         lines += ["This chapter has no graded tasks: its exercises are for practice.", ""]
     lines += ["## Check your work", "", "From the repository root:", "", "```",
               f"python -m minisd.course grade chapters/{chapter_dir}/assignment.ipynb",
               "```", "",
-              "The grader runs your notebook in a fresh kernel (as if you had restarted it and run every cell), then "
+              "The grader runs your notebook in a fresh sandbox (as if you had restarted the kernel and run every "
+              "cell, in an empty folder holding only the notebook, without network), then "
               "calls each graded function on random inputs of random shapes and compares the results with minisd's own "
               "implementation. For every task it says *passed*, *failed* (with the largest error and where it is), "
               "*not attempted* (still raises `NotImplementedError`), *error* (your function raised), *missing* (not "
-              "defined), *wrong signature*, or *timed out*. The inputs change on every run; `--seed N` repeats a run. "
+              "defined), *wrong signature*, *timed out*, or *crashed*. The inputs change on every run; `--seed N` repeats a run. "
               "`--json` prints a machine-readable report. The exit status is 0 when every task passes. "
               "`--exercises-only` skips the rest of the chapter and runs just your exercise cells (and the imports "
               "they need): a check in seconds while you work. Save the notebook first: the grader reads the file.", ""]
