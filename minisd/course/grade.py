@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +106,8 @@ class _Run:
     plan: list
     forbid: dict
     hide: list
-    deadline: float
     report: Report
+    deadline: Optional[float] = None   # set when the first cell starts: sandbox start-up does not count
     skip: set = field(default_factory=set)
     cell_errors: dict = field(default_factory=dict)   # plan position -> {"ename", "evalue"} or {"timed out"}
     sandbox: Optional[Sandbox] = None
@@ -138,7 +137,8 @@ class Grader:
             raise UsageError(str(error)) from None
         self.fast, self.cell_timeout, self.notebook_timeout = fast, cell_timeout, notebook_timeout
         self.limits, self.slot, self.prewarm = limits, slot, prewarm
-        self._spare: Optional[tuple] = None     # (thread, holder list) of a sandbox starting in the background
+        self._spare: Optional[Sandbox] = None   # launched, not yet waited for: python + torch starting up
+        self._spares = 0
 
     def close(self):
         spare = self._take_spare()
@@ -153,29 +153,30 @@ class Grader:
 
     # -- sandboxes ------------------------------------------------------------------------------------------------
     def _new_sandbox(self, hide: list) -> Sandbox:
-        return Sandbox(self.isolation, self.limits, self.fast, self.slot, hide=hide)
+        # the other uid of this slot than the spare's, so that the two never share a process count
+        return Sandbox(self.isolation, self.limits, self.fast, self.slot, hide=hide,
+                       uid_offset=(self._spares + 1) % 2)
 
     def _start_spare(self) -> None:
-        holder: list = []
-
-        def start():
-            sandbox = self._new_sandbox([])
-            try:
-                sandbox.start()
-                holder.append(sandbox)
-            except SandboxError:
-                sandbox.close()
-        thread = threading.Thread(target=start, daemon=True)
-        thread.start()
-        self._spare = (thread, holder)
+        self._spares += 1
+        sandbox = Sandbox(self.isolation, self.limits, self.fast, self.slot, uid_offset=self._spares % 2)
+        try:
+            sandbox.launch()
+        except SandboxError:
+            return
+        self._spare = sandbox
 
     def _take_spare(self) -> Optional[Sandbox]:
-        if self._spare is None:
+        """The spare sandbox once ready, or None (none started, or it failed: then a fresh one is started)."""
+        sandbox, self._spare = self._spare, None
+        if sandbox is None:
             return None
-        thread, holder = self._spare
-        self._spare = None
-        thread.join()
-        return holder[0] if holder else None
+        try:
+            sandbox.wait_ready()
+        except SandboxError:
+            sandbox.close()
+            return None
+        return sandbox
 
     def _sandbox_for(self, run: _Run) -> bool:
         """Give `run` a fresh sandbox, set up for its chapter: False (and a problem noted) if none starts."""
@@ -207,13 +208,17 @@ class Grader:
     def _run_plan(self, run: _Run) -> Optional[int]:
         """Run the planned cells; the position of a cell that killed (or hung) the sandbox, else None."""
         run.cell_errors.clear()
+        if run.deadline is None:
+            run.deadline = time.monotonic() + self.notebook_timeout
         for position, step in enumerate(run.plan):
             if position in run.skip:
                 continue
             left = run.deadline - time.monotonic()
             if left <= 0:
-                run.report.problems.append(f"the notebook ran past its {self.notebook_timeout:g} s limit; "
-                                           f"{step.label} and the cells after it were not run")
+                problem = (f"the notebook ran past its {self.notebook_timeout:g} s limit; {step.label} and the "
+                           f"cells after it were not run")
+                if problem not in run.report.problems:
+                    run.report.problems.append(problem)
                 return None
             limit = min(self.cell_timeout, left)
             try:
@@ -276,7 +281,7 @@ class Grader:
                 if _needs_hiding(p)]
         run = _Run(path.resolve().parent, path.name, path.read_bytes(),
                    plan_cells(notebook, {t.name for t in tasks}, exercises_only), forbidden_paths(tasks), hide,
-                   time.monotonic() + self.notebook_timeout, report)
+                   report)
         try:
             alive = self._prepare(run)
             for task in tasks:

@@ -38,7 +38,7 @@ from typing import Optional
 from . import wire
 
 WORKDIR = "/submission"    # the working folder inside a bubblewrap sandbox (an in-memory tmpfs)
-FIRST_UID = 60000          # root-started sandboxes run as FIRST_UID + job slot: each its own process count
+FIRST_UID = 60000          # root-started sandboxes run as FIRST_UID + 2·slot (+1): each its own process count
 
 
 class SandboxError(Exception):
@@ -185,6 +185,7 @@ class Sandbox:
     slot: int = 0
     forbid: dict = field(default_factory=dict)     # dotted path -> message, for the worker's call guards
     hide: list = field(default_factory=list)       # host paths the sandbox must not read
+    uid_offset: int = 0                            # 0 or 1: a grader's current sandbox and its spare differ
 
     def __post_init__(self):
         self.process: Optional[subprocess.Popen] = None
@@ -198,11 +199,17 @@ class Sandbox:
     def start(self, notebook_name: str = "notebook.ipynb", notebook_bytes: bytes = b"",
               timeout: float = 120.0) -> None:
         """Start the worker; returns once it has imported torch and minisd and said it is ready."""
+        self.launch(notebook_name, notebook_bytes)
+        self.wait_ready(timeout)
+
+    def launch(self, notebook_name: str = "notebook.ipynb", notebook_bytes: bytes = b"") -> None:
+        """Start the worker's process without waiting for it. Call from a thread that outlives the sandbox:
+        --die-with-parent (PR_SET_PDEATHSIG) fires when the launching *thread* ends."""
         root = package_root()
         worker = str(root / "minisd" / "course" / "worker.py")
         config = {"fast": self.fast, "forbid": self.forbid,
                   "limits": self.limits.for_worker(self.isolation.level),
-                  "uid": FIRST_UID + self.slot if self.isolation.as_root else None}
+                  "uid": FIRST_UID + 2 * self.slot + self.uid_offset if self.isolation.as_root else None}
         python = [sys.executable, "-I", worker, str(root), json.dumps(config)]
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if self.isolation.level == "bubblewrap":
@@ -224,6 +231,8 @@ class Sandbox:
             raise SandboxError(f"could not start the sandbox: {error}") from None
         threading.Thread(target=self._read_replies, daemon=True).start()
         threading.Thread(target=self._drain_output, daemon=True).start()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
         reply, _ = self._wait(timeout, "start")
         if reply.get("status") != "ready":
             self.close()
