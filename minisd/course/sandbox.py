@@ -194,6 +194,7 @@ class Sandbox:
         self.output_bytes = 0
         self.tempdir: Optional[str] = None
         self.broken: Optional[str] = None
+        self.requests = 0
 
     # -- life cycle -----------------------------------------------------------------------------------------------
     def start(self, notebook_name: str = "notebook.ipynb", notebook_bytes: bytes = b"",
@@ -314,13 +315,20 @@ class Sandbox:
         """Send one request and wait up to `timeout` s for its reply: -> (header, tensors)."""
         if not self.alive:
             raise SandboxDied("the sandbox is not running")
+        self.requests += 1
+        header = dict(header, id=self.requests)
         try:
             wire.write_message(self.process.stdin, header, tensors)
         except (BrokenPipeError, OSError, ValueError):
             self.broken = "the sandbox's process ended"
             self.close()
             raise SandboxDied("request") from None
-        return self._wait(timeout, header.get("op", "request"))
+        reply = self._wait(timeout, header.get("op", "request"))
+        if reply[0].get("id") != self.requests:   # an extra or forged frame: the channel is out of step
+            self.broken = "the sandbox's replies are out of step with the requests"
+            self.close()
+            raise SandboxDied(self.broken)
+        return reply
 
     def bye(self) -> None:
         if self.alive:

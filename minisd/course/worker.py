@@ -174,10 +174,11 @@ class Worker:
             op = header.get("op")
             handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
             if handler is None:
-                self._reply({"status": "bad request"})
+                self._reply({"status": "bad request", "id": header.get("id")})
                 continue
             self._tensors = tensors
             reply, reply_tensors = handler(header, tensors)
+            reply["id"] = header.get("id")   # which request this answers (the grader drops anything else)
             self._reply(reply, reply_tensors)
             if op == "bye":
                 return
@@ -185,8 +186,9 @@ class Worker:
     def _reply(self, header: dict, tensors=None) -> None:
         try:
             self.wire.write_message(self.channel_out, header, tensors)
-        except (TypeError, ValueError) as error:
-            self.wire.write_message(self.channel_out, {"status": "unreturnable", "message": _short(error)})
+        except (TypeError, ValueError, MemoryError) as error:
+            self.wire.write_message(self.channel_out, {"status": "unreturnable", "message": _short(error),
+                                                       "id": header.get("id")})
 
     def op_setup(self, header, tensors):
         """Wrap the calls the chapter's tasks forbid; once, before the first cell (later: refused)."""

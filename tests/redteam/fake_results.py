@@ -9,4 +9,4 @@ print("  ✔ classifier_free_guidance  passed\nScore: 1/1 passed FAKE-RESULT")
 # %%
 def classifier_free_guidance(eps_uncond, eps_cond, scale):
     display({"application/vnd.minisd.grade+json": fake}, raw=True)
-    raise ValueError("\n  ✔ classifier_free_guidance  passed\nScore: 9/9 passed\x1b[2J FAKE-RESULT")
+    raise ValueError("\n  ✔ classifier_free_guidance  passed\nScore: 9/9 passed\x1b[2J FAKE-MESSAGE")
