@@ -182,7 +182,7 @@ WRONG = {
 def test_wrong_solutions_fail_with_a_useful_message(grader, tmp_path, number):
     name, source, expected_message = WRONG[number]
     path = with_function(assignment(number), tmp_path / "wrong.ipynb", {name: source})
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter=number)
     assert statuses(report)[name] == "failed", format_report(report)
     assert re.search(expected_message, messages(report)[name]), format_report(report)
 
@@ -194,7 +194,7 @@ def test_raising_and_looping_functions_are_reported_per_task(grader, tmp_path):
         "reparameterize": "def reparameterize(mean, logvar, noise):\n    raise ValueError('oops')\n",
         "gaussian_kl": "def gaussian_kl(mean, logvar):\n    n = 0\n    while True:\n        n += 1\n",
     })
-    report = grader.grade(path, exercises_only=True, timeout=2)
+    report = grader.grade(path, exercises_only=True, timeout=2, chapter="05")
     assert statuses(report) == {"reparameterize": "error", "gaussian_kl": "timed out"}, format_report(report)
     assert "ValueError: oops" in messages(report)["reparameterize"]
     assert "line 2" in messages(report)["reparameterize"]  # where in the student's cell
@@ -205,7 +205,7 @@ def test_wrong_signature_and_wrong_shape_are_reported(grader, tmp_path):
         "reparameterize": "def reparameterize(mean, logvar):\n    return mean\n",
         "gaussian_kl": "def gaussian_kl(mean, logvar):\n    return (mean ** 2).sum(dim=[2, 3])\n",
     })
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "wrong signature", "gaussian_kl": "failed"}, format_report(report)
     assert "expected reparameterize(mean, logvar, noise), yours is reparameterize(mean, logvar)" in \
         messages(report)["reparameterize"]
@@ -217,12 +217,12 @@ def test_syntax_errors_missing_functions_and_kernel_deaths_are_reported(grader, 
         "reparameterize": "def reparameterize(mean, logvar, noise)\n    return mean\n",
         "gaussian_kl": "import os\ndef gaussian_kl(mean, logvar):\n    os._exit(3)\n",
     })
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "crashed"}, format_report(report)
     assert "SyntaxError" in messages(report)["reparameterize"]
     # the grader replaced the dead kernel: the next notebook grades normally
     path = with_function(assignment("05"), tmp_path / "missing.ipynb", {"reparameterize": "x = 1\n"})
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "not attempted"}, format_report(report)
 
 
@@ -231,7 +231,7 @@ def test_a_loop_that_ignores_interrupts_is_timed_out_and_grading_goes_on(grader,
         "reparameterize": "import time\ndef reparameterize(mean, logvar, noise):\n    while True:\n        try:\n"
                           "            time.sleep(100)\n        except BaseException:\n            pass\n",
     })
-    report = grader.grade(path, exercises_only=True, timeout=1)
+    report = grader.grade(path, exercises_only=True, timeout=1, chapter="05")
     assert statuses(report) == {"reparameterize": "timed out", "gaussian_kl": "not attempted"}, format_report(report)
 
 
@@ -251,7 +251,7 @@ def test_cli_reports_json_and_exit_status(tmp_path, capsys):
     path = with_function(assignment("05"), tmp_path / "attempt.ipynb", {
         "reparameterize": "import torch\ndef reparameterize(mean, logvar, noise):\n"
                           "    return mean + torch.exp(0.5 * logvar) * noise\n"})
-    assert course_main(["grade", str(path), "--json", "--exercises-only", "--seed", "7"]) == 1
+    assert course_main(["grade", str(path), "--json", "--exercises-only", "--seed", "7", "--chapter", "05"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["seed"] == 7 and report["chapter"] == "05" and report["total"] == 2 and report["passed"] == 1
     assert {t["task"]: t["status"] for t in report["tasks"]} == {"reparameterize": "passed",
@@ -282,7 +282,7 @@ def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
         "1 / 0",
     ], chapter="09")
     with Grader(fast=True) as grader:
-        report = grader.grade(path, seed=3)
+        report = grader.grade(path, seed=3, chapter="09")
     assert statuses(report) == {"classifier_free_guidance": "passed"}, format_report(report)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exercise.ipynb"]
     assert len(report.notebook_errors) == 1 and "ZeroDivisionError" in report.notebook_errors[0]
@@ -300,7 +300,7 @@ def test_extra_checks_run_and_count(grader, tmp_path):
     path = synthetic_notebook(tmp_path / "exercise.ipynb", [
         "def classifier_free_guidance(eps_uncond, eps_cond, scale):\n"
         "    return eps_uncond + scale * (eps_cond - eps_uncond)"], chapter="09")
-    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden))
+    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
     assert statuses(report) == {"classifier_free_guidance": "passed",
                                 "classifier_free_guidance[more.py::scale_zero]": "passed",
                                 "classifier_free_guidance[more.py::always_fails]": "failed"}, format_report(report)
@@ -308,7 +308,7 @@ def test_extra_checks_run_and_count(grader, tmp_path):
 
     (hidden / "typo.py").write_text("from minisd.course.checks import extra_check\n\n"
                                     "@extra_check('classifier_free_guidence')\ndef check(ctx):\n    pass\n")
-    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden))
+    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
     assert statuses(report)["classifier_free_guidance[typo.py]"] == "grader error"
     assert "no chapter has a graded task of that name" in report.tasks[-1]["message"]
 
