@@ -50,7 +50,7 @@ from minisd.course.checks import extra_check
 def secret_scale_two(ctx):
     # {SECRET}: the expected value is computed here, in the grader
     u, c = ctx.randn(2, 4, 3, 3), ctx.randn(2, 4, 3, 3)
-    ctx.expect_close(ctx.call(u, c, 2.0), u + 2.0 * (c - u), what="{SECRET} scale 2")
+    ctx.expect_close(ctx.call(u, c, 2.0), u + 2.0 * (c - u), what="scale 2")  # messages are the teacher's
 '''
 
 pytestmark = pytest.mark.skipif(Isolation.detect().level != "bubblewrap",
@@ -193,7 +193,9 @@ def test_no_attack_passes(graded, attack):
 EXPECTED = {   # attack -> the status of the public check, and a pattern of its message
     "metadata_chapter": ("missing", r"is not defined"),
     "stubborn_loops": ("timed out", r""),
-    "resources": ("crashed|failed", r"sandbox died|cannot read"),   # the 1 GiB reply: refused either side
+    # forked copies of the worker answer on the shared channel (the sandbox is replaced, the cell skipped), the
+    # 1 GiB reply is refused on either side: whichever comes first, never a pass
+    "resources": ("crashed|failed|error", r""),
     "odd_returns": ("failed", r"to be a torch.Tensor, got Anything"),
     "fake_results": ("error", r"^ValueError: ✔ classifier_free_guidance passed Score: 9/9 passed .*FAKE-MESSAGE"),
     "forge_worker": ("wrong signature", r""),
