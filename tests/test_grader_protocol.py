@@ -1,9 +1,13 @@
-"""The grader <-> sandbox protocol: the wire format's bounds, and the remote calls checks are written with.
+"""The grader <-> sandbox protocol: the wire format's bounds, and the remote calls checks are
+written with.
 
-The wire tests need no process. The remote-call test starts one sandbox and drives it the way a check for a
-student's nn.Module will (issue #15): build the student's class in the sandbox, load minisd-style weights into it
+The wire tests need no process. The remote-call test starts one sandbox and drives it the way a
+check for a
+student's nn.Module will (issue #15): build the student's class in the sandbox, load minisd-style
+weights into it
 by name, call forward, and run backward through a module the grader built.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,30 +35,50 @@ def round_trip(value, limits=wire.WireLimits()):
 def test_values_come_back_as_plain_python_and_plain_tensors():
     class Sneaky(torch.Tensor):
         pass
-    value = {("a", "b"): 3, "x": [1.5, math.inf, None, True, "s"], "t": (torch.arange(6).reshape(2, 3),
-             torch.ones(2, dtype=torch.bool), torch.randn(3).as_subclass(Sneaky), torch.zeros(2, dtype=torch.bfloat16))}
+
+    value = {
+        ("a", "b"): 3,
+        "x": [1.5, math.inf, None, True, "s"],
+        "t": (
+            torch.arange(6).reshape(2, 3),
+            torch.ones(2, dtype=torch.bool),
+            torch.randn(3).as_subclass(Sneaky),
+            torch.zeros(2, dtype=torch.bfloat16),
+        ),
+    }
     back = round_trip(value)
-    assert back[("a", "b")] == 3 and back["x"][:2] == [1.5, math.inf] and back["x"][2:] == [None, True, "s"]
+    assert (
+        back[("a", "b")] == 3
+        and back["x"][:2] == [1.5, math.inf]
+        and back["x"][2:] == [None, True, "s"]
+    )
     assert all(type(t) is torch.Tensor for t in back["t"])
-    assert torch.equal(back["t"][0], torch.arange(6).reshape(2, 3)) and back["t"][3].dtype == torch.bfloat16
+    assert (
+        torch.equal(back["t"][0], torch.arange(6).reshape(2, 3))
+        and back["t"][3].dtype == torch.bfloat16
+    )
     assert math.isnan(round_trip(float("nan")))
 
 
 def test_oversized_deep_or_malformed_messages_are_refused_before_use():
     limits = wire.WireLimits(header_bytes=1000, blob_bytes=1000, depth=5, nodes=50)
     with pytest.raises(wire.WireError):
-        round_trip([[[[[[[1]]]]]]], limits)                    # too deep
+        round_trip([[[[[[[1]]]]]]], limits)  # too deep
     with pytest.raises(wire.WireError):
-        round_trip(list(range(100)), limits)                   # too many values
+        round_trip(list(range(100)), limits)  # too many values
     with pytest.raises(wire.WireError):
-        round_trip(torch.zeros(1000), limits)                  # blob over the limit
-    huge = wire.PREFIX.pack(wire.MAGIC, 10, 1 << 40)           # claims a terabyte: refused unread
-    for frame in (huge, b"XXXX" + bytes(12), wire.PREFIX.pack(wire.MAGIC, 2, 0) + b"[]",
-                  wire.PREFIX.pack(wire.MAGIC, 2, 5) + b"{}" + b"abcde"):
+        round_trip(torch.zeros(1000), limits)  # blob over the limit
+    huge = wire.PREFIX.pack(wire.MAGIC, 10, 1 << 40)  # claims a terabyte: refused unread
+    for frame in (
+        huge,
+        b"XXXX" + bytes(12),
+        wire.PREFIX.pack(wire.MAGIC, 2, 0) + b"[]",
+        wire.PREFIX.pack(wire.MAGIC, 2, 5) + b"{}" + b"abcde",
+    ):
         with pytest.raises(wire.WireError):
             wire.read_message(io.BytesIO(frame))
     with pytest.raises(EOFError):
-        wire.read_message(io.BytesIO(wire.PREFIX.pack(wire.MAGIC, 10, 0) + b"{"))   # cut short
+        wire.read_message(io.BytesIO(wire.PREFIX.pack(wire.MAGIC, 10, 0) + b"{"))  # cut short
     for node in ({"$pickle": "x"}, {"$tensor": "t9"}, {"$dict": [[[1], 2]]}, {"a": 1, "b": 2}):
         with pytest.raises(wire.WireError):
             wire.Decoder({}).decode(node)
@@ -71,7 +95,7 @@ def sandbox():
     box.close()
 
 
-STUDENT = '''
+STUDENT = """
 import torch
 from torch import nn
 
@@ -86,12 +110,13 @@ class TinyBlock(nn.Module):
 
 def squared_error(module, x):
     return (module(x) ** 2).mean()
-'''
+"""
 
 
 def test_a_students_module_is_built_loaded_and_called_in_the_sandbox(sandbox):
-    reply, _ = sandbox.request({"op": "run", "source": STUDENT, "timeout": 60, "stash": ["TinyBlock"]},
-                               timeout=90)
+    reply, _ = sandbox.request(
+        {"op": "run", "source": STUDENT, "timeout": 60, "stash": ["TinyBlock"]}, timeout=90
+    )
     assert reply["status"] == "ok", reply
     ctx = Context("TinyBlock", RemoteTask(sandbox, "TinyBlock", (), 60, {}), seed=1)
     reference = torch.nn.Sequential()
@@ -102,7 +127,9 @@ def test_a_students_module_is_built_loaded_and_called_in_the_sandbox(sandbox):
     got = ctx.call_method(student, "forward", x)
     expected = x + reference.proj_out(torch.relu(reference.proj_in(x)))
     ctx.expect_close(got, expected.detach())
-    missing, unexpected = ctx.load_state(student, {"proj_in.weight": torch.zeros(6, 4)}, strict=False)
+    missing, unexpected = ctx.load_state(
+        student, {"proj_in.weight": torch.zeros(6, 4)}, strict=False
+    )
     assert "proj_out.bias" in missing and unexpected == []
 
 

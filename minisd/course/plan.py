@@ -1,10 +1,15 @@
-"""Which of a notebook's code cells the grader runs, and in what order (pure: no process is started here).
+"""Which of a notebook's code cells the grader runs, and in what order (pure: no process is started
+here).
 
-Whole-notebook mode runs every code cell in order, noting which cells define graded functions (the sandbox
-remembers those functions right after their cell, so a later cell that rebinds the name cannot replace the
-student's work). --exercises-only runs only the exercise cells plus the statements of other cells they need
+Whole-notebook mode runs every code cell in order, noting which cells define graded functions (the
+sandbox
+remembers those functions right after their cell, so a later cell that rebinds the name cannot
+replace the
+student's work). --exercises-only runs only the exercise cells plus the statements of other cells
+they need
 (imports, defs, simple assignments that bind a name the exercise code reads, found with `ast`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,14 +21,16 @@ from .build import cell_definitions, python_source
 @dataclass
 class Planned:
     source: str
-    label: str                      # 'cell 12 ("def attention(q, k...")' (1-based, all cells counted), or what it is
+    # 'cell 12 ("def attention(q, k...")' (1-based, all cells counted), or what it is
+    label: str
     defines: list = field(default_factory=list)
     generated: bool = False
 
 
-
 def _first_line(source: str) -> str:
-    line = next((l.strip() for l in source.split("\n") if l.strip() and not l.strip().startswith("#")), "")
+    line = next(
+        (l.strip() for l in source.split("\n") if l.strip() and not l.strip().startswith("#")), ""
+    )
     return line if len(line) <= 40 else line[:37] + "..."
 
 
@@ -44,7 +51,8 @@ def _names_loaded(node) -> set:
 
 
 def _statements(cell_source: str) -> list[_Statement]:
-    """The top-level statements of a cell that bind names: imports (also inside try/if), def, class, and assignments
+    """The top-level statements of a cell that bind names: imports (also inside try/if), def, class,
+    and assignments
     to plain names, each with the names it binds and the names it reads."""
     try:
         tree = ast.parse(python_source(cell_source))
@@ -55,15 +63,21 @@ def _statements(cell_source: str) -> list[_Statement]:
     def visit(nodes, nested):
         for node in nodes:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                binds = {"*"} if any(a.name == "*" for a in node.names) else \
-                    {a.asname or a.name.split(".")[0] for a in node.names}
+                binds = (
+                    {"*"}
+                    if any(a.name == "*" for a in node.names)
+                    else {a.asname or a.name.split(".")[0] for a in node.names}
+                )
                 found.append(_Statement(ast.unparse(node), binds, set()))
             elif nested:
                 for name in ("body", "orelse", "finalbody", "handlers"):
                     visit(getattr(node, name, []) or [], True)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 found.append(_Statement(ast.unparse(node), {node.name}, _names_loaded(node)))
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(node, "value", None) is not None:
+            elif (
+                isinstance(node, (ast.Assign, ast.AnnAssign))
+                and getattr(node, "value", None) is not None
+            ):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names = [t for target in targets for t in ast.walk(target)]
                 if all(isinstance(t, (ast.Name, ast.Tuple, ast.List)) for t in names):
@@ -71,20 +85,25 @@ def _statements(cell_source: str) -> list[_Statement]:
                     found.append(_Statement(ast.unparse(node), binds, _names_loaded(node.value)))
             elif isinstance(node, (ast.Try, ast.If, ast.With)):
                 visit([node], True)
+
     visit(tree.body, False)
     return found
 
 
 def _prelude(cells: list, exercise_sources: list, task_names: set) -> list[str]:
-    """The statements of the non-exercise cells that the exercise cells need, directly or through each other:
-    start from the names the exercise cells read and add every statement binding one of them, to a fixed point."""
+    """The statements of the non-exercise cells that the exercise cells need, directly or through
+    each other:
+    start from the names the exercise cells read and add every statement binding one of them, to a
+    fixed point."""
     needed = set()
     for source in exercise_sources:
         try:
             needed |= _names_loaded(ast.parse(python_source(source)))
         except SyntaxError:
             continue
-    statements = [st for source in cells for st in _statements(source) if not (st.binds & task_names)]
+    statements = [
+        st for source in cells for st in _statements(source) if not (st.binds & task_names)
+    ]
     chosen = [False] * len(statements)
     changed = True
     while changed:
@@ -97,26 +116,39 @@ def _prelude(cells: list, exercise_sources: list, task_names: set) -> list[str]:
 
 
 def plan_cells(notebook, task_names: set, exercises_only: bool) -> list[Planned]:
-    code_cells = [(i + 1, c) for i, c in enumerate(notebook.cells)
-                  if c.get("cell_type") == "code" and str(c.get("source", "")).strip()]
+    code_cells = [
+        (i + 1, c)
+        for i, c in enumerate(notebook.cells)
+        if c.get("cell_type") == "code" and str(c.get("source", "")).strip()
+    ]
     plan = []
     if not exercises_only:
         for index, cell in code_cells:
             defines = _task_names_in(cell.source, task_names)
-            plan.append(Planned(cell.source, f'cell {index} ("{_first_line(cell.source)}")', defines))
+            plan.append(
+                Planned(cell.source, f'cell {index} ("{_first_line(cell.source)}")', defines)
+            )
         return plan
     exercise = {index for index, cell in code_cells if _task_names_in(cell.source, task_names)}
-    statements = _prelude([c.source for i, c in code_cells if i not in exercise],
-                          [c.source for i, c in code_cells if i in exercise], task_names)
+    statements = _prelude(
+        [c.source for i, c in code_cells if i not in exercise],
+        [c.source for i, c in code_cells if i in exercise],
+        task_names,
+    )
     if statements:
-        # each statement on its own, so one that fails (it needed state from a skipped cell) does not stop the rest
-        prelude = ("for __minisd_source in " + repr(statements) + ":\n"
-                   "    try:\n        exec(__minisd_source, globals())\n"
-                   "    except Exception:\n        pass\n"
-                   "del __minisd_source")
+        # each statement on its own, so one that fails (it needed state from a skipped cell) does
+        # not stop the rest
+        prelude = (
+            "for __minisd_source in " + repr(statements) + ":\n"
+            "    try:\n        exec(__minisd_source, globals())\n"
+            "    except Exception:\n        pass\n"
+            "del __minisd_source"
+        )
         plan.append(Planned(prelude, "the notebook's imports and definitions", generated=True))
     for index, cell in code_cells:
         if index in exercise:
             defines = _task_names_in(cell.source, task_names)
-            plan.append(Planned(cell.source, f'cell {index} ("{_first_line(cell.source)}")', defines))
+            plan.append(
+                Planned(cell.source, f'cell {index} ("{_first_line(cell.source)}")', defines)
+            )
     return plan

@@ -2,24 +2,39 @@
 
 Isolation levels, best first (`Isolation.detect` picks; the grading report prints which one ran):
 
-  bubblewrap  Linux with `bwrap` (Debian: apt-get install bubblewrap). New PID, network, IPC and UTS namespaces
-              and a new mount namespace whose root holds only read-only views of the system folders, the Python
-              installation and minisd (+ tests/ for the notebooks' fixtures); the working folder and /tmp are
-              small in-memory tmpfs. No network at all. Started by root, the worker gives up root for its own
-              uid (60000 + job slot; no capabilities); started by a user, it runs in a user namespace. Killing
-              the sandbox's first process ends the PID namespace, so every process the notebook started dies
+  bubblewrap  Linux with `bwrap` (Debian: apt-get install bubblewrap). New PID, network, IPC and UTS
+  namespaces
+              and a new mount namespace whose root holds only read-only views of the system folders,
+              the Python
+              installation and minisd (+ tests/ for the notebooks' fixtures); the working folder and
+              /tmp are
+              small in-memory tmpfs. No network at all. Started by root, the worker gives up root
+              for its own
+              uid (60000 + job slot; no capabilities); started by a user, it runs in a user
+              namespace. Killing
+              the sandbox's first process ends the PID namespace, so every process the notebook
+              started dies
               with it, setsid/double-forked ones included.
-  process     Anywhere else (macOS, Windows, Linux without bwrap): a separate Python process in a fresh temporary
-              folder holding a copy of the notebook, with rlimits where the OS has them, killed (with its process
-              group) at the end. Verdicts are still computed in the grader, so monkeypatching, fake results and
-              fd tricks do not work; but the notebook runs as the teacher's user with the teacher's files and
-              network, and a daemon that leaves the process group can outlive grading. Use it for one's own
-              work, not for a class: grade a class on Linux or in the container (minisd/course/container/).
+  process     Anywhere else (macOS, Windows, Linux without bwrap): a separate Python process in a
+  fresh temporary
+              folder holding a copy of the notebook, with rlimits where the OS has them, killed
+              (with its process
+              group) at the end. Verdicts are still computed in the grader, so monkeypatching, fake
+              results and
+              fd tricks do not work; but the notebook runs as the teacher's user with the teacher's
+              files and
+              network, and a daemon that leaves the process group can outlive grading. Use it for
+              one's own
+              work, not for a class: grade a class on Linux or in the container
+              (minisd/course/container/).
 
-The worker's replies come back on its stdout pipe, its prints on stderr (drained, kept up to a bound); requests
-go in on stdin. `Sandbox.request` waits for a reply with a deadline and reports a dead, silent or garbled worker
+The worker's replies come back on its stdout pipe, its prints on stderr (drained, kept up to a
+bound); requests
+go in on stdin. `Sandbox.request` waits for a reply with a deadline and reports a dead, silent or
+garbled worker
 as an exception the grader turns into 'crashed' or 'timed out'.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,14 +46,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import wire
 
-WORKDIR = "/submission"    # the working folder inside a bubblewrap sandbox (an in-memory tmpfs)
-FIRST_UID = 60000          # root-started sandboxes run as FIRST_UID + 2·slot (+1): each its own process count
+WORKDIR = "/submission"  # the working folder inside a bubblewrap sandbox (an in-memory tmpfs)
+# root-started sandboxes run as FIRST_UID + 2·slot (+1): each its own process count
+FIRST_UID = 60000
 
 
 class SandboxError(Exception):
@@ -55,62 +72,97 @@ class SandboxTimeout(SandboxError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-sandbox bounds. The defaults fit every chapter in fast mode with a wide margin (a chapter peaks below
-    1.5 GB of address space, torch alone reserves ~0.6 GB) while keeping 4 parallel jobs inside 16 GB."""
+    """Per-sandbox bounds. The defaults fit every chapter in fast mode with a wide margin (a chapter
+    peaks below
+    1.5 GB of address space, torch alone reserves ~0.6 GB) while keeping 4 parallel jobs inside 16
+    GB."""
+
     memory_mb: int = 4096
-    processes: int = 64          # threads count too; torch runs with one intra-op thread here
-    cpu_seconds: int = 1800      # per process; wall-clock deadlines (per cell, task, notebook) come first
-    file_mb: int = 256           # the largest file, and each tmpfs (working folder, /tmp)
-    output_kb: int = 256         # the notebook's printed output kept by the grader (the rest is counted, dropped)
+    processes: int = 64  # threads count too; torch runs with one intra-op thread here
+    # per process; wall-clock deadlines (per cell, task, notebook) come first
+    cpu_seconds: int = 1800
+    file_mb: int = 256  # the largest file, and each tmpfs (working folder, /tmp)
+    # the notebook's printed output kept by the grader (the rest is counted, dropped)
+    output_kb: int = 256
 
     def for_worker(self, isolation: str) -> dict:
-        limits = {"memory_bytes": self.memory_mb << 20, "cpu_seconds": self.cpu_seconds,
-                  "file_bytes": self.file_mb << 20, "open_files": 512, "core_bytes": 0}
-        if isolation == "bubblewrap":  # counted per sandbox (own uid or own user namespace); elsewhere it would
+        limits = {
+            "memory_bytes": self.memory_mb << 20,
+            "cpu_seconds": self.cpu_seconds,
+            "file_bytes": self.file_mb << 20,
+            "open_files": 512,
+            "core_bytes": 0,
+        }
+        # counted per sandbox (own uid or own user namespace); elsewhere it would
+        if isolation == "bubblewrap":
             limits["processes"] = self.processes  # count all the teacher's processes
         return limits
 
 
 @dataclass
 class Isolation:
-    level: str                      # "bubblewrap" or "process"
-    why: str = ""                   # why not a stronger level
+    level: str  # "bubblewrap" or "process"
+    why: str = ""  # why not a stronger level
     as_root: bool = False
 
     @property
     def description(self) -> str:
         if self.level == "bubblewrap":
             who = "an unprivileged uid" if self.as_root else "a user namespace"
-            return (f"bubblewrap sandbox (PID/network/mount namespaces, read-only system, no network, {who}, "
-                    f"every process killed at the end)")
-        return ("separate process only (weaker: no namespaces, the notebook can reach the network and the "
-                f"teacher's files; {self.why})")
+            return (
+                "bubblewrap sandbox (PID/network/mount namespaces, read-only system, no network, "
+                f"{who}, "
+                f"every process killed at the end)"
+            )
+        return (
+            "separate process only (weaker: no namespaces, the notebook can reach the network and "
+            "the "
+            f"teacher's files; {self.why})"
+        )
 
     @staticmethod
     def detect(preference: str = "auto") -> "Isolation":
-        """'auto' -> the best that works here; 'bubblewrap' -> that or a SandboxError; 'process' -> the fallback."""
+        """'auto' -> the best that works here; 'bubblewrap' -> that or a SandboxError; 'process' ->
+        the fallback."""
         as_root = hasattr(os, "geteuid") and os.geteuid() == 0
         if preference == "process":
             return Isolation("process", "asked for with --isolation process", as_root)
         bwrap = shutil.which("bwrap") if sys.platform.startswith("linux") else None
         if bwrap is None:
-            why = "bubblewrap is not installed" if sys.platform.startswith("linux") else f"{sys.platform} has no " \
-                "bubblewrap"
+            why = (
+                "bubblewrap is not installed"
+                if sys.platform.startswith("linux")
+                else f"{sys.platform} has no bubblewrap"
+            )
         else:
-            probe = subprocess.run([bwrap, *_namespace_flags(as_root), "--ro-bind", "/", "/", "--", "true"],
-                                   capture_output=True, text=True, timeout=30)
+            probe = subprocess.run(
+                [bwrap, *_namespace_flags(as_root), "--ro-bind", "/", "/", "--", "true"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             if probe.returncode == 0:
                 return Isolation("bubblewrap", "", as_root)
-            why = "bubblewrap cannot create namespaces here: " + " ".join(probe.stderr.split())[:200]
+            why = (
+                "bubblewrap cannot create namespaces here: " + " ".join(probe.stderr.split())[:200]
+            )
         if preference == "bubblewrap":
             raise SandboxError(f"--isolation bubblewrap: {why}")
         return Isolation("process", why, as_root)
 
 
 def _namespace_flags(as_root: bool) -> list[str]:
-    flags = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-             "--die-with-parent", "--new-session"]
-    if as_root:  # no user namespace: the worker switches to its own uid, for which it keeps CAP_SETUID/SETGID
+    flags = [
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+    ]
+    # no user namespace: the worker switches to its own uid, for which it keeps CAP_SETUID/SETGID
+    if as_root:
         flags += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         flags += ["--unshare-user"]
@@ -123,20 +175,31 @@ def package_root() -> Path:
 
 
 def _visible_paths() -> list[Path]:
-    """What a bubblewrap sandbox sees, read-only: the Python installation, its import path, minisd, tests/."""
-    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), Path(sys.executable).resolve().parent}
+    """What a bubblewrap sandbox sees, read-only: the Python installation, its import path, minisd,
+    tests/."""
+    paths = {
+        Path(sys.prefix),
+        Path(sys.base_prefix),
+        Path(sys.exec_prefix),
+        Path(sys.executable).resolve().parent,
+    }
     paths |= {Path(p) for p in sys.path if p and Path(p).exists()}
     root = package_root()
     paths |= {root / "minisd", root / "tests"}
     paths = {p.resolve() for p in paths if p.exists()}
     system = [Path(p) for p in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64")]
-    kept = sorted(p for p in paths if not any(p == s or s in p.parents for s in system) and p != root
-                  and str(p) != "/")
+    kept = sorted(
+        p
+        for p in paths
+        if not any(p == s or s in p.parents for s in system) and p != root and str(p) != "/"
+    )
     # drop paths inside another kept path
     return [p for p in kept if not any(q in p.parents for q in kept)]
 
 
-def bwrap_command(isolation: Isolation, config: dict, hide: list[Path], limits: Limits) -> list[str]:
+def bwrap_command(
+    isolation: Isolation, config: dict, hide: list[Path], limits: Limits
+) -> list[str]:
     command = ["bwrap", *_namespace_flags(isolation.as_root), "--clearenv"]
     for name in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         path = Path(name)
@@ -144,8 +207,11 @@ def bwrap_command(isolation: Isolation, config: dict, hide: list[Path], limits: 
             command += ["--symlink", os.readlink(path), name]
         elif path.is_dir():
             command += ["--ro-bind", name, name]
+    size = str(limits.file_mb << 20)
+    # the tmpfs first: a checkout or a virtual environment under /tmp is then bound on top of it
+    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
     visible = _visible_paths()
-    made: set = set()
+    made: set = {"/tmp"}
     for path in visible:
         # parents bwrap would create as root-only (0700): make them traversable by the sandbox's uid
         for parent in reversed(path.parents[:-1]):
@@ -155,22 +221,32 @@ def bwrap_command(isolation: Isolation, config: dict, hide: list[Path], limits: 
         command += ["--ro-bind", str(path), str(path)]
     for path in hide:  # the graded folder, the hidden checks: never readable from inside
         path = path.resolve()
-        if any(v == path or v in path.parents for v in visible) and not any(path in v.parents for v in visible):
+        inside = any(v == path or v in path.parents for v in visible)
+        if inside and not any(path in v.parents for v in visible):
             command += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
-    size = str(limits.file_mb << 20)
-    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
-                "--perms", "1777", "--size", size, "--tmpfs", WORKDIR, "--chdir", WORKDIR]
+    command += ["--perms", "1777", "--size", size, "--tmpfs", WORKDIR, "--chdir", WORKDIR]
     for key, value in _environment(config["fast"], home="/tmp").items():
         command += ["--setenv", key, value]
     return command
 
 
 def _environment(fast: bool, home: str) -> dict:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp" if home == "/tmp" else home,
-           "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "MPLCONFIGDIR": home, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
-           # one thread: tiny fast-mode ops gain nothing from more, and parallel jobs share the cores
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "TMPDIR": "/tmp" if home == "/tmp" else home,
+        "LANG": "C.UTF-8",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": home,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        # one thread: tiny fast-mode ops gain nothing from more, and parallel jobs share the
+        # cores
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     if fast:
         env["MINISD_FAST"] = "1"
     return env
@@ -178,14 +254,18 @@ def _environment(fast: bool, home: str) -> dict:
 
 @dataclass
 class Sandbox:
-    """One worker in one sandbox. start() -> request()... -> close(). Not reusable across submissions."""
+    """One worker in one sandbox. start() -> request()... -> close(). Not reusable across
+    submissions."""
+
     isolation: Isolation
     limits: Limits = field(default_factory=Limits)
     fast: bool = True
     slot: int = 0
-    forbid: dict = field(default_factory=dict)     # dotted path -> message, for the worker's call guards
-    hide: list = field(default_factory=list)       # host paths the sandbox must not read
-    uid_offset: int = 0                            # 0 or 1: a grader's current sandbox and its spare differ
+    # dotted path -> message, for the worker's call guards
+    forbid: dict = field(default_factory=dict)
+    hide: list = field(default_factory=list)  # host paths the sandbox must not read
+    # 0 or 1: a grader's current sandbox and its spare differ
+    uid_offset: int = 0
 
     def __post_init__(self):
         self.process: Optional[subprocess.Popen] = None
@@ -196,31 +276,47 @@ class Sandbox:
         self.broken: Optional[str] = None
         self.requests = 0
 
-    # -- life cycle -----------------------------------------------------------------------------------------------
-    def start(self, notebook_name: str = "notebook.ipynb", notebook_bytes: bytes = b"",
-              timeout: float = 120.0) -> None:
+    # -- life cycle
+    # ----------------------------------------------------------------------------------------------
+    def start(
+        self,
+        notebook_name: str = "notebook.ipynb",
+        notebook_bytes: bytes = b"",
+        timeout: float = 120.0,
+    ) -> None:
         """Start the worker; returns once it has imported torch and minisd and said it is ready."""
         self.launch(notebook_name, notebook_bytes)
         self.wait_ready(timeout)
 
     def launch(self, notebook_name: str = "notebook.ipynb", notebook_bytes: bytes = b"") -> None:
-        """Start the worker's process without waiting for it. Call from a thread that outlives the sandbox:
+        """Start the worker's process without waiting for it. Call from a thread that outlives the
+        sandbox:
         --die-with-parent (PR_SET_PDEATHSIG) fires when the launching *thread* ends."""
         root = package_root()
         worker = str(root / "minisd" / "course" / "worker.py")
-        config = {"fast": self.fast, "forbid": self.forbid,
-                  "limits": self.limits.for_worker(self.isolation.level),
-                  "uid": FIRST_UID + 2 * self.slot + self.uid_offset if self.isolation.as_root else None}
+        config = {
+            "fast": self.fast,
+            "forbid": self.forbid,
+            "limits": self.limits.for_worker(self.isolation.level),
+            "uid": FIRST_UID + 2 * self.slot + self.uid_offset if self.isolation.as_root else None,
+        }
         python = [sys.executable, "-I", worker, str(root), json.dumps(config)]
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if self.isolation.level == "bubblewrap":
-            command = bwrap_command(self.isolation, config, self.hide, self.limits) + ["--"] + python
+            command = (
+                bwrap_command(self.isolation, config, self.hide, self.limits) + ["--"] + python
+            )
             env = None
         else:
             self.tempdir = tempfile.mkdtemp(prefix="minisd-grade-")
             (Path(self.tempdir) / notebook_name).write_bytes(notebook_bytes)
-            command, env = python, dict(_environment(self.fast, home=self.tempdir),
-                                        SYSTEMROOT=os.environ.get("SYSTEMROOT", ""))
+            command, env = (
+                python,
+                dict(
+                    _environment(self.fast, home=self.tempdir),
+                    SYSTEMROOT=os.environ.get("SYSTEMROOT", ""),
+                ),
+            )
             kwargs["cwd"] = self.tempdir
             if os.name == "posix":
                 kwargs["start_new_session"] = True
@@ -234,10 +330,20 @@ class Sandbox:
         threading.Thread(target=self._drain_output, daemon=True).start()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        reply, _ = self._wait(timeout, "start")
+        """Wait for the worker's "ready". On failure the error quotes the end of its output: no notebook
+        code has run yet, so that is Python's own complaint (a missing module, a bad path, ...)."""
+        try:
+            reply, _ = self._wait(timeout, "start")
+        except SandboxError as error:
+            raise SandboxError(f"{error}: {self._output_tail()}") from None
         if reply.get("status") != "ready":
             self.close()
-            raise SandboxError("the sandbox did not start properly")
+            raise SandboxError(f"the sandbox did not start properly: {self._output_tail()}")
+
+    def _output_tail(self) -> str:
+        time.sleep(0.2)  # let the drain thread catch the last lines
+        lines = bytes(self.output).decode("utf-8", "replace").strip().splitlines()
+        return " / ".join(line.strip() for line in lines[-3:])[-300:] or "no output"
 
     def close(self) -> None:
         """Kill the worker and everything it started (the whole PID namespace under bubblewrap)."""
@@ -267,7 +373,8 @@ class Sandbox:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None and self.broken is None
 
-    # -- the channel ----------------------------------------------------------------------------------------------
+    # -- the channel
+    # ----------------------------------------------------------------------------------------------
     def _read_replies(self) -> None:
         process = self.process
         while True:
@@ -292,7 +399,7 @@ class Sandbox:
             self.output_bytes += len(chunk)
             self.output += chunk
             if len(self.output) > keep:
-                del self.output[:len(self.output) - keep]
+                del self.output[: len(self.output) - keep]
 
     def _wait(self, timeout: float, what: str):
         try:
@@ -300,11 +407,11 @@ class Sandbox:
         except queue.Empty:
             self.broken = f"no reply within {timeout:g} s"
             self.close()
-            raise SandboxTimeout(what) from None
+            raise SandboxTimeout(f"no reply to '{what}' within {timeout:g} s") from None
         if reply is None:
             self.broken = "the sandbox's process ended"
             self.close()
-            raise SandboxDied(what)
+            raise SandboxDied(f"the sandbox's process ended during '{what}'")
         if isinstance(reply, Exception):
             self.broken = f"the sandbox sent a malformed reply ({reply})"
             self.close()
@@ -324,7 +431,8 @@ class Sandbox:
             self.close()
             raise SandboxDied("request") from None
         reply = self._wait(timeout, header.get("op", "request"))
-        if reply[0].get("id") != self.requests:   # an extra or forged frame: the channel is out of step
+        # an extra or forged frame: the channel is out of step
+        if reply[0].get("id") != self.requests:
             self.broken = "the sandbox's replies are out of step with the requests"
             self.close()
             raise SandboxDied(self.broken)

@@ -1,20 +1,30 @@
-"""The grader ↔ sandbox wire format: JSON for structure, safetensors bytes for tensors, never pickle.
+"""The grader ↔ sandbox wire format: JSON for structure, safetensors bytes for tensors, never
+pickle.
 
 One message is
 
-    b"MSD1" | JSON length (4 bytes, big-endian) | blob length (8 bytes) | JSON (ASCII) | safetensors blob
+    b"MSD1" | JSON length (4 bytes, big-endian) | blob length (8 bytes) | JSON (ASCII) | safetensors
+    blob
 
-Values travel as a small tagged JSON tree: None, bools, ints, strings and lists as themselves; floats as
-themselves or {"$float": "nan" | "inf" | "-inf"}; tuples as {"$tuple": [...]}; dicts as {"$dict": [[k, v], ...]}
-(so keys may be tuples, as in a BPE rank table); tensors as {"$tensor": "t3"}, a name in the blob. Either side may
-add tags of its own through hooks (the grader sends modules and dataclasses to build; the sandbox answers objects
+Values travel as a small tagged JSON tree: None, bools, ints, strings and lists as themselves;
+floats as
+themselves or {"$float": "nan" | "inf" | "-inf"}; tuples as {"$tuple": [...]}; dicts as {"$dict":
+[[k, v], ...]}
+(so keys may be tuples, as in a BPE rank table); tensors as {"$tensor": "t3"}, a name in the blob.
+Either side may
+add tags of its own through hooks (the grader sends modules and dataclasses to build; the sandbox
+answers objects
 it cannot send as {"$unsupported": "type name"}).
 
 Why this shape: whatever the sandbox sends is decoded here into fresh plain Python values and plain
-`torch.Tensor`s built from raw bytes by safetensors' parser (written for untrusted files), so no object with
-behaviour (a Tensor subclass with __torch_function__, a lazy object, a pickle) crosses into the grader. Every
-length, depth and count is bounded before anything is allocated, and any violation is one `WireError`.
+`torch.Tensor`s built from raw bytes by safetensors' parser (written for untrusted files), so no
+object with
+behaviour (a Tensor subclass with __torch_function__, a lazy object, a pickle) crosses into the
+grader. Every
+length, depth and count is bounded before anything is allocated, and any violation is one
+`WireError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,25 +46,32 @@ class WireError(Exception):
 @dataclass(frozen=True)
 class WireLimits:
     """Bounds on one message read from the other side (what a hostile sandbox could send)."""
-    header_bytes: int = 64 << 20     # the JSON part: CLIP's 49k-entry rank table is ~2 MB
-    blob_bytes: int = 512 << 20      # tensors; a fast-mode chapter sends a few MB
-    depth: int = 32                  # nesting of lists/tuples/dicts
-    nodes: int = 2_000_000           # values in one message
+
+    header_bytes: int = 64 << 20  # the JSON part: CLIP's 49k-entry rank table is ~2 MB
+    blob_bytes: int = 512 << 20  # tensors; a fast-mode chapter sends a few MB
+    depth: int = 32  # nesting of lists/tuples/dicts
+    nodes: int = 2_000_000  # values in one message
 
 
 @dataclass(frozen=True)
 class Unsupported:
-    """Stands in, on the grader's side, for a returned object the sandbox could not send (a module, a generator,
+    """Stands in, on the grader's side, for a returned object the sandbox could not send (a module,
+    a generator,
     ...): checks report its type name, never the object."""
+
     type_name: str
 
 
 # ------------------------------------------------------------------ framing
 
+
 def write_message(stream, header: dict, tensors: Optional[dict] = None) -> None:
     from safetensors.torch import save
+
     blob = save(tensors) if tensors else b""
-    head = json.dumps(header, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    head = json.dumps(header, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode(
+        "ascii"
+    )
     stream.write(PREFIX.pack(MAGIC, len(head), len(blob)) + head + blob)
     stream.flush()
 
@@ -71,7 +88,8 @@ def _read_exact(stream, count: int) -> bytes:
 
 
 def read_message(stream, limits: WireLimits = WireLimits()) -> tuple[dict, dict]:
-    """-> (header, {name: plain tensor}). Raises EOFError at a clean end, WireError for anything malformed."""
+    """-> (header, {name: plain tensor}). Raises EOFError at a clean end, WireError for anything
+    malformed."""
     prefix = stream.read(PREFIX.size)
     if not prefix:
         raise EOFError("the other side closed the channel")
@@ -96,26 +114,34 @@ def _load_tensors(blob: bytes) -> dict:
     if not blob:
         return {}
     from safetensors.torch import load
+
     try:
         tensors = load(blob)
     except Exception as error:  # noqa: BLE001 - any parser complaint means a malformed message
         raise WireError(f"unreadable tensor data ({type(error).__name__})") from None
-    # safetensors builds plain tensors; say so explicitly, since this is the property the grader relies on
-    return {name: torch.Tensor._make_subclass(torch.Tensor, t) if type(t) is not torch.Tensor else t
-            for name, t in tensors.items()}
+    # safetensors builds plain tensors; say so explicitly, since this is the property the grader
+    # relies on
+    return {
+        name: torch.Tensor._make_subclass(torch.Tensor, t) if type(t) is not torch.Tensor else t
+        for name, t in tensors.items()
+    }
 
 
 # ------------------------------------------------------------------ values
+
 
 def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy with no autograd history and no subclass, ready for safetensors."""
     with torch._C.DisableTorchFunctionSubclass():
         copy = t.detach().to("cpu").contiguous().clone()
-    return torch.Tensor._make_subclass(torch.Tensor, copy) if type(copy) is not torch.Tensor else copy
+    return (
+        torch.Tensor._make_subclass(torch.Tensor, copy) if type(copy) is not torch.Tensor else copy
+    )
 
 
 class Encoder:
-    """Turns a value into the JSON tree, collecting its tensors. `hook(value, encoder)` may return a tagged dict for types
+    """Turns a value into the JSON tree, collecting its tensors. `hook(value, encoder)` may return a
+    tagged dict for types
     the plain encoding does not know, or None; with no answer such a value is a TypeError."""
 
     def __init__(self, hook: Optional[Callable] = None):
@@ -141,7 +167,11 @@ class Encoder:
         if type(value) is tuple:
             return {"$tuple": [self.encode(v, depth + 1) for v in value]}
         if type(value) is dict:
-            return {"$dict": [[self.encode(k, depth + 1), self.encode(v, depth + 1)] for k, v in value.items()]}
+            return {
+                "$dict": [
+                    [self.encode(k, depth + 1), self.encode(v, depth + 1)] for k, v in value.items()
+                ]
+            }
         tagged = self.hook(value, self) if self.hook else None
         if tagged is None:
             raise TypeError(f"cannot send a {type(value).__name__}")
@@ -149,10 +179,13 @@ class Encoder:
 
 
 class Decoder:
-    """Rebuilds plain values from the JSON tree and the message's tensors, within `limits`. `hook(tag, body)` may
+    """Rebuilds plain values from the JSON tree and the message's tensors, within `limits`.
+    `hook(tag, body)` may
     build values for extra tags; an unknown tag is a WireError."""
 
-    def __init__(self, tensors: dict, limits: WireLimits = WireLimits(), hook: Optional[Callable] = None):
+    def __init__(
+        self, tensors: dict, limits: WireLimits = WireLimits(), hook: Optional[Callable] = None
+    ):
         self.tensors, self.limits, self.hook, self.nodes = tensors, limits, hook, 0
 
     def decode(self, node, depth: int = 0):
@@ -165,7 +198,7 @@ class Decoder:
             return [self.decode(v, depth + 1) for v in node]
         if type(node) is not dict or len(node) != 1:
             raise WireError("a malformed value")
-        (tag, body), = node.items()
+        ((tag, body),) = node.items()
         if tag == "$float" and body in ("nan", "inf", "-inf"):
             return float(body)
         if tag == "$tensor" and isinstance(body, str) and body in self.tensors:

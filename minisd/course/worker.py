@@ -1,21 +1,32 @@
-"""The sandbox side of grading: run a student's notebook cells, then call its functions when the grader asks.
+"""The sandbox side of grading: run a student's notebook cells, then call its functions when the
+grader asks.
 
-sandbox.py starts this file as `python -I worker.py ROOT CONFIG` inside the sandbox, with fd 0 carrying the
-grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook prints. Before any student code
-runs, the worker applies the resource limits, gives up root (when started as root), moves the channel off fds 0/1
-(so `print` and writes to fd 1 go to the output pipe, never into a reply) and wraps the functions a task may not
-call. From the first student cell on, nothing in this process is trusted: the student can patch this module, find
-the channel's fds and write to them. That is fine by design: the grader reads every reply as data (wire.py),
-checks its shape and compares the values itself, so the most a student can do is send values of their choosing,
+sandbox.py starts this file as `python -I worker.py ROOT CONFIG` inside the sandbox, with fd 0
+carrying the
+grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook prints. Before any
+student code
+runs, the worker applies the resource limits, gives up root (when started as root), moves the
+channel off fds 0/1
+(so `print` and writes to fd 1 go to the output pipe, never into a reply) and wraps the functions a
+task may not
+call. From the first student cell on, nothing in this process is trusted: the student can patch this
+module, find
+the channel's fds and write to them. That is fine by design: the grader reads every reply as data
+(wire.py),
+checks its shape and compares the values itself, so the most a student can do is send values of
+their choosing,
 i.e. compute an answer.
 
 Requests (JSON headers, see wire.py), one reply each:
-    run        {source, timeout, stash: [names]}        run one cell; remember the named functions it defines
+    run        {source, timeout, stash: [names]}        run one cell; remember the named functions
+    it defines
     signature  {task}                                   the parameters of the remembered function
     call       {target, args, kwargs, timeout, forbid, grad_enabled, backward}
-    construct  {task, args, kwargs}                     instantiate the student's class -> a handle (for modules)
+    construct  {task, args, kwargs}                     instantiate the student's class -> a handle
+    (for modules)
     load_state {handle, state, strict}                  load_state_dict on a handle
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +38,10 @@ import traceback
 
 
 class TaskTimeout(BaseException):
-    """Raised by the alarm when a cell or call runs past its time (a BaseException: `except Exception` in
-    student code does not swallow it; `except BaseException` does, and then the grader's own deadline kills us)."""
+    """Raised by the alarm when a cell or call runs past its time (a BaseException: `except
+    Exception` in
+    student code does not swallow it; `except BaseException` does, and then the grader's own
+    deadline kills us)."""
 
 
 class ForbiddenCall(Exception):
@@ -40,20 +53,28 @@ def _apply_limits(limits: dict) -> None:
         import resource
     except ImportError:  # Windows: no rlimits; the grader's deadlines still apply
         return
-    table = {"memory_bytes": "RLIMIT_AS", "processes": "RLIMIT_NPROC", "cpu_seconds": "RLIMIT_CPU",
-             "file_bytes": "RLIMIT_FSIZE", "open_files": "RLIMIT_NOFILE", "core_bytes": "RLIMIT_CORE"}
+    table = {
+        "memory_bytes": "RLIMIT_AS",
+        "processes": "RLIMIT_NPROC",
+        "cpu_seconds": "RLIMIT_CPU",
+        "file_bytes": "RLIMIT_FSIZE",
+        "open_files": "RLIMIT_NOFILE",
+        "core_bytes": "RLIMIT_CORE",
+    }
     for key, name in table.items():
         value = limits.get(key)
         if value is None or not hasattr(resource, name):
             continue
         try:
             resource.setrlimit(getattr(resource, name), (int(value), int(value)))
-        except (ValueError, OSError):  # e.g. macOS refuses some RLIMIT_AS values: keep going, weaker
+        # e.g. macOS refuses some RLIMIT_AS values: keep going, weaker
+        except (ValueError, OSError):
             pass
 
 
 def _drop_root(uid) -> None:
-    """Inside bubblewrap started by root, become an unprivileged uid (bwrap let us keep CAP_SETUID for this)."""
+    """Inside bubblewrap started by root, become an unprivileged uid (bwrap let us keep CAP_SETUID
+    for this)."""
     if uid is None or not hasattr(os, "getuid") or os.getuid() != 0:
         return
     os.setgroups([])
@@ -67,6 +88,7 @@ class Worker:
     def __init__(self, config: dict, channel_in, channel_out):
         import torch
         from minisd.course import wire
+
         self.torch, self.wire = torch, wire
         self.config = config
         self.channel_in, self.channel_out = channel_in, channel_out
@@ -79,12 +101,17 @@ class Worker:
         self.namespace, self.run_source = _make_shell()
         self.set_up = False
 
-    # -- forbidden calls ------------------------------------------------------------------------------------------
+    # -- forbidden calls
+    # ------------------------------------------------------------------------------------------
     def _guard(self, path: str, message: str) -> None:
-        """Replace the object at dotted `path` by a wrapper that refuses to run while `path` is active (during a
-        call of a task that forbids it) and otherwise calls through. Installed before the notebook runs, so
-        `from torch.nn.functional import scaled_dot_product_attention` in a cell binds the wrapper."""
+        """Replace the object at dotted `path` by a wrapper that refuses to run while `path` is
+        active (during a
+        call of a task that forbids it) and otherwise calls through. Installed before the notebook
+        runs, so
+        `from torch.nn.functional import scaled_dot_product_attention` in a cell binds the wrapper.
+        """
         import importlib
+
         parts = path.split(".")
         owner = None
         for cut in range(len(parts) - 1, 0, -1):
@@ -105,17 +132,20 @@ class Worker:
                 worker.forbidden_seen.append(message)
                 raise ForbiddenCall(message)
             return original(*args, **kwargs)
+
         guard.__name__ = getattr(original, "__name__", parts[-1])
         guard.__doc__ = getattr(original, "__doc__", None)
         setattr(owner, parts[-1], guard)
 
-    # -- values ---------------------------------------------------------------------------------------------------
+    # -- values
+    # ----------------------------------------------------------------------------------------------
     def _decode(self, node, tensors):
         return self.wire.Decoder(tensors, hook=self._decode_tag).decode(node)
 
     def _decode_tag(self, tag, body, depth):
         import dataclasses
         import importlib
+
         if tag == "$handle":
             return self.handles[body]
         if tag in ("$module", "$dataclass"):
@@ -137,7 +167,8 @@ class Worker:
         raise self.wire.WireError(f"unknown tag {tag!r}")
 
     def _forbid_instance(self, module, message: str) -> None:
-        """Calling this module (module(x), module.forward(x), Class.forward(module, x)) raises ForbiddenCall."""
+        """Calling this module (module(x), module.forward(x), Class.forward(module, x)) raises
+        ForbiddenCall."""
         cls = type(module)
         original = cls.forward
         worker = self
@@ -147,6 +178,7 @@ class Worker:
                 worker.forbidden_seen.append(message)
                 raise ForbiddenCall(message)
             return original(self_, *args, **kwargs)
+
         cls.forward = forward
         self._restore.append(lambda: setattr(cls, "forward", original))
 
@@ -155,16 +187,19 @@ class Worker:
         return encoder.encode(value), encoder.tensors
 
     def _encode_other(self, value, encoder):
-        """Numpy arrays and scalars become tensors and numbers; any other object only its type's name."""
+        """Numpy arrays and scalars become tensors and numbers; any other object only its type's
+        name."""
         if type(value).__module__ == "numpy":
             import numpy as np
+
             if isinstance(value, np.ndarray) and value.dtype != object:
                 return encoder.tensor(self.torch.from_numpy(np.ascontiguousarray(value)))
             if isinstance(value, np.generic):
                 return encoder.encode(value.item())
         return {"$unsupported": type(value).__name__}
 
-    # -- requests -------------------------------------------------------------------------------------------------
+    # -- requests
+    # ----------------------------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             try:
@@ -178,7 +213,8 @@ class Worker:
                 continue
             self._tensors = tensors
             reply, reply_tensors = handler(header, tensors)
-            reply["id"] = header.get("id")   # which request this answers (the grader drops anything else)
+            # which request this answers (the grader drops anything else)
+            reply["id"] = header.get("id")
             self._reply(reply, reply_tensors)
             if op == "bye":
                 return
@@ -187,22 +223,27 @@ class Worker:
         try:
             self.wire.write_message(self.channel_out, header, tensors)
         except (TypeError, ValueError, MemoryError) as error:
-            self.wire.write_message(self.channel_out, {"status": "unreturnable", "message": _short(error),
-                                                       "id": header.get("id")})
+            self.wire.write_message(
+                self.channel_out,
+                {"status": "unreturnable", "message": _short(error), "id": header.get("id")},
+            )
 
     def op_setup(self, header, tensors):
-        """Wrap the calls the chapter's tasks forbid; once, before the first cell (later: refused)."""
+        """Wrap the calls the chapter's tasks forbid; once, before the first cell (later: refused).
+        """
         if self.set_up:
             return {"status": "refused"}, None
         self.set_up = True
         name = os.path.basename(str(header.get("notebook", "")))
-        if name and "notebook" in tensors and not os.path.exists(name):  # the working folder: just the notebook
+        # the working folder: just the notebook
+        if name and "notebook" in tensors and not os.path.exists(name):
             with open(name, "wb") as file:
                 file.write(tensors["notebook"].numpy().tobytes())
         for path, message in header.get("forbid", {}).items():
             try:
                 self._guard(path, message)
-            except Exception:  # noqa: BLE001 - a module that does not import here has nothing to forbid
+            # noqa: BLE001 - a module that does not import here has nothing to forbid
+            except Exception:
                 pass
         return {"status": "ok"}, None
 
@@ -240,6 +281,7 @@ class Worker:
 
     def op_signature(self, header, tensors):
         import inspect
+
         fn, found = self._target(header)
         if not found:
             return {"status": "missing"}, None
@@ -247,10 +289,12 @@ class Worker:
         try:
             with _alarm(5):
                 signature = inspect.signature(fn)
-        except (Exception, TaskTimeout):  # noqa: BLE001 - a builtin, or an object whose signature misbehaves
+        # noqa: BLE001 - a builtin, or an object whose signature misbehaves
+        except (Exception, TaskTimeout):
             return reply, None
-        reply["parameters"] = [[p.name, p.kind.name, p.default is not p.empty]
-                               for p in signature.parameters.values()]
+        reply["parameters"] = [
+            [p.name, p.kind.name, p.default is not p.empty] for p in signature.parameters.values()
+        ]
         return reply, None
 
     def op_construct(self, header, tensors):
@@ -264,11 +308,18 @@ class Worker:
         try:
             state = self._decode(header["state"], tensors)
             result = obj.load_state_dict(state, strict=bool(header.get("strict", True)))
-            return {"status": "returned", "missing": list(result.missing_keys),
-                    "unexpected": list(result.unexpected_keys)}, None
+            return {
+                "status": "returned",
+                "missing": list(result.missing_keys),
+                "unexpected": list(result.unexpected_keys),
+            }, None
         except Exception as error:  # noqa: BLE001 - a student's module may refuse its weights
-            return {"status": "raised", "ename": type(error).__name__, "evalue": _short(error),
-                    "where": _student_frame(error)}, None
+            return {
+                "status": "raised",
+                "ename": type(error).__name__,
+                "evalue": _short(error),
+                "where": _student_frame(error),
+            }, None
 
     def _invoke(self, header, tensors, construct: bool):
         torch = self.torch
@@ -279,14 +330,20 @@ class Worker:
         try:
             args = self._decode(header.get("args", []), tensors)
             kwargs = self._decode(header.get("kwargs", {"$dict": []}), tensors)
-        except Exception as error:  # noqa: BLE001 - the grader sent something this sandbox cannot build
+        # noqa: BLE001 - the grader sent something this sandbox cannot build
+        except Exception as error:
             self._undo()
             return {"status": "bad request", "message": _short(error)}, None
-        before = [_snapshot(a, torch) for a in args] + [_snapshot(v, torch) for v in kwargs.values()]
+        before = [_snapshot(a, torch) for a in args] + [
+            _snapshot(v, torch) for v in kwargs.values()
+        ]
         reply = {}
         self.active_forbids = set(header.get("forbid", []))
         try:
-            with _alarm(header.get("timeout")), torch.set_grad_enabled(bool(header.get("grad_enabled", True))):
+            with (
+                _alarm(header.get("timeout")),
+                torch.set_grad_enabled(bool(header.get("grad_enabled", True))),
+            ):
                 value = fn(*args, **kwargs)
             reply["status"] = "returned"
         except NotImplementedError as error:
@@ -296,8 +353,12 @@ class Worker:
         except TaskTimeout:
             reply["status"] = "timed out"
         except (Exception, SystemExit) as error:  # noqa: BLE001 - the student's code raised
-            reply.update(status="raised", ename=type(error).__name__, evalue=_short(error),
-                         where=_student_frame(error))
+            reply.update(
+                status="raised",
+                ename=type(error).__name__,
+                evalue=_short(error),
+                where=_student_frame(error),
+            )
         finally:
             self.active_forbids = set()
             self._undo()
@@ -306,7 +367,9 @@ class Worker:
         if reply["status"] != "returned":
             return reply, None
         after = [_snapshot(a, torch) for a in args] + [_snapshot(v, torch) for v in kwargs.values()]
-        reply["mutated"] = [i for i, (b, a) in enumerate(zip(before, after)) if not _same(b, a, torch)]
+        reply["mutated"] = [
+            i for i, (b, a) in enumerate(zip(before, after)) if not _same(b, a, torch)
+        ]
         if construct:
             handle = len(self.handles) + 1
             self.handles[handle] = value
@@ -332,10 +395,16 @@ class Worker:
                 with _alarm(30):
                     value.reshape(()).backward() if value.numel() == 1 else value.sum().backward()
             except (Exception, TaskTimeout) as error:  # noqa: BLE001
-                return {"status": "raised", "ename": type(error).__name__, "evalue": _short(error),
-                        "where": _student_frame(error)}, None
+                return {
+                    "status": "raised",
+                    "ename": type(error).__name__,
+                    "evalue": _short(error),
+                    "where": _student_frame(error),
+                }, None
             for index, module in enumerate(modules):
-                grads[str(index)] = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+                grads[str(index)] = {
+                    name: p.grad for name, p in module.named_parameters() if p.grad is not None
+                }
         try:
             reply["value"], out = self._encode_reply_value(value)
             encoder = self.wire.Encoder()
@@ -366,23 +435,29 @@ def _same(before, after, torch) -> bool:
     kind, old = before
     if kind == "tensor":
         new = after[1]
-        return old.shape == new.shape and old.dtype == new.dtype and bool(
-            torch.equal(torch.nan_to_num(old), torch.nan_to_num(new)))
+        return (
+            old.shape == new.shape
+            and old.dtype == new.dtype
+            and bool(torch.equal(torch.nan_to_num(old), torch.nan_to_num(new)))
+        )
     if kind == "list":
         return old == after[1]
     return True
 
 
 class _alarm:
-    """SIGALRM -> TaskTimeout after `seconds` (main thread, POSIX); the grader's deadline backs it up."""
+    """SIGALRM -> TaskTimeout after `seconds` (main thread, POSIX); the grader's deadline backs it
+    up."""
 
     def __init__(self, seconds):
         self.seconds = seconds if seconds and hasattr(signal, "setitimer") else None
 
     def __enter__(self):
         if self.seconds:
+
             def on_alarm(signum, frame):
                 raise TaskTimeout()
+
             self.previous = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, float(self.seconds))
 
@@ -398,7 +473,8 @@ def _short(error, limit: int = 400) -> str:
 
 
 def _student_frame(error: BaseException) -> str:
-    """'line 7 of your cell, in f(): `scores = q @ k`': the innermost traceback frame in notebook code."""
+    """'line 7 of your cell, in f(): `scores = q @ k`': the innermost traceback frame in notebook
+    code."""
     frames = traceback.extract_tb(error.__traceback__)
     student = [f for f in frames if f.filename.startswith(("<ipython-input", "<cell"))]
     if not student:
@@ -409,7 +485,8 @@ def _student_frame(error: BaseException) -> str:
 
 
 def _make_shell():
-    """(namespace, run(source) -> exception or None): IPython's shell when installed (magics, display), else
+    """(namespace, run(source) -> exception or None): IPython's shell when installed (magics,
+    display), else
     plain exec."""
     try:
         from IPython.core.interactiveshell import InteractiveShell
@@ -422,6 +499,7 @@ def _make_shell():
         def run(source):
             result = shell.run_cell(source, store_history=True)
             return result.error_before_exec or result.error_in_exec
+
         return shell.user_ns, run
     namespace = {"__name__": "__main__"}
     counter = [0]
@@ -436,6 +514,7 @@ def _make_shell():
             traceback.print_exc()
             return error
         return None
+
     return namespace, run
 
 
@@ -447,14 +526,21 @@ def main() -> None:
     channel_out = os.fdopen(os.dup(1), "wb")
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(2, 1)          # fd 1 (print, os.write(1, ...)) now goes to the output pipe, like fd 2
+    os.dup2(2, 1)  # fd 1 (print, os.write(1, ...)) now goes to the output pipe, like fd 2
     os.close(null)
     sys.path.insert(0, root)
     if config.get("cwd_on_path", True):
         sys.path.append(os.getcwd())
     import torch  # noqa: F401 - paid once here, before the grader's first request
+
     worker = Worker(config, channel_in, channel_out)
-    worker._reply({"status": "ready", "pid": os.getpid(), "uid": os.getuid() if hasattr(os, "getuid") else None})
+    worker._reply(
+        {
+            "status": "ready",
+            "pid": os.getpid(),
+            "uid": os.getuid() if hasattr(os, "getuid") else None,
+        }
+    )
     worker.serve()
     sys.stdout.flush()
     os._exit(0)  # no atexit handlers or threads the notebook left behind get to run after grading

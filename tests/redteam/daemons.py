@@ -1,5 +1,5 @@
-# Attack: leave processes behind that outlive grading (setsid + double fork, a plain child, a subprocess in its
-# own session) and, later, rewrite any grading report they can find.
+# Attack: leave processes behind that outlive grading (setsid + double fork, a plain child, a
+# subprocess in its own session) and, later, rewrite any grading report they can find.
 import os
 import subprocess
 import sys

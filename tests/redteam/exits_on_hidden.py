@@ -1,5 +1,5 @@
-# Attack: pass the public check, then make the hidden checks vanish by killing the worker as soon as they start
-# (the old grader took whatever results it got).
+# Attack: pass the public check, then make the hidden checks vanish by killing the worker as soon as
+# they start (the old grader took whatever results it got).
 import os
 import torch
 calls = []

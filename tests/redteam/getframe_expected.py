@@ -1,5 +1,5 @@
-# Attack: walk up the call stack to the check's local `expected` (or any tensor of the right shape that is not an
-# argument) and return it.
+# Attack: walk up the call stack to the check's local `expected` (or any tensor of the right shape
+# that is not an argument) and return it.
 import sys
 import torch
 

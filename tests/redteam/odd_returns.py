@@ -1,5 +1,5 @@
-# Attack: return objects that pretend to be equal to anything: an object with __eq__ always True and a fake
-# shape, a str subclass, a generator; the last call returns a numpy array of zeros.
+# Attack: return objects that pretend to be equal to anything: an object with __eq__ always True and
+# a fake shape, a str subclass, a generator; the last call returns a numpy array of zeros.
 import numpy as np
 import torch
 

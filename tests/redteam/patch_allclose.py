@@ -1,4 +1,5 @@
-# Attack: make every comparison succeed by monkeypatching torch before the check compares, then return zeros.
+# Attack: make every comparison succeed by monkeypatching torch before the check compares, then
+# return zeros.
 import torch
 torch.allclose = lambda *args, **kwargs: True
 torch.equal = lambda *args, **kwargs: True

@@ -1,4 +1,5 @@
-# Attack: replace the grader's own toolkit (expect_close, evaluate, the stash, the remote call) with no-ops.
+# Attack: replace the grader's own toolkit (expect_close, evaluate, the stash, the remote call) with
+# no-ops.
 import torch
 import minisd.course.checks as checks
 checks.Context.expect_close = lambda self, *args, **kwargs: None

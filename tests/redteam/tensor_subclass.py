@@ -1,5 +1,5 @@
-# Attack: return a Tensor subclass whose __torch_function__ answers True to every comparison and makes every
-# difference zero, so allclose/equal/abs()-based checks pass.
+# Attack: return a Tensor subclass whose __torch_function__ answers True to every comparison and
+# makes every difference zero, so allclose/equal/abs()-based checks pass.
 import torch
 
 class Liar(torch.Tensor):

@@ -1,5 +1,6 @@
-# Attack: write fake report text to fd 1 and fd 2, then forge a well-formed protocol reply (wire.py's framing)
-# on every open file descriptor, hoping one is the grader's result channel, claiming the call returned zeros.
+# Attack: write fake report text to fd 1 and fd 2, then forge a well-formed protocol reply
+# (wire.py's framing) on every open file descriptor, hoping one is the grader's result channel,
+# claiming the call returned zeros.
 import os
 import torch
 from minisd.course import wire
@@ -7,7 +8,8 @@ from minisd.course import wire
 def forge(status="returned"):
     for fd in range(0, 64):
         try:
-            wire.write_message(os.fdopen(os.dup(fd), "wb"), {"status": status, "value": {"$tensor": "t0"}},
+            reply = {"status": status, "value": {"$tensor": "t0"}}
+            wire.write_message(os.fdopen(os.dup(fd), "wb"), reply,
                                {"t0": torch.zeros(1)})
         except Exception:
             pass

@@ -1,6 +1,6 @@
-# Attack: change what later gradings import or read: append a no-op check to the grader's check files, rewrite the
-# checks package, drop a .pth file into site-packages, plant ./torch/__init__.py beside the notebook (and in every
-# folder above it), and leave files in /tmp and $HOME.
+# Attack: change what later gradings import or read: append a no-op check to the grader's check
+# files, rewrite the checks package, drop a .pth file into site-packages, plant ./torch/__init__.py
+# beside the notebook (and in every folder above it), and leave files in /tmp and $HOME.
 import os
 import site
 import sys
