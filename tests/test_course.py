@@ -2,15 +2,11 @@
 helpers.
 
 Cost design: grading a whole notebook means executing it (up to ~45 s each in fast mode), and
-tests/test_notebooks.py
-already executes every notebook once. Here the chapter notebooks are graded with
-`exercises_only=True` (the exercise
-cells plus the imports/defs they read, found with ast), each in its own fresh sandbox;
-`Grader(prewarm=True)` starts
-the next sandbox (python + torch, no student code yet) while the current notebook is graded, so a
-grading costs a
-few seconds. The whole-notebook path (the stash of graded functions, cell errors, the working
-folder) and the CLI are
+tests/test_notebooks.py already executes every notebook once. Here the chapter notebooks are graded
+with `exercises_only=True` (the exercise cells plus the imports/defs they read, found with ast),
+each in its own fresh sandbox; `Grader(prewarm=True)` starts the next sandbox (python + torch, no
+student code yet) while the current notebook is graded, so a grading costs a few seconds. The
+whole-notebook path (the stash of graded functions, cell errors, the working folder) and the CLI are
 tested on small synthetic notebooks. Hostile notebooks: tests/test_grader_redteam.py.
 """
 
@@ -146,8 +142,7 @@ def test_malformed_solution_regions_are_reported(source, problem):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_no_solution_text_reaches_students(notebook):
     """Every line inside a solution region (hints aside) is absent from the chapter's generated
-    files, unless the
-    teacher's notebook also shows that line outside the regions."""
+    files, unless the teacher's notebook also shows that line outside the regions."""
     nb = nbformat.read(notebook, as_version=4)
     inside, outside = set(), set()
     for cell in nb.cells:
@@ -400,10 +395,8 @@ def synthetic_notebook(path: Path, cells: list[str], chapter: str) -> Path:
 
 def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
     """A later cell rebinding the task's name (as chapters do with the package's version) does not
-    replace the
-    student's function; other cells' errors are listed; the notebook runs in a fresh folder holding
-    only a copy of
-    itself, and writes nothing beside the original."""
+    replace the student's function; other cells' errors are listed; the notebook runs in a fresh
+    folder holding only a copy of itself, and writes nothing beside the original."""
     path = synthetic_notebook(
         tmp_path / "exercise.ipynb",
         [

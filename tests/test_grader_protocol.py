@@ -2,10 +2,9 @@
 written with.
 
 The wire tests need no process. The remote-call test starts one sandbox and drives it the way a
-check for a
-student's nn.Module will (issue #15): build the student's class in the sandbox, load minisd-style
-weights into it
-by name, call forward, and run backward through a module the grader built.
+check for a student's nn.Module will (issue #15): build the student's class in the sandbox, load
+minisd-style weights into it by name, call forward, and run backward through a module the grader
+built.
 """
 
 from __future__ import annotations

@@ -2,26 +2,20 @@
 this machine.
 
 One batch grading (`grade submissions/ --jobs 2 --csv`, a separate process, as a teacher runs it) of
-every attack
-plus an honest classmate, with instructors' hidden checks whose source holds a secret; then, in the
-same folder,
-an honest-but-wrong and a correct submission graded one by one. The tests then check that no attack
-passed, the
-later submissions got their usual verdicts, the secret is in no report, no attack process survived,
-no file
-outside the submissions changed, and a --json report is not rewritten after the grader exits.
+every attack plus an honest classmate, with instructors' hidden checks whose source holds a secret;
+then, in the same folder, an honest-but-wrong and a correct submission graded one by one. The tests
+then check that no attack passed, the later submissions got their usual verdicts, the secret is in
+no report, no attack process survived, no file outside the submissions changed, and a --json report
+is not rewritten after the grader exits.
 
 Needs the bubblewrap sandbox (the default on Linux with `bwrap`; CI installs it): the process-only
-fallback is
-documented as weaker, and some attacks (kill -9 -1) would hit the test runner itself there.
+fallback is documented as weaker, and some attacks (kill -9 -1) would hit the test runner itself
+there.
 
 Cost: ~20 notebooks, 2 at a time. The limits below are small so that the hanging attacks end
-quickly: a cell
-gets 10 s (honest cells here take well under 1 s even on a loaded 2-core machine; the first cell
-imports torch,
-already imported by the sandbox), a check 15 s (the chapter-09 check makes 3 calls on tiny tensors,
-~10 ms each),
-the whole notebook 60 s.
+quickly: a cell gets 10 s (honest cells here take well under 1 s even on a loaded 2-core machine;
+the first cell imports torch, already imported by the sandbox), a check 15 s (the chapter-09 check
+makes 3 calls on tiny tensors, ~10 ms each), the whole notebook 60 s.
 """
 
 from __future__ import annotations
@@ -264,8 +258,7 @@ EXPECTED = {  # attack -> the status of the public check, and a pattern of its m
     "metadata_chapter": ("missing", r"is not defined"),
     "stubborn_loops": ("timed out", r""),
     # forked copies of the worker answer on the shared channel (the sandbox is replaced, the cell
-    # skipped), the
-    # 1 GiB reply is refused on either side: whichever comes first, never a pass
+    # skipped), the 1 GiB reply is refused on either side: whichever comes first, never a pass
     "resources": ("crashed|failed|error", r""),
     "odd_returns": ("failed", r"to be a torch.Tensor, got Anything"),
     "fake_results": (

@@ -5,14 +5,11 @@ CSV.
 
 The folder holds one notebook per student: `submissions/alice.ipynb` (the student is "alice") or
 `submissions/alice/<anything>.ipynb` (one notebook in the student's folder). The chapter comes from
---chapter, or
-from the folder's name (submissions/01_attention/); never from the notebooks. --jobs N grades N
-notebooks at
-once, each through its own Grader (its own sandboxes; under root its own uid), so a hostile or
-broken submission
-costs at most its own time limits and cannot touch another's. One CSV row per student × task (hidden
-checks
-included); a summary at the end. The exit status is 0 when every student passed every task.
+--chapter, or from the folder's name (submissions/01_attention/); never from the notebooks. --jobs N
+grades N notebooks at once, each through its own Grader (its own sandboxes; under root its own uid),
+so a hostile or broken submission costs at most its own time limits and cannot touch another's. One
+CSV row per student × task (hidden checks included); a summary at the end. The exit status is 0 when
+every student passed every task.
 """
 
 from __future__ import annotations

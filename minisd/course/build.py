@@ -21,9 +21,8 @@ A solution region sits inside a code cell:
         ### END SOLUTION
 
 and becomes `raise NotImplementedError("scores q·kᵀ/√d, ...")` at the indentation of the `### BEGIN
-SOLUTION` line.
-The optional first line `# hint: ...` gives the message; without it the message names the function
-to write.
+SOLUTION` line. The optional first line `# hint: ...` gives the message; without it the message
+names the function to write.
 """
 
 from __future__ import annotations
@@ -244,8 +243,7 @@ def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
     nb = nbformat.v4.new_notebook()
     nb.nbformat, nb.nbformat_minor = 4, max(5, notebook.get("nbformat_minor", 5))
     # language_info is filled in by whoever executed the notebook last (Python version, ...): keep
-    # only the
-    # language, so re-executing the notebooks does not change the student version
+    # only the language, so re-executing the notebooks does not change the student version
     nb.metadata = _clean_metadata(notebook.metadata, ("kernelspec",))
     nb.metadata["language_info"] = {"name": "python"}
     nb.metadata["minisd"] = {
@@ -441,9 +439,8 @@ def verify_tasks(notebook, source_name: str, checks) -> dict:
 
 def chapter_plan(notebook) -> list[str]:
     """The numbered list of the notebook's introduction ("In this chapter you will 1. … 2. …"), one
-    item per entry,
-    continuation lines joined; [] if the introduction (markdown before the first code cell) has
-    none."""
+    item per entry, continuation lines joined; [] if the introduction (markdown before the first
+    code cell) has none."""
     items: list[str] = []
     for cell in notebook.cells:
         if cell.cell_type == "code":
@@ -481,8 +478,7 @@ RELATIVE_TO_NOTEBOOKS = re.compile(r"""Path\(\s*["']\.\.["']\s*\)|["']\.\./""")
 
 def working_folder_problems(notebook, source_name: str) -> list[str]:
     """Code that reaches files through '..': it works from notebooks/ but not from
-    chapters/NN_name/, one level
-    deeper, where students run the same cells."""
+    chapters/NN_name/, one level deeper, where students run the same cells."""
     return [
         f"{source_name}, cell {i + 1}: {line.strip()!r} reads a path relative to notebooks/, which "
         "breaks in "

@@ -5,11 +5,10 @@ come from here).
     python -m minisd.course execute notebooks/01_attention.ipynb --fast
 
 The kernel runs in the notebook's folder (notebooks/) with the environment as it is (PYTHONPATH
-untouched, as in a
-student's Jupyter: notebooks put the checkout on sys.path themselves); --fast sets MINISD_FAST=1.
-A cell that raises stops that notebook, which is then left unchanged on disk; the exit status is 1
-if any notebook
-failed. Cell timing metadata is not recorded, so re-running changes only what the outputs change.
+untouched, as in a student's Jupyter: notebooks put the checkout on sys.path themselves); --fast
+sets MINISD_FAST=1. A cell that raises stops that notebook, which is then left unchanged on disk;
+the exit status is 1 if any notebook failed. Cell timing metadata is not recorded, so re-running
+changes only what the outputs change.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ def run_notebook(
     path, fast: bool, cell_timeout: float = 600, total_timeout: Optional[float] = None
 ) -> Execution:
     """Execute a notebook in a fresh kernel (cwd = its folder), stopping at the first error or when
-    a cell runs past
-    `cell_timeout` or the whole notebook past `total_timeout` seconds. Does not write anything."""
+    a cell runs past `cell_timeout` or the whole notebook past `total_timeout` seconds. Does not
+    write anything."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -72,7 +71,8 @@ def run_notebook(
             else f"the {cell_timeout:g} s limit per cell"
         )
         seconds = time.perf_counter() - start
-        error = f"cell {index + 1} was still running when the notebook hit {limit} ({seconds:.0f} s)"
+        error = (f"cell {index + 1} was still running when the notebook hit {limit} "
+                 f"({seconds:.0f} s)")
     except DeadKernelError:
         error = f"the kernel died in cell {index + 1}"
     return Execution(path, time.perf_counter() - start, error, notebook)

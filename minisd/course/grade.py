@@ -14,18 +14,14 @@ from outside.
 2. Start a sandbox (sandbox.py: bubblewrap on Linux, else a plain separate process, named in the
 report) and run
    the notebook's code cells there in order (plan.py; --exercises-only: just the exercise cells and
-   what they
-   need), each with a time limit, the whole notebook with a deadline. A failing cell does not stop
-   the rest; a
-   cell that kills or hangs the sandbox is skipped in a fresh sandbox.
+   what they need), each with a time limit, the whole notebook with a deadline. A failing cell does
+   not stop the rest; a cell that kills or hangs the sandbox is skipped in a fresh sandbox.
 3. For each task run the chapter's check (minisd/course/checks/chNN_*.py) and the instructors'
 hidden checks HERE,
    in the grader's process: a check draws inputs, `ctx.call` sends them to the sandbox, which runs
-   the student's
-   function and sends back plain values (remote.py, wire.py); the check compares them with minisd's
-   answer. The
-   grader knows which checks it runs, so a check whose sandbox dies, hangs or answers garbage is one
-   failed line.
+   the student's function and sends back plain values (remote.py, wire.py); the check compares them
+   with minisd's answer. The grader knows which checks it runs, so a check whose sandbox dies, hangs
+   or answers garbage is one failed line.
 4. Report per task; exit 0 if every task passed, 1 otherwise, 2 for usage errors.
 """
 
@@ -44,7 +40,7 @@ import torch
 
 from .build import chapter_number
 from .plan import plan_cells
-from .sandbox import Isolation, Limits, Sandbox, SandboxError, SandboxTimeout
+from .sandbox import Isolation, Limits, Sandbox, SandboxError
 
 EXTRA_CHECKS_HELP = """\
 ## Hidden checks (instructors)
@@ -150,9 +146,8 @@ class Grader:
     """Grades notebooks, each in its own fresh sandbox.
 
     prewarm=True (test suites, one-at-a-time batches) starts the next sandbox in the background
-    while the current
-    notebook is graded: a sandbox that has run no student code yet, so nothing carries over between
-    notebooks.
+    while the current notebook is graded: a sandbox that has run no student code yet, so nothing
+    carries over between notebooks.
     slot: this grader's number among parallel ones (under root, each slot's sandboxes get their own
     uid).
     """
@@ -241,8 +236,7 @@ class Grader:
         run.sandbox = None
         sandbox = None
         # a spare only when nothing needs hiding from it (a spare started before this notebook was
-        # known) and
-        # only for the first sandbox of a notebook: restarts start fresh ones
+        # known) and only for the first sandbox of a notebook: restarts start fresh ones
         if (
             self.prewarm
             and self.isolation.level == "bubblewrap"

@@ -12,10 +12,9 @@ hand, compare it with the package's version and read one line:
     attention: WRONG (max diff 0.42 at index (0, 3))  some element is outside that tolerance
 
 `show_images` and `show_maps` draw small matplotlib grids (figures stay small so the committed
-notebooks stay small).
-`repo_root()` is the checkout holding this minisd: `repo_root() / "tests" / "fixtures"` works from
-notebooks/ and from
-chapters/NN_name/ alike (a path like Path("..") / "tests" only works from one of them).
+notebooks stay small). `repo_root()` is the checkout holding this minisd: `repo_root() / "tests" /
+"fixtures"` works from notebooks/ and from chapters/NN_name/ alike (a path like Path("..") / "tests"
+only works from one of them).
 """
 
 from __future__ import annotations
@@ -113,9 +112,8 @@ def cmp(name: str, mine, reference, atol: float = 1e-5, rtol: float = 1e-5) -> b
     equal.
 
     Tensors, numpy arrays, numbers, and lists/tuples of these (compared item by item) are accepted;
-    strings and lists
-    of strings must be equal. Shapes must match exactly (no broadcasting: a [4] result is not a [1,
-    4] one).
+    strings and lists of strings must be equal. Shapes must match exactly (no broadcasting: a [4]
+    result is not a [1, 4] one).
     """
     verdict, detail, _ = _compare(mine, reference, atol, rtol)
     if verdict == "exact":
@@ -127,8 +125,7 @@ def cmp(name: str, mine, reference, atol: float = 1e-5, rtol: float = 1e-5) -> b
 
 def _to_hwc_images(images) -> list[np.ndarray]:
     """[B,3,H,W] / [3,H,W] / [B,1,H,W] / [B,H,W] tensor in [0,1], or a list of PIL images or such
-    tensors -> HWC
-    arrays."""
+    tensors -> HWC arrays."""
     if isinstance(images, (list, tuple)):
         out = []
         for image in images:
@@ -193,12 +190,11 @@ def show_images(
     """Draw images in a grid.
 
     images: a tensor [B, 3, H, W] (or [3, H, W], [B, 1, H, W]) with values in [0, 1] — values
-    outside are clipped;
-    for the VAE's [-1, 1] range pass `(x + 1) / 2` — or a list of PIL images (or of such tensors).
+    outside are clipped; for the VAE's [-1, 1] range pass `(x + 1) / 2` — or a list of PIL images
+    (or of such tensors).
     titles: one per image. cols: images per row (default: all in one row, up to 8). size: inches per
-    image (the
-    figure is capped at 10 inches wide). show=False returns the matplotlib Figure instead of showing
-    it.
+    image (the figure is capped at 10 inches wide). show=False returns the matplotlib Figure instead
+    of showing it.
     """
     arrays = _to_hwc_images(images)
     fig, axes = _grid(len(arrays), cols, size, titles)
@@ -227,8 +223,7 @@ def show_maps(
     """Draw 2-D maps (attention maps, latent channels, matrices) as heat maps in a grid.
 
     maps: a tensor [B, H, W] or [H, W], or a list of 2-D tensors/arrays. Each map gets its own
-    colour scale unless
-    shared_scale=True. Other arguments as in `show_images`.
+    colour scale unless shared_scale=True. Other arguments as in `show_images`.
     """
     if isinstance(maps, (list, tuple)):
         arrays = [_as_tensor(m).float().numpy() for m in maps]

@@ -56,8 +56,7 @@ class CellResult:
 
 def kernel_env(fast: bool, add_checkout_to_path: bool = True) -> dict:
     """The environment of a new kernel. add_checkout_to_path=False leaves PYTHONPATH as it is, as
-    when a student
-    opens the notebook in Jupyter (the notebooks find the checkout themselves)."""
+    when a student opens the notebook in Jupyter (the notebooks find the checkout themselves)."""
     env = dict(os.environ)
     if add_checkout_to_path:
         root = str(Path(__file__).resolve().parents[2])
@@ -67,9 +66,8 @@ def kernel_env(fast: bool, add_checkout_to_path: bool = True) -> dict:
     if fast:
         env["MINISD_FAST"] = "1"
         # Fast mode runs tiny models whose ops are too small to split across threads: with two
-        # threads on a busy
-        # 2-core machine each op waits for the other thread (measured 10-30x slower), so CI's
-        # kernels use one.
+        # threads on a busy 2-core machine each op waits for the other thread (measured 10-30x
+        # slower), so CI's kernels use one.
         env.setdefault("OMP_NUM_THREADS", "1")
     else:
         env.pop("MINISD_FAST", None)

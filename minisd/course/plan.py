@@ -2,12 +2,10 @@
 here).
 
 Whole-notebook mode runs every code cell in order, noting which cells define graded functions (the
-sandbox
-remembers those functions right after their cell, so a later cell that rebinds the name cannot
-replace the
-student's work). --exercises-only runs only the exercise cells plus the statements of other cells
-they need
-(imports, defs, simple assignments that bind a name the exercise code reads, found with `ast`).
+sandbox remembers those functions right after their cell, so a later cell that rebinds the name
+cannot replace the student's work). --exercises-only runs only the exercise cells plus the
+statements of other cells they need (imports, defs, simple assignments that bind a name the exercise
+code reads, found with `ast`).
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ def _names_loaded(node) -> set:
 
 def _statements(cell_source: str) -> list[_Statement]:
     """The top-level statements of a cell that bind names: imports (also inside try/if), def, class,
-    and assignments
-    to plain names, each with the names it binds and the names it reads."""
+    and assignments to plain names, each with the names it binds and the names it reads."""
     try:
         tree = ast.parse(python_source(cell_source))
     except SyntaxError:
@@ -92,9 +89,8 @@ def _statements(cell_source: str) -> list[_Statement]:
 
 def _prelude(cells: list, exercise_sources: list, task_names: set) -> list[str]:
     """The statements of the non-exercise cells that the exercise cells need, directly or through
-    each other:
-    start from the names the exercise cells read and add every statement binding one of them, to a
-    fixed point."""
+    each other: start from the names the exercise cells read and add every statement binding one of
+    them, to a fixed point."""
     needed = set()
     for source in exercise_sources:
         try:

@@ -1,23 +1,16 @@
 """The student's function as a check sees it: `ctx.call(...)` becomes one request to the sandbox.
 
 A `RemoteTask` stands for one graded task during one check. It encodes the inputs the check drew
-(tensors as
-safetensors bytes; modules as "this minisd class, these constructor arguments, this state_dict";
-dataclasses by
-their fields), sends them, waits within the check's time budget, and turns the reply into either
-plain values
-(decoded by wire.py: no object from the sandbox survives) or one of the exceptions `evaluate`
-reports. Nothing
-the sandbox says is believed beyond "these are the outputs": a reply that does not fit the request
-(unknown
-status, malformed values, a forbidden-call message the grader did not write) is a failure, never a
-pass.
+(tensors as safetensors bytes; modules as "this minisd class, these constructor arguments, this
+state_dict"; dataclasses by their fields), sends them, waits within the check's time budget, and
+turns the reply into either plain values (decoded by wire.py: no object from the sandbox survives)
+or one of the exceptions `evaluate` reports. Nothing the sandbox says is believed beyond "these are
+the outputs": a reply that does not fit the request (unknown status, malformed values, a
+forbidden-call message the grader did not write) is a failure, never a pass.
 
 The same requests can build an instance of a student's class, load a state_dict into it and call its
-methods
-(`construct`, `load_state`, `call` with a handle), and run backward() and return gradients: what
-tasks that grade a
-student's nn.Module or backward pass need.
+methods (`construct`, `load_state`, `call` with a handle), and run backward() and return gradients:
+what tasks that grade a student's nn.Module or backward pass need.
 """
 
 from __future__ import annotations

@@ -5,34 +5,24 @@ Isolation levels, best first (`Isolation.detect` picks; the grading report print
   bubblewrap  Linux with `bwrap` (Debian: apt-get install bubblewrap). New PID, network, IPC and UTS
   namespaces
               and a new mount namespace whose root holds only read-only views of the system folders,
-              the Python
-              installation and minisd (+ tests/ for the notebooks' fixtures); the working folder and
-              /tmp are
-              small in-memory tmpfs. No network at all. Started by root, the worker gives up root
-              for its own
-              uid (60000 + job slot; no capabilities); started by a user, it runs in a user
-              namespace. Killing
-              the sandbox's first process ends the PID namespace, so every process the notebook
-              started dies
-              with it, setsid/double-forked ones included.
+              the Python installation and minisd (+ tests/ for the notebooks' fixtures); the working
+              folder and /tmp are small in-memory tmpfs. No network at all. Started by root, the
+              worker gives up root for its own uid (60000 + job slot; no capabilities); started by a
+              user, it runs in a user namespace. Killing the sandbox's first process ends the PID
+              namespace, so every process the notebook started dies with it, setsid/double-forked
+              ones included.
   process     Anywhere else (macOS, Windows, Linux without bwrap): a separate Python process in a
   fresh temporary
               folder holding a copy of the notebook, with rlimits where the OS has them, killed
-              (with its process
-              group) at the end. Verdicts are still computed in the grader, so monkeypatching, fake
-              results and
-              fd tricks do not work; but the notebook runs as the teacher's user with the teacher's
-              files and
-              network, and a daemon that leaves the process group can outlive grading. Use it for
-              one's own
-              work, not for a class: grade a class on Linux or in the container
-              (minisd/course/container/).
+              (with its process group) at the end. Verdicts are still computed in the grader, so
+              monkeypatching, fake results and fd tricks do not work; but the notebook runs as the
+              teacher's user with the teacher's files and network, and a daemon that leaves the
+              process group can outlive grading. Use it for one's own work, not for a class: grade a
+              class on Linux or in the container (minisd/course/container/).
 
 The worker's replies come back on its stdout pipe, its prints on stderr (drained, kept up to a
-bound); requests
-go in on stdin. `Sandbox.request` waits for a reply with a deadline and reports a dead, silent or
-garbled worker
-as an exception the grader turns into 'crashed' or 'timed out'.
+bound); requests go in on stdin. `Sandbox.request` waits for a reply with a deadline and reports a
+dead, silent or garbled worker as an exception the grader turns into 'crashed' or 'timed out'.
 """
 
 from __future__ import annotations
@@ -73,9 +63,8 @@ class SandboxTimeout(SandboxError):
 @dataclass(frozen=True)
 class Limits:
     """Per-sandbox bounds. The defaults fit every chapter in fast mode with a wide margin (a chapter
-    peaks below
-    1.5 GB of address space, torch alone reserves ~0.6 GB) while keeping 4 parallel jobs inside 16
-    GB."""
+    peaks below 1.5 GB of address space, torch alone reserves ~0.6 GB) while keeping 4 parallel jobs
+    inside 16 GB."""
 
     memory_mb: int = 4096
     processes: int = 64  # threads count too; torch runs with one intra-op thread here
@@ -209,7 +198,8 @@ def bwrap_command(
             command += ["--ro-bind", name, name]
     size = str(limits.file_mb << 20)
     # the tmpfs first: a checkout or a virtual environment under /tmp is then bound on top of it
-    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+    command += ["--proc", "/proc", "--dev", "/dev"]
+    command += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
     visible = _visible_paths()
     made: set = {"/tmp"}
     for path in visible:
@@ -223,7 +213,10 @@ def bwrap_command(
         path = path.resolve()
         inside = any(v == path or v in path.parents for v in visible)
         if inside and not any(path in v.parents for v in visible):
-            command += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
+            if path.is_dir():
+                command += ["--tmpfs", str(path)]
+            else:
+                command += ["--ro-bind", "/dev/null", str(path)]
     command += ["--perms", "1777", "--size", size, "--tmpfs", WORKDIR, "--chdir", WORKDIR]
     for key, value in _environment(config["fast"], home="/tmp").items():
         command += ["--setenv", key, value]
@@ -242,8 +235,7 @@ def _environment(fast: bool, home: str) -> dict:
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONHASHSEED": "0",
-        # one thread: tiny fast-mode ops gain nothing from more, and parallel jobs share the
-        # cores
+        # one thread: tiny fast-mode ops gain nothing from more, and parallel jobs share the cores
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
@@ -330,8 +322,8 @@ class Sandbox:
         threading.Thread(target=self._drain_output, daemon=True).start()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait for the worker's "ready". On failure the error quotes the end of its output: no notebook
-        code has run yet, so that is Python's own complaint (a missing module, a bad path, ...)."""
+        """Wait for the worker's "ready". On failure the error quotes the end of its output: no
+        notebook code has run yet, so that is Python's own complaint (a missing module, ...)."""
         try:
             reply, _ = self._wait(timeout, "start")
         except SandboxError as error:

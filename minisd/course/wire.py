@@ -9,20 +9,15 @@ One message is
 Values travel as a small tagged JSON tree: None, bools, ints, strings and lists as themselves;
 floats as
 themselves or {"$float": "nan" | "inf" | "-inf"}; tuples as {"$tuple": [...]}; dicts as {"$dict":
-[[k, v], ...]}
-(so keys may be tuples, as in a BPE rank table); tensors as {"$tensor": "t3"}, a name in the blob.
-Either side may
-add tags of its own through hooks (the grader sends modules and dataclasses to build; the sandbox
-answers objects
-it cannot send as {"$unsupported": "type name"}).
+[[k, v], ...]} (so keys may be tuples, as in a BPE rank table); tensors as {"$tensor": "t3"}, a name
+in the blob. Either side may add tags of its own through hooks (the grader sends modules and
+dataclasses to build; the sandbox answers objects it cannot send as {"$unsupported": "type name"}).
 
 Why this shape: whatever the sandbox sends is decoded here into fresh plain Python values and plain
 `torch.Tensor`s built from raw bytes by safetensors' parser (written for untrusted files), so no
-object with
-behaviour (a Tensor subclass with __torch_function__, a lazy object, a pickle) crosses into the
-grader. Every
-length, depth and count is bounded before anything is allocated, and any violation is one
-`WireError`.
+object with behaviour (a Tensor subclass with __torch_function__, a lazy object, a pickle) crosses
+into the grader. Every length, depth and count is bounded before anything is allocated, and any
+violation is one `WireError`.
 """
 
 from __future__ import annotations
@@ -56,8 +51,7 @@ class WireLimits:
 @dataclass(frozen=True)
 class Unsupported:
     """Stands in, on the grader's side, for a returned object the sandbox could not send (a module,
-    a generator,
-    ...): checks report its type name, never the object."""
+    a generator, ...): checks report its type name, never the object."""
 
     type_name: str
 
@@ -141,8 +135,8 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
 
 class Encoder:
     """Turns a value into the JSON tree, collecting its tensors. `hook(value, encoder)` may return a
-    tagged dict for types
-    the plain encoding does not know, or None; with no answer such a value is a TypeError."""
+    tagged dict for types the plain encoding does not know, or None; with no answer such a value is
+    a TypeError."""
 
     def __init__(self, hook: Optional[Callable] = None):
         self.tensors: dict = {}
@@ -180,8 +174,7 @@ class Encoder:
 
 class Decoder:
     """Rebuilds plain values from the JSON tree and the message's tensors, within `limits`.
-    `hook(tag, body)` may
-    build values for extra tags; an unknown tag is a WireError."""
+    `hook(tag, body)` may build values for extra tags; an unknown tag is a WireError."""
 
     def __init__(
         self, tensors: dict, limits: WireLimits = WireLimits(), hook: Optional[Callable] = None

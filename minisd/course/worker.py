@@ -2,20 +2,14 @@
 grader asks.
 
 sandbox.py starts this file as `python -I worker.py ROOT CONFIG` inside the sandbox, with fd 0
-carrying the
-grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook prints. Before any
-student code
-runs, the worker applies the resource limits, gives up root (when started as root), moves the
-channel off fds 0/1
-(so `print` and writes to fd 1 go to the output pipe, never into a reply) and wraps the functions a
-task may not
-call. From the first student cell on, nothing in this process is trusted: the student can patch this
-module, find
-the channel's fds and write to them. That is fine by design: the grader reads every reply as data
-(wire.py),
-checks its shape and compares the values itself, so the most a student can do is send values of
-their choosing,
-i.e. compute an answer.
+carrying the grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook prints.
+Before any student code runs, the worker applies the resource limits, gives up root (when started as
+root), moves the channel off fds 0/1 (so `print` and writes to fd 1 go to the output pipe, never
+into a reply) and wraps the functions a task may not call. From the first student cell on, nothing
+in this process is trusted: the student can patch this module, find the channel's fds and write to
+them. That is fine by design: the grader reads every reply as data (wire.py), checks its shape and
+compares the values itself, so the most a student can do is send values of their choosing, i.e.
+compute an answer.
 
 Requests (JSON headers, see wire.py), one reply each:
     run        {source, timeout, stash: [names]}        run one cell; remember the named functions
@@ -39,9 +33,8 @@ import traceback
 
 class TaskTimeout(BaseException):
     """Raised by the alarm when a cell or call runs past its time (a BaseException: `except
-    Exception` in
-    student code does not swallow it; `except BaseException` does, and then the grader's own
-    deadline kills us)."""
+    Exception` in student code does not swallow it; `except BaseException` does, and then the
+    grader's own deadline kills us)."""
 
 
 class ForbiddenCall(Exception):
@@ -105,10 +98,9 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     def _guard(self, path: str, message: str) -> None:
         """Replace the object at dotted `path` by a wrapper that refuses to run while `path` is
-        active (during a
-        call of a task that forbids it) and otherwise calls through. Installed before the notebook
-        runs, so
-        `from torch.nn.functional import scaled_dot_product_attention` in a cell binds the wrapper.
+        active (during a call of a task that forbids it) and otherwise calls through. Installed
+        before the notebook runs, so `from torch.nn.functional import scaled_dot_product_attention`
+        in a cell binds the wrapper.
         """
         import importlib
 
@@ -486,8 +478,7 @@ def _student_frame(error: BaseException) -> str:
 
 def _make_shell():
     """(namespace, run(source) -> exception or None): IPython's shell when installed (magics,
-    display), else
-    plain exec."""
+    display), else plain exec."""
     try:
         from IPython.core.interactiveshell import InteractiveShell
     except ImportError:

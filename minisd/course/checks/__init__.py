@@ -2,26 +2,22 @@
 with.
 
 A chapter module defines `TITLE`, `GOALS` (learning goals, for the chapter README) and `TASKS`, a
-list of `Task`s.
-A task's `check(ctx)` calls the student's function through `ctx.call(...)` on random inputs drawn
-from `ctx` (fresh
-every run, reproducible with the grader's --seed) and compares the result with minisd's own
-implementation computed
-at grading time, through `ctx.expect_close(...)`. Nothing here stores an expected value.
+list of `Task`s. A task's `check(ctx)` calls the student's function through `ctx.call(...)` on
+random inputs drawn from `ctx` (fresh every run, reproducible with the grader's --seed) and compares
+the result with minisd's own implementation computed at grading time, through
+`ctx.expect_close(...)`. Nothing here stores an expected value.
 
 Checks run in the grader's own process, never where the student's code runs: `ctx.call` sends the
-inputs to the
-sandbox that ran the notebook and gets back plain values (remote.py, wire.py). `evaluate` turns
-every outcome into
+inputs to the sandbox that ran the notebook and gets back plain values (remote.py, wire.py).
+`evaluate` turns every outcome into
 a result dict:
 
     passed | failed | not attempted | error | missing | wrong signature | timed out | crashed |
     grader error
 
 Instructors' hidden checks (`grade --extra-checks DIR`) use the same toolkit; see `extra_check` and
-EXTRA_CHECKS_HELP
-in grade.py. They are loaded in the grader too: their source and expected values never reach a
-sandbox.
+EXTRA_CHECKS_HELP in grade.py. They are loaded in the grader too: their source and expected values
+never reach a sandbox.
 """
 
 from __future__ import annotations
@@ -76,8 +72,8 @@ class NotAttempted(Exception):
 
 class StudentError(Exception):
     """The student's function raised: the exception's type and text and the line of the student's
-    code, as the
-    sandbox described them (text only; the exception object never leaves the sandbox)."""
+    code, as the sandbox described them (text only; the exception object never leaves the sandbox).
+    """
 
     def __init__(self, ename: str, evalue: str, where: str):
         where = f" ({where})" if where else ""
@@ -183,9 +179,8 @@ class Context:
     comparisons.
 
     The check runs in the grader's process; `call` sends the inputs to the sandbox that ran the
-    notebook
-    (remote.py) and returns what the student's function returned, rebuilt as plain values and
-    tensors.
+    notebook (remote.py) and returns what the student's function returned, rebuilt as plain values
+    and tensors.
     """
 
     def __init__(self, task_name: str, remote, seed: int):
@@ -221,9 +216,8 @@ class Context:
 
     def module(self, cls, *args, **kwargs) -> torch.nn.Module:
         """cls(*args, **kwargs), remembered so that passing it to `call` rebuilds it in the sandbox
-        (same class,
-        same constructor arguments, then its state_dict). Build every module a check passes to
-        `call` this way."""
+        (same class, same constructor arguments, then its state_dict). Build every module a check
+        passes to `call` this way."""
         module = cls(*args, **kwargs)
         self.built[id(module)] = (module, cls, args, kwargs)
         return module
@@ -264,17 +258,14 @@ class Context:
     # calling the student's function ------------------------------
     def call(self, *args, **kwargs):
         """The student's fn(*args, **kwargs), run in the sandbox; fails if it changed a tensor or
-        list argument in
-        place, or called what the task forbids."""
+        list argument in place, or called what the task forbids."""
         reply = self.remote.call(self, args, kwargs)
         return reply.value
 
     def call_with_grads(self, *args, **kwargs):
         """Like `call`, then backward() from the (scalar) result in the sandbox: -> (value, grads)
-        where grads maps
-        each module argument to {parameter name: gradient}, or is None when the result is not
-        connected to any
-        parameter (no requires_grad)."""
+        where grads maps each module argument to {parameter name: gradient}, or is None when the
+        result is not connected to any parameter (no requires_grad)."""
         reply = self.remote.call(self, args, kwargs, backward=True)
         if not reply.requires_grad:
             return reply.value, None
@@ -285,9 +276,8 @@ class Context:
 
     def construct(self, *args, **kwargs):
         """An instance of the student's class (the task's name), built in the sandbox: a handle to
-        pass to `call`
-        arguments, `load_state` and `call_method`. (For tasks where the student writes an
-        nn.Module.)"""
+        pass to `call` arguments, `load_state` and `call_method`. (For tasks where the student
+        writes an nn.Module.)"""
         return self.remote.construct(self, args, kwargs)
 
     def load_state(self, handle, state: dict, strict: bool = True) -> tuple[list, list]:
@@ -302,8 +292,8 @@ class Context:
     @contextlib.contextmanager
     def forbid_call(self, module: torch.nn.Module, message: str):
         """Inside the block, the student's function calling `module(...)` (or its forward) fails the
-        task with
-        `message`: the task is to compute what the module computes from its parts, not to call it.
+        task with `message`: the task is to compute what the module computes from its parts, not to
+        call it.
         """
         self.forbidden[id(module)] = message
         try:
@@ -338,8 +328,8 @@ class Context:
         rtol·|expected|.
 
         mistakes: {explanation: tensor or zero-argument function returning one}: common wrong
-        answers; when `got`
-        matches one, its explanation is added to the message (computed only on failure).
+        answers; when `got` matches one, its explanation is added to the message (computed only on
+        failure).
         """
         got = self.expect_tensor(got, what)
         if _shape(got) != _shape(expected):
@@ -410,8 +400,8 @@ def signature_problem(
     actual: Optional[inspect.Signature], name: str, expected_text: str
 ) -> Optional[str]:
     """None if a function with signature `actual` can be called the way the contract says, else a
-    message
-    comparing the two signatures. `actual` None: unknown (a builtin): let the call decide."""
+    message comparing the two signatures. `actual` None: unknown (a builtin): let the call decide.
+    """
     if actual is None:
         return None
     expected = parse_signature(expected_text)
@@ -474,8 +464,7 @@ def all_task_names() -> set:
 
 def load_extra_checks(path: str) -> list[tuple[str, str, Callable]]:
     """Run an instructor's file (in the grader's process, never in a sandbox) and return the checks
-    it
-    registered with @extra_check."""
+    it registered with @extra_check."""
     import runpy
 
     collected: list = []
@@ -523,8 +512,7 @@ def _standard_torch_state():
 
 def evaluate(name: str, signature: str, check: Callable, remote, seed: int) -> dict:
     """Run one check against the student's function behind `remote` and describe the outcome. Never
-    raises
-    (except KeyboardInterrupt): whatever the sandbox does ends as one result."""
+    raises (except KeyboardInterrupt): whatever the sandbox does ends as one result."""
     from ..remote import SandboxLost, TaskTimeout
 
     result = {"task": name, "seed": seed}

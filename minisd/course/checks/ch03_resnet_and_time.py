@@ -55,9 +55,8 @@ def check_timestep_embedding(ctx):
         shown = t.tolist() if not t.is_floating_point() else [round(float(x), 2) for x in t]
         with ctx.case(f"{label} {shown}, dim = {dim}"):
             # float32 angles t·ω reach 1000 rad, so a correct implementation that orders the
-            # arithmetic differently
-            # differs by ~1e-4 there: the tolerance allows that, and no real mistake comes close to
-            # it.
+            # arithmetic differently differs by ~1e-4 there: the tolerance allows that, and no real
+            # mistake comes close to it.
             ctx.expect_close(
                 ctx.call(t, dim),
                 timestep_embedding(t, dim),

@@ -33,8 +33,7 @@ def check_reparameterize(ctx):
         mean, logvar = _moments(ctx, shape)
         seed = ctx.integer(0, 2**31)
         # minisd's own sampler fed the same noise: DiagonalGaussian.sample draws randn(mean.shape,
-        # generator), and
-        # a vector is viewed as [1, n, 1, 1] (same numbers, same order)
+        # generator), and a vector is viewed as [1, n, 1, 1] (same numbers, same order)
         as_4d = (lambda t: t) if len(shape) == 4 else (lambda t: t.reshape(1, -1, 1, 1))
         sample = DiagonalGaussian(torch.cat([as_4d(mean), as_4d(logvar)], dim=1)).sample(
             torch.Generator().manual_seed(seed)

@@ -53,8 +53,8 @@ WORDS = [
 
 def merge_all(symbols, ranks) -> list[str]:
     """The merge loop of minisd.tokenizer.merge_steps, on a given list of symbols: merge the
-    lowest-ranked adjacent
-    pair everywhere (minisd's merge_pair), until no adjacent pair has a rank."""
+    lowest-ranked adjacent pair everywhere (minisd's merge_pair), until no adjacent pair has a rank.
+    """
     symbols = tuple(symbols)
     while len(symbols) > 1:
         best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, float("inf")))

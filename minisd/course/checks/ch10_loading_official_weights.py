@@ -18,8 +18,7 @@ GOALS = [
 
 def reference_split(in_proj):
     """The converter's rule (minisd.weights.official_keys.split_for_minisd): OpenCLIP
-    (torch.nn.MultiheadAttention) stores
-    [W_q; W_k; W_v] stacked along the output axis (dim 0)."""
+    (torch.nn.MultiheadAttention) stores [W_q; W_k; W_v] stacked along the output axis (dim 0)."""
     from minisd.weights.official_keys import split_for_minisd
 
     parts = dict(split_for_minisd("text_encoder.layers.0.attn.to_qkv.weight", in_proj))
