@@ -142,3 +142,18 @@ def test_backward_through_a_module_the_grader_built(sandbox):
     ctx.expect_close(value, expected.detach())
     ctx.expect_close(grads[linear]["weight"], linear.weight.grad)
     ctx.expect_close(grads[linear]["bias"], linear.bias.grad)
+
+
+def test_the_process_fallback_grades_and_says_it_is_weaker(tmp_path):
+    """What a teacher's Mac or Windows machine gets: a plain separate process (named in the report)."""
+    import shutil
+
+    from minisd.course.grade import Grader
+    from minisd.course.helpers import repo_root
+
+    path = tmp_path / "09_guidance.ipynb"
+    shutil.copy(repo_root() / "notebooks" / "09_guidance_and_pipeline.ipynb", path)
+    with Grader(isolation="process") as grader:
+        report = grader.grade(path, exercises_only=True)
+    assert report.ok and report.isolation.startswith("separate process only (weaker"), report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["09_guidance.ipynb"]

@@ -90,6 +90,10 @@ def grade_folder(args, limits) -> int:
             return student, Report(
                 notebook=str(path), chapter=chapter, fatal=True, problems=[str(error)]
             )
+        except Exception as error:  # noqa: BLE001 - a grader bug in one notebook: not the class
+            problem = f"internal grader error, please report it: {type(error).__name__}: {error}"
+            return student, Report(notebook=str(path), chapter=chapter, fatal=True,
+                                   problems=[problem])
         finally:
             slots.put(grader)
 
@@ -132,8 +136,8 @@ def write_csv(path: Path, results: list) -> None:
             for task in rows:
                 writer.writerow(
                     {
-                        "student": student,
-                        "notebook": report.notebook,
+                        "student": _csv_safe(student),
+                        "notebook": _csv_safe(report.notebook),
                         "chapter": report.chapter,
                         "task": task["task"],
                         "check": task.get("check", ""),
