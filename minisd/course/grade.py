@@ -191,8 +191,7 @@ class Grader:
     def __exit__(self, *exc):
         self.close()
 
-    # -- sandboxes
-    # ----------------------------------------------------------------------------------------------
+    # -- sandboxes ---------------------------------------------------------------------------------
     def _new_sandbox(self, hide: list) -> Sandbox:
         # the other uid of this slot than the spare's, so that the two never share a process count
         return Sandbox(
@@ -319,8 +318,7 @@ class Grader:
         run.report.problems.append("the sandbox died too often: stopped grading")
         return False
 
-    # -- grading
-    # ----------------------------------------------------------------------------------------------
+    # -- grading -----------------------------------------------------------------------------------
     def grade(
         self,
         path,

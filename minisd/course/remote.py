@@ -71,8 +71,7 @@ class RemoteTask:
         self.deadline = time.monotonic() + timeout
         self.parameters: list = []
 
-    # -- requests
-    # ----------------------------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
     def _request(self, header: dict, tensors: Optional[dict], seconds: float):
         try:
             return self.sandbox.request(header, tensors, timeout=seconds)
@@ -164,8 +163,7 @@ class RemoteTask:
         missing, unexpected = reply.get("missing", []), reply.get("unexpected", [])
         return [_clean(k, 200) for k in missing][:50], [_clean(k, 200) for k in unexpected][:50]
 
-    # -- replies
-    # ----------------------------------------------------------------------------------------------
+    # -- replies -----------------------------------------------------------------------------------
     def _raise_for(self, reply: dict, ctx, args, kwargs) -> None:
         status = reply.get("status")
         if status == "returned":

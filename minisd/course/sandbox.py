@@ -98,16 +98,11 @@ class Isolation:
     def description(self) -> str:
         if self.level == "bubblewrap":
             who = "an unprivileged uid" if self.as_root else "a user namespace"
-            return (
-                "bubblewrap sandbox (PID/network/mount namespaces, read-only system, no network, "
-                f"{who}, "
-                f"every process killed at the end)"
-            )
-        return (
-            "separate process only (weaker: no namespaces, the notebook can reach the network and "
-            "the "
-            f"teacher's files; {self.why})"
-        )
+            return (f"bubblewrap sandbox (PID/network/mount namespaces, read-only system, no "
+                    f"network, {who}, every process killed at the end)")
+        who = "as root, like the grader" if self.as_root else "as the grader's user"
+        return (f"separate process only (weaker: no namespaces; the notebook runs {who}, can reach "
+                f"the network and the teacher's files; {self.why})")
 
     @staticmethod
     def detect(preference: str = "auto") -> "Isolation":
@@ -268,8 +263,7 @@ class Sandbox:
         self.broken: Optional[str] = None
         self.requests = 0
 
-    # -- life cycle
-    # ----------------------------------------------------------------------------------------------
+    # -- life cycle --------------------------------------------------------------------------------
     def start(
         self,
         notebook_name: str = "notebook.ipynb",
@@ -290,8 +284,10 @@ class Sandbox:
             "fast": self.fast,
             "forbid": self.forbid,
             "limits": self.limits.for_worker(self.isolation.level),
-            "uid": FIRST_UID + 2 * self.slot + self.uid_offset if self.isolation.as_root else None,
         }
+        # only inside bubblewrap: there the Python installation is bound where that uid can read it
+        if self.isolation.as_root and self.isolation.level == "bubblewrap":
+            config["uid"] = FIRST_UID + 2 * self.slot + self.uid_offset
         python = [sys.executable, "-I", worker, str(root), json.dumps(config)]
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if self.isolation.level == "bubblewrap":
@@ -365,8 +361,7 @@ class Sandbox:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None and self.broken is None
 
-    # -- the channel
-    # ----------------------------------------------------------------------------------------------
+    # -- the channel -------------------------------------------------------------------------------
     def _read_replies(self) -> None:
         process = self.process
         while True:

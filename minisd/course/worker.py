@@ -94,8 +94,7 @@ class Worker:
         self.namespace, self.run_source = _make_shell()
         self.set_up = False
 
-    # -- forbidden calls
-    # ------------------------------------------------------------------------------------------
+    # -- forbidden calls ---------------------------------------------------------------------------
     def _guard(self, path: str, message: str) -> None:
         """Replace the object at dotted `path` by a wrapper that refuses to run while `path` is
         active (during a call of a task that forbids it) and otherwise calls through. Installed
@@ -129,8 +128,7 @@ class Worker:
         guard.__doc__ = getattr(original, "__doc__", None)
         setattr(owner, parts[-1], guard)
 
-    # -- values
-    # ----------------------------------------------------------------------------------------------
+    # -- values ------------------------------------------------------------------------------------
     def _decode(self, node, tensors):
         return self.wire.Decoder(tensors, hook=self._decode_tag).decode(node)
 
@@ -190,8 +188,7 @@ class Worker:
                 return encoder.encode(value.item())
         return {"$unsupported": type(value).__name__}
 
-    # -- requests
-    # ----------------------------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             try:
