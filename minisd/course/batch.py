@@ -1,5 +1,4 @@
-"""Grade a class at once: every student's notebook in a folder, each in its own sandbox, into one
-CSV.
+"""Grade a class at once: every student's notebook in a folder, each in its own sandbox, one CSV.
 
     python -m minisd.course grade submissions/ --chapter 01 --csv grades.csv --jobs 2
 

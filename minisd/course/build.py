@@ -1,13 +1,10 @@
-"""notebooks/NN_name.ipynb (the teacher's version, with solutions) -> chapters/NN_name/ (what
-students get).
+"""notebooks/NN_name.ipynb (the teacher's version, with solutions) -> chapters/NN_name/ (students').
 
 For every notebook this writes
     chapters/NN_name/assignment.ipynb   the notebook with outputs cleared, every solution region
-    replaced by a stub,
-                                        and cells tagged `solution-only` removed
+                                        replaced by a stub, and cells tagged `solution-only` removed
     chapters/NN_name/README.md          learning goals, the graded tasks (name, signature, what to
-    compute), how to
-                                        check your work
+                                        compute, allowed calls), how to check your work
 and chapters/README.md, the index. Same input, byte-identical output; `--check` compares instead of
 writing.
 
@@ -20,9 +17,9 @@ A solution region sits inside a code cell:
         ...
         ### END SOLUTION
 
-and becomes `raise NotImplementedError("scores q·kᵀ/√d, ...")` at the indentation of the `### BEGIN
-SOLUTION` line. The optional first line `# hint: ...` gives the message; without it the message
-names the function to write.
+and becomes `raise NotImplementedError("scores q·kᵀ/√d, ...")` at the indentation of the
+`### BEGIN SOLUTION` line. The optional first line `# hint: ...` gives the message; without it the
+message names the function to write.
 """
 
 from __future__ import annotations

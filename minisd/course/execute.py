@@ -1,5 +1,4 @@
-"""Re-run notebooks in place, each in a fresh kernel, and save their outputs (the committed outputs
-come from here).
+"""Re-run notebooks in place, each in a fresh kernel, and save their outputs (the committed ones).
 
     python -m minisd.course execute                       # every notebooks/NN_*.ipynb, full size
     python -m minisd.course execute notebooks/01_attention.ipynb --fast

@@ -1,27 +1,22 @@
-"""The autograder: run a student's notebook in a disposable sandbox, then check each graded function
-from outside.
+"""The autograder: run a notebook in a disposable sandbox, check each function from outside.
 
     python -m minisd.course grade chapters/01_attention/assignment.ipynb [--json] [--seed N]
-    [--timeout S]
-                                  [--extra-checks DIR] [--exercises-only] [--full-size] [--chapter
-                                  NN]
-    python -m minisd.course grade submissions/ --chapter 01 --csv grades.csv --jobs 2      (a class:
-    batch.py)
+        [--timeout S] [--extra-checks DIR] [--exercises-only] [--full-size] [--chapter NN]
+    python -m minisd.course grade submissions/ --chapter 01 --csv grades.csv --jobs 2   (batch.py)
 
 1. Read the notebook (invalid JSON or not a notebook: reported, exit 1). The chapter comes from
---chapter or the
-   file/folder name (NN_...), never from the notebook's metadata, which the student controls.
+   --chapter or the file/folder name (NN_...), never from the notebook's metadata, which the
+   student controls.
 2. Start a sandbox (sandbox.py: bubblewrap on Linux, else a plain separate process, named in the
-report) and run
-   the notebook's code cells there in order (plan.py; --exercises-only: just the exercise cells and
-   what they need), each with a time limit, the whole notebook with a deadline. A failing cell does
-   not stop the rest; a cell that kills or hangs the sandbox is skipped in a fresh sandbox.
+   report) and run the notebook's code cells there in order (plan.py; --exercises-only: just the
+   exercise cells and what they need), each with a time limit, the whole notebook with a deadline.
+   A failing cell does not stop the rest; a cell that kills or hangs the sandbox is skipped in a
+   fresh sandbox.
 3. For each task run the chapter's check (minisd/course/checks/chNN_*.py) and the instructors'
-hidden checks HERE,
-   in the grader's process: a check draws inputs, `ctx.call` sends them to the sandbox, which runs
-   the student's function and sends back plain values (remote.py, wire.py); the check compares them
-   with minisd's answer. The grader knows which checks it runs, so a check whose sandbox dies, hangs
-   or answers garbage is one failed line.
+   hidden checks HERE, in the grader's process: a check draws inputs, `ctx.call` sends them to the
+   sandbox, which runs the student's function and sends back plain values (remote.py, wire.py);
+   the check compares them with minisd's answer. The grader knows which checks it runs, so a check
+   whose sandbox dies, hangs or answers garbage is one failed line, never a missing one.
 4. Report per task; exit 0 if every task passed, 1 otherwise, 2 for usage errors.
 """
 

@@ -1,20 +1,17 @@
-"""Small helpers shared by the notebooks: compare against a reference, draw a grid of images or
-maps.
+"""Small helpers shared by the notebooks: compare against a reference, draw images or maps.
 
 `cmp` follows the "check against the reference" habit of Karpathy's makemore lectures: after
-building a piece by
-hand, compare it with the package's version and read one line:
+building a piece by hand, compare it with the package's version and read one line:
 
     cmp("attention", mine, reference)
     attention: exact                                  every element equal (and the same shape)
-    attention: approximate (max diff 3.1e-08)         |mine − reference| ≤ atol + rtol·|reference|
-    everywhere
+    attention: approximate (max diff 3.1e-08)         |mine − reference| ≤ atol + rtol·|ref|
     attention: WRONG (max diff 0.42 at index (0, 3))  some element is outside that tolerance
 
 `show_images` and `show_maps` draw small matplotlib grids (figures stay small so the committed
-notebooks stay small). `repo_root()` is the checkout holding this minisd: `repo_root() / "tests" /
-"fixtures"` works from notebooks/ and from chapters/NN_name/ alike (a path like Path("..") / "tests"
-only works from one of them).
+notebooks stay small). `repo_root()` is the checkout holding this minisd:
+`repo_root() / "tests" / "fixtures"` works from notebooks/ and from chapters/NN_name/ alike (a path
+like Path("..") / "tests" only works from one of them).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""Which of a notebook's code cells the grader runs, and in what order (pure: no process is started
-here).
+"""Which of a notebook's code cells the grader runs, and in what order (pure: starts nothing).
 
 Whole-notebook mode runs every code cell in order, noting which cells define graded functions (the
 sandbox remembers those functions right after their cell, so a later cell that rebinds the name
 cannot replace the student's work). --exercises-only runs only the exercise cells plus the
-statements of other cells they need (imports, defs, simple assignments that bind a name the exercise
-code reads, found with `ast`).
+statements of other cells they need (imports, defs, simple assignments that bind a name the
+exercise code reads, found with `ast`).
 """
 
 from __future__ import annotations

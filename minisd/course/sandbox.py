@@ -2,23 +2,21 @@
 
 Isolation levels, best first (`Isolation.detect` picks; the grading report prints which one ran):
 
-  bubblewrap  Linux with `bwrap` (Debian: apt-get install bubblewrap). New PID, network, IPC and UTS
-  namespaces
-              and a new mount namespace whose root holds only read-only views of the system folders,
-              the Python installation and minisd (+ tests/ for the notebooks' fixtures); the working
-              folder and /tmp are small in-memory tmpfs. No network at all. Started by root, the
-              worker gives up root for its own uid (60000 + job slot; no capabilities); started by a
-              user, it runs in a user namespace. Killing the sandbox's first process ends the PID
-              namespace, so every process the notebook started dies with it, setsid/double-forked
-              ones included.
+  bubblewrap  Linux with `bwrap` (Debian: apt-get install bubblewrap). New PID, network, IPC and
+              UTS namespaces and a new mount namespace whose root holds only read-only views of
+              the system folders, the Python installation and minisd (+ tests/ for the notebooks'
+              fixtures); the working folder and /tmp are small in-memory tmpfs. No network at all.
+              Started by root, the worker gives up root for its own uid (60000 + 2·job slot, +1
+              for the spare; no capabilities); started by a user, it runs in a user namespace.
+              Killing the sandbox's first process ends the PID namespace, so every process the
+              notebook started dies with it, setsid/double-forked ones included.
   process     Anywhere else (macOS, Windows, Linux without bwrap): a separate Python process in a
-  fresh temporary
-              folder holding a copy of the notebook, with rlimits where the OS has them, killed
-              (with its process group) at the end. Verdicts are still computed in the grader, so
-              monkeypatching, fake results and fd tricks do not work; but the notebook runs as the
-              teacher's user with the teacher's files and network, and a daemon that leaves the
-              process group can outlive grading. Use it for one's own work, not for a class: grade a
-              class on Linux or in the container (minisd/course/container/).
+              fresh temporary folder holding a copy of the notebook, with rlimits where the OS has
+              them, killed (with its process group) at the end. Verdicts are still computed in the
+              grader, so monkeypatching, fake results and fd tricks do not work; but the notebook
+              runs as the grader's user with its files and network, and a daemon that leaves the
+              process group can outlive grading. Use it for one's own work, not for a class: grade
+              a class on Linux or in the container (minisd/course/container/).
 
 The worker's replies come back on its stdout pipe, its prints on stderr (drained, kept up to a
 bound); requests go in on stdin. `Sandbox.request` waits for a reply with a deadline and reports a

@@ -1,17 +1,15 @@
-"""The grader ↔ sandbox wire format: JSON for structure, safetensors bytes for tensors, never
-pickle.
+"""The grader <-> sandbox wire format: JSON for structure, safetensors bytes for tensors, no pickle.
 
 One message is
 
-    b"MSD1" | JSON length (4 bytes, big-endian) | blob length (8 bytes) | JSON (ASCII) | safetensors
-    blob
+    b"MSD1" | JSON length (4 bytes, big-endian) | blob length (8 bytes) | JSON (ASCII) | blob
 
-Values travel as a small tagged JSON tree: None, bools, ints, strings and lists as themselves;
-floats as
-themselves or {"$float": "nan" | "inf" | "-inf"}; tuples as {"$tuple": [...]}; dicts as {"$dict":
-[[k, v], ...]} (so keys may be tuples, as in a BPE rank table); tensors as {"$tensor": "t3"}, a name
-in the blob. Either side may add tags of its own through hooks (the grader sends modules and
-dataclasses to build; the sandbox answers objects it cannot send as {"$unsupported": "type name"}).
+where the blob is safetensors bytes. Values travel as a small tagged JSON tree: None, bools, ints,
+strings and lists as themselves; floats as themselves or {"$float": "nan" | "inf" | "-inf"};
+tuples as {"$tuple": [...]}; dicts as {"$dict": [[k, v], ...]} (so keys may be tuples, as in a BPE
+rank table); tensors as {"$tensor": "t3"}, a name in the blob. Either side may add tags of its own
+through hooks (the grader sends modules and dataclasses to build; the sandbox answers objects it
+cannot send as {"$unsupported": "type name"}).
 
 Why this shape: whatever the sandbox sends is decoded here into fresh plain Python values and plain
 `torch.Tensor`s built from raw bytes by safetensors' parser (written for untrusted files), so no

@@ -1,24 +1,22 @@
-"""The sandbox side of grading: run a student's notebook cells, then call its functions when the
-grader asks.
+"""The sandbox side of grading: run a student's notebook cells, then call its functions on request.
 
 sandbox.py starts this file as `python -I worker.py ROOT CONFIG` inside the sandbox, with fd 0
-carrying the grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook prints.
-Before any student code runs, the worker applies the resource limits, gives up root (when started as
-root), moves the channel off fds 0/1 (so `print` and writes to fd 1 go to the output pipe, never
-into a reply) and wraps the functions a task may not call. From the first student cell on, nothing
-in this process is trusted: the student can patch this module, find the channel's fds and write to
-them. That is fine by design: the grader reads every reply as data (wire.py), checks its shape and
-compares the values itself, so the most a student can do is send values of their choosing, i.e.
-compute an answer.
+carrying the grader's requests, fd 1 the replies and fd 2 a pipe for everything the notebook
+prints. Before any student code runs, the worker applies the resource limits, gives up root (when
+started as root), moves the channel off fds 0/1 (so `print` and writes to fd 1 go to the output
+pipe, never into a reply) and wraps the functions a task may not call. From the first student cell
+on, nothing in this process is trusted: the student can patch this module, find the channel's fds
+and write to them. That is fine by design: the grader reads every reply as data (wire.py), checks
+its shape and compares the values itself, so the most a student can do is send values of their
+choosing, i.e. compute an answer.
 
-Requests (JSON headers, see wire.py), one reply each:
-    run        {source, timeout, stash: [names]}        run one cell; remember the named functions
-    it defines
-    signature  {task}                                   the parameters of the remembered function
+Requests (JSON headers, see wire.py), one reply each, carrying the request's id:
+    setup      {forbid, notebook}                 wrap forbidden calls; write the notebook's copy
+    run        {source, timeout, stash: [names]}  run one cell; remember the named functions
+    signature  {target}                           the parameters of the remembered function
     call       {target, args, kwargs, timeout, forbid, grad_enabled, backward}
-    construct  {task, args, kwargs}                     instantiate the student's class -> a handle
-    (for modules)
-    load_state {handle, state, strict}                  load_state_dict on a handle
+    construct  {target, args, kwargs}             instantiate the student's class -> a handle
+    load_state {handle, state, strict}            load_state_dict on a handle
 """
 
 from __future__ import annotations

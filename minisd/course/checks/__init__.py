@@ -1,5 +1,4 @@
-"""The autograder's checks: one module per chapter (chNN_name.py), and the toolkit they are written
-with.
+"""The autograder's checks: one module per chapter (chNN_name.py), and the toolkit they use.
 
 A chapter module defines `TITLE`, `GOALS` (learning goals, for the chapter README) and `TASKS`, a
 list of `Task`s. A task's `check(ctx)` calls the student's function through `ctx.call(...)` on
@@ -9,11 +8,10 @@ the result with minisd's own implementation computed at grading time, through
 
 Checks run in the grader's own process, never where the student's code runs: `ctx.call` sends the
 inputs to the sandbox that ran the notebook and gets back plain values (remote.py, wire.py).
-`evaluate` turns every outcome into
-a result dict:
+`evaluate` turns every outcome into a result dict:
 
-    passed | failed | not attempted | error | missing | wrong signature | timed out | crashed |
-    grader error
+    passed | failed | not attempted | error | missing | wrong signature | timed out | crashed
+    | grader error
 
 Instructors' hidden checks (`grade --extra-checks DIR`) use the same toolkit; see `extra_check` and
 EXTRA_CHECKS_HELP in grade.py. They are loaded in the grader too: their source and expected values
