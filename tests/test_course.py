@@ -3,12 +3,13 @@ helpers.
 
 Cost design: grading a whole notebook means executing it (up to ~45 s each in fast mode), and
 tests/test_notebooks.py already executes every notebook once. Here the chapter notebooks are graded
-with `exercises_only=True` (the exercise cells plus the imports/defs they read, found with ast) in
-ONE kernel shared across notebooks with its namespace reset between them
-(`Grader(reuse_kernel=True)`), so a grading costs about a second. The whole-notebook path (the stash
-of graded functions, cell errors, the working folder) and the fresh-kernel CLI are tested on small
-synthetic notebooks.
+with `exercises_only=True` (the exercise cells plus the imports/defs they read, found with ast),
+each in its own fresh sandbox; `Grader(prewarm=True)` starts the next sandbox (python + torch, no
+student code yet) while the current notebook is graded, so a grading costs a few seconds. The
+whole-notebook path (the stash of graded functions, cell errors, the working folder) and the CLI are
+tested on small synthetic notebooks. Hostile notebooks: tests/test_grader_redteam.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,7 +61,7 @@ def assignment(number: str) -> Path:
 
 @pytest.fixture(scope="module")
 def grader():
-    with Grader(fast=True, cell_timeout=120, reuse_kernel=True) as g:
+    with Grader(fast=True, cell_timeout=120, prewarm=True) as g:
         yield g
 
 
@@ -111,7 +112,8 @@ def test_build_is_deterministic():
 def test_strip_solutions_keeps_indentation_and_uses_the_hint():
     source = (
         'def f(x):\n    """doc"""\n    ### BEGIN SOLUTION\n    # hint: add "one"\n    y = x + 1\n'
-        "    return y\n    ### END SOLUTION\n\nclass A:\n    def g(self):\n        ### BEGIN SOLUTION\n"
+        "    return y\n    ### END SOLUTION\n\nclass A:\n    def g(self):\n        ### BEGIN "
+        "SOLUTION\n"
         "        return 2\n        ### END SOLUTION\n"
     )
     out = course_build.strip_solutions(source, "test")
@@ -199,14 +201,16 @@ WRONG = {
         "scaled_dot_product_attention",
         "import torch\ndef scaled_dot_product_attention(q, k, v, mask=None):\n"
         "    scores = q @ k.transpose(-2, -1)\n"
-        "    if mask is not None:\n        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)\n"
+        "    if mask is not None:\n        scores = scores.masked_fill(~mask, "
+        "torch.finfo(scores.dtype).min)\n"
         "    return scores.softmax(-1) @ v\n",
         r"without the scale.*√d",
     ),
     "02": (
         "geglu",
         "import torch.nn.functional as F\ndef geglu(x, weight, bias):\n"
-        "    value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)\n    return F.gelu(value) * gate\n",
+        "    value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)\n    return F.gelu(value) * "
+        "gate\n",
         "first half is the value",
     ),
     "03": (
@@ -230,12 +234,6 @@ WRONG = {
         "    return eps_cond + scale * (eps_uncond - eps_cond)\n",
         "swapped",
     ),
-    "12": (
-        "karras_sigmas",
-        "import torch\ndef karras_sigmas(sigma_min, sigma_max, n, rho=7.0):\n"
-        "    return torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)\n",
-        r"evenly spaced in σ itself",
-    ),
     "10": (
         "split_fused_qkv",
         "def split_fused_qkv(in_proj_weight):\n"
@@ -249,7 +247,7 @@ WRONG = {
 def test_wrong_solutions_fail_with_a_useful_message(grader, tmp_path, number):
     name, source, expected_message = WRONG[number]
     path = with_function(assignment(number), tmp_path / "wrong.ipynb", {name: source})
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter=number)
     assert statuses(report)[name] == "failed", format_report(report)
     assert re.search(expected_message, messages(report)[name]), format_report(report)
 
@@ -263,11 +261,13 @@ def test_raising_and_looping_functions_are_reported_per_task(grader, tmp_path):
         assignment("05"),
         tmp_path / "bad.ipynb",
         {
-            "reparameterize": "def reparameterize(mean, logvar, noise):\n    raise ValueError('oops')\n",
-            "gaussian_kl": "def gaussian_kl(mean, logvar):\n    n = 0\n    while True:\n        n += 1\n",
+            "reparameterize": "def reparameterize(mean, logvar, noise):\n    raise "
+                              "ValueError('oops')\n",
+            "gaussian_kl": "def gaussian_kl(mean, logvar):\n    n = 0\n    while True:\n        n "
+                           "+= 1\n",
         },
     )
-    report = grader.grade(path, exercises_only=True, timeout=2)
+    report = grader.grade(path, exercises_only=True, timeout=2, chapter="05")
     assert statuses(report) == {"reparameterize": "error", "gaussian_kl": "timed out"}, (
         format_report(report)
     )
@@ -281,10 +281,11 @@ def test_wrong_signature_and_wrong_shape_are_reported(grader, tmp_path):
         tmp_path / "bad.ipynb",
         {
             "reparameterize": "def reparameterize(mean, logvar):\n    return mean\n",
-            "gaussian_kl": "def gaussian_kl(mean, logvar):\n    return (mean ** 2).sum(dim=[2, 3])\n",
+            "gaussian_kl": "def gaussian_kl(mean, logvar):\n    return (mean ** 2).sum(dim=[2, "
+                           "3])\n",
         },
     )
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "wrong signature", "gaussian_kl": "failed"}, (
         format_report(report)
     )
@@ -304,7 +305,7 @@ def test_syntax_errors_missing_functions_and_kernel_deaths_are_reported(grader, 
             "gaussian_kl": "import os\ndef gaussian_kl(mean, logvar):\n    os._exit(3)\n",
         },
     )
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "crashed"}, (
         format_report(report)
     )
@@ -313,7 +314,7 @@ def test_syntax_errors_missing_functions_and_kernel_deaths_are_reported(grader, 
     path = with_function(
         assignment("05"), tmp_path / "missing.ipynb", {"reparameterize": "x = 1\n"}
     )
-    report = grader.grade(path, exercises_only=True)
+    report = grader.grade(path, exercises_only=True, chapter="05")
     assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "not attempted"}, (
         format_report(report)
     )
@@ -324,11 +325,12 @@ def test_a_loop_that_ignores_interrupts_is_timed_out_and_grading_goes_on(grader,
         assignment("05"),
         tmp_path / "stubborn.ipynb",
         {
-            "reparameterize": "import time\ndef reparameterize(mean, logvar, noise):\n    while True:\n        try:\n"
+            "reparameterize": "import time\ndef reparameterize(mean, logvar, noise):\n    while "
+                              "True:\n        try:\n"
             "            time.sleep(100)\n        except BaseException:\n            pass\n",
         },
     )
-    report = grader.grade(path, exercises_only=True, timeout=1)
+    report = grader.grade(path, exercises_only=True, timeout=1, chapter="05")
     assert statuses(report) == {"reparameterize": "timed out", "gaussian_kl": "not attempted"}, (
         format_report(report)
     )
@@ -355,7 +357,12 @@ def test_cli_reports_json_and_exit_status(tmp_path, capsys):
             "    return mean + torch.exp(0.5 * logvar) * noise\n"
         },
     )
-    assert course_main(["grade", str(path), "--json", "--exercises-only", "--seed", "7"]) == 1
+    assert (
+        course_main(
+            ["grade", str(path), "--json", "--exercises-only", "--seed", "7", "--chapter", "05"]
+        )
+        == 1
+    )
     report = json.loads(capsys.readouterr().out)
     assert (
         report["seed"] == 7
@@ -388,23 +395,26 @@ def synthetic_notebook(path: Path, cells: list[str], chapter: str) -> Path:
 
 def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
     """A later cell rebinding the task's name (as chapters do with the package's version) does not
-    replace the student's function; other cells' errors are listed; the kernel runs in the
-    notebook's folder."""
+    replace the student's function; other cells' errors are listed; the notebook runs in a fresh
+    folder holding only a copy of itself, and writes nothing beside the original."""
     path = synthetic_notebook(
         tmp_path / "exercise.ipynb",
         [
-            "import os\nFAST = os.environ.get('MINISD_FAST') == '1'\nopen('ran-here.txt', 'w').write(str(FAST))",
+            "import os\nassert os.environ.get('MINISD_FAST') == '1' and os.listdir('.') == "
+            "['exercise.ipynb'], "
+            "os.listdir('.')\nopen('ran-here.txt', 'w').write('x')",
             "import torch\ndef classifier_free_guidance(eps_uncond, eps_cond, scale):\n"
             "    return eps_uncond + scale * (eps_cond - eps_uncond)",
-            "classifier_free_guidance = lambda *args: 0  # the notebook moves on to the package's version",
+            "classifier_free_guidance = lambda *args: 0  # the notebook moves on to the package's "
+            "version",
             "1 / 0",
         ],
         chapter="09",
     )
     with Grader(fast=True) as grader:
-        report = grader.grade(path, seed=3)
+        report = grader.grade(path, seed=3, chapter="09")
     assert statuses(report) == {"classifier_free_guidance": "passed"}, format_report(report)
-    assert (tmp_path / "ran-here.txt").read_text() == "True"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exercise.ipynb"]
     assert len(report.notebook_errors) == 1 and "ZeroDivisionError" in report.notebook_errors[0]
 
 
@@ -416,7 +426,8 @@ def test_extra_checks_run_and_count(grader, tmp_path):
         "@extra_check('classifier_free_guidance')\ndef scale_zero(ctx):\n"
         "    u, c = ctx.randn(2, 3), ctx.randn(2, 3)\n"
         "    ctx.expect_close(ctx.call(u, c, 0.0), u, what='scale 0')\n\n"
-        "@extra_check('classifier_free_guidance')\ndef always_fails(ctx):\n    ctx.fail('hidden failure')\n"
+        "@extra_check('classifier_free_guidance')\ndef always_fails(ctx):\n    ctx.fail('hidden "
+        "failure')\n"
     )
     path = synthetic_notebook(
         tmp_path / "exercise.ipynb",
@@ -426,7 +437,7 @@ def test_extra_checks_run_and_count(grader, tmp_path):
         ],
         chapter="09",
     )
-    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden))
+    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
     assert statuses(report) == {
         "classifier_free_guidance": "passed",
         "classifier_free_guidance[more.py::scale_zero]": "passed",
@@ -438,7 +449,7 @@ def test_extra_checks_run_and_count(grader, tmp_path):
         "from minisd.course.checks import extra_check\n\n"
         "@extra_check('classifier_free_guidence')\ndef check(ctx):\n    pass\n"
     )
-    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden))
+    report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
     assert statuses(report)["classifier_free_guidance[typo.py]"] == "grader error"
     assert "no chapter has a graded task of that name" in report.tasks[-1]["message"]
 

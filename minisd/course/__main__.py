@@ -1,4 +1,5 @@
 """python -m minisd.course build|grade|execute (see --help of each)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,62 +10,156 @@ from . import grade as grading
 DESCRIPTION = """\
 The minisd course: chapters/ for students, generated from notebooks/, and the autograder.
 
-  build    notebooks/NN_name.ipynb -> chapters/NN_name/{assignment.ipynb, README.md} (+ chapters/README.md)
-  grade    run a student's notebook in a fresh kernel and check each graded function
+  build    notebooks/NN_name.ipynb -> chapters/NN_name/{assignment.ipynb, README.md}
+           (+ chapters/README.md)
+  grade    run a student's notebook (or a class's folder) in a sandbox, check each graded function
   execute  re-run notebooks in place in fresh kernels, saving their outputs
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m minisd.course",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute}")
 
-    build = commands.add_parser("build", help="generate chapters/ from notebooks/",
-                                description="Generate chapters/ from notebooks/ (deterministic: same notebooks, "
-                                            "same bytes).")
-    build.add_argument("--check", action="store_true",
-                       help="write nothing; exit 1 if chapters/ is out of date with notebooks/ (for CI)")
+    build = commands.add_parser(
+        "build",
+        help="generate chapters/ from notebooks/",
+        description="Generate chapters/ from notebooks/ (deterministic: same notebooks, "
+        "same bytes).",
+    )
+    build.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if chapters/ is out of date with notebooks/ (for CI)",
+    )
 
-    grade = commands.add_parser("grade", help="grade a notebook", description=grading.__doc__,
-                                epilog=grading.EXTRA_CHECKS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    grade.add_argument("notebook", help="the notebook to grade, e.g. chapters/01_attention/assignment.ipynb")
+    grade = commands.add_parser(
+        "grade",
+        help="grade a notebook, or a folder of them",
+        description=grading.__doc__,
+        epilog=grading.EXTRA_CHECKS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grade.add_argument(
+        "notebook",
+        help="the notebook to grade (e.g. chapters/01_attention/assignment.ipynb), "
+        "or a folder of students' notebooks",
+    )
     grade.add_argument("--json", action="store_true", help="print a machine-readable report")
-    grade.add_argument("--seed", type=int, default=None, help="seed for the random inputs (default: fresh each run)")
-    grade.add_argument("--timeout", type=float, default=60.0, metavar="S", help="time limit per check (default 60 s)")
-    grade.add_argument("--cell-timeout", type=float, default=None, metavar="S",
-                       help="time limit per notebook cell (default 120 s, 600 s with --full-size)")
-    grade.add_argument("--extra-checks", metavar="DIR", default=None, help="a folder of instructors' hidden checks")
-    grade.add_argument("--exercises-only", action="store_true",
-                       help="run only the imports, definitions and exercise cells (much faster)")
-    grade.add_argument("--full-size", action="store_true", help="run the notebook without MINISD_FAST=1")
-    grade.add_argument("--chapter", default=None, metavar="NN",
-                       help="the chapter number, when the notebook's name and metadata do not tell")
+    grade.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the random inputs (default: fresh each run)",
+    )
+    grade.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="time limit per check (default 60 s)",
+    )
+    grade.add_argument(
+        "--cell-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="time limit per notebook cell (default 120 s, 600 s with --full-size)",
+    )
+    grade.add_argument(
+        "--notebook-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="time limit for running the whole notebook (default 900 s, 3600 s with --full-size)",
+    )
+    grade.add_argument(
+        "--extra-checks", metavar="DIR", default=None, help="a folder of instructors' hidden checks"
+    )
+    grade.add_argument(
+        "--exercises-only",
+        action="store_true",
+        help="run only the imports, definitions and exercise cells (much faster)",
+    )
+    grade.add_argument(
+        "--full-size", action="store_true", help="run the notebook without MINISD_FAST=1"
+    )
+    grade.add_argument(
+        "--chapter",
+        default=None,
+        metavar="NN",
+        help="the chapter number, when the notebook's (or folder's) name does not tell",
+    )
+    grade.add_argument(
+        "--isolation",
+        choices=["auto", "bubblewrap", "process"],
+        default="auto",
+        help="auto (default): bubblewrap where it works, else a plain process (weaker, see "
+        "README); bubblewrap: refuse to grade without it",
+    )
+    grade.add_argument(
+        "--memory-mb",
+        type=int,
+        default=4096,
+        metavar="MB",
+        help="address-space limit of each sandbox (default 4096)",
+    )
+    grade.add_argument(
+        "--csv",
+        metavar="FILE",
+        default=None,
+        help="folder grading: write one row per student and task to FILE",
+    )
+    grade.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="folder grading: grade N notebooks at once (default 1)",
+    )
 
-    execute = commands.add_parser("execute", help="re-run notebooks in place, saving outputs",
-                                  description="Re-run notebooks (default: all of notebooks/) in fresh kernels and "
-                                              "save their outputs. Fails if any cell raises.")
-    execute.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)")
-    execute.add_argument("--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)")
-    execute.add_argument("--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)")
+    execute = commands.add_parser(
+        "execute",
+        help="re-run notebooks in place, saving outputs",
+        description="Re-run notebooks (default: all of notebooks/) in fresh kernels and "
+        "save their outputs. Fails if any cell raises.",
+    )
+    execute.add_argument(
+        "notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)"
+    )
+    execute.add_argument(
+        "--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)"
+    )
+    execute.add_argument(
+        "--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)"
+    )
     return parser
 
 
 def main(argv=None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # reports use √, ᾱ, ✔: never crash on a terminal that cannot show them
+    # reports use √, ᾱ, ✔: never crash on a terminal that cannot show them
+    for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "build":
         from .build import build
+
         return build(check=args.check)
     if args.command == "grade":
         if args.chapter is not None and not (len(args.chapter) == 2 and args.chapter.isdigit()):
             parser.error(f"--chapter must be two digits like 01, got {args.chapter!r}")
+        if args.jobs < 1 or args.memory_mb < 256:
+            parser.error("--jobs must be at least 1 and --memory-mb at least 256")
         return grading.main(args)
     if args.command == "execute":
         from .execute import main as execute_main
+
         return execute_main(args)
     parser.print_help()
     return 2

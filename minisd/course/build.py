@@ -1,11 +1,12 @@
-"""notebooks/NN_name.ipynb (the teacher's version, with solutions) -> chapters/NN_name/ (what students get).
+"""notebooks/NN_name.ipynb (the teacher's version, with solutions) -> chapters/NN_name/ (students').
 
 For every notebook this writes
-    chapters/NN_name/assignment.ipynb   the notebook with outputs cleared, every solution region replaced by a stub,
-                                        and cells tagged `solution-only` removed
-    chapters/NN_name/README.md          learning goals, the graded tasks (name, signature, what to compute), how to
-                                        check your work
-and chapters/README.md, the index. Same input, byte-identical output; `--check` compares instead of writing.
+    chapters/NN_name/assignment.ipynb   the notebook with outputs cleared, every solution region
+                                        replaced by a stub, and cells tagged `solution-only` removed
+    chapters/NN_name/README.md          learning goals, the graded tasks (name, signature, what to
+                                        compute, allowed calls), how to check your work
+and chapters/README.md, the index. Same input, byte-identical output; `--check` compares instead of
+writing.
 
 A solution region sits inside a code cell:
 
@@ -16,9 +17,11 @@ A solution region sits inside a code cell:
         ...
         ### END SOLUTION
 
-and becomes `raise NotImplementedError("scores q·kᵀ/√d, ...")` at the indentation of the `### BEGIN SOLUTION` line.
-The optional first line `# hint: ...` gives the message; without it the message names the function to write.
+and becomes `raise NotImplementedError("scores q·kᵀ/√d, ...")` at the indentation of the
+`### BEGIN SOLUTION` line. The optional first line `# hint: ...` gives the message; without it the
+message names the function to write.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,22 +36,24 @@ from typing import Optional
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 HINT_PREFIX = "# hint:"
-SOLUTION_ONLY_TAG = "solution-only"      # a cell with this tag is left out of the student version
+SOLUTION_ONLY_TAG = "solution-only"  # a cell with this tag is left out of the student version
 HEADER_CELL_ID = "minisd-assignment-header"
 GENERATOR = "python -m minisd.course build"
 NOTEBOOK_NAME = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
 
 
 class BuildError(Exception):
-    """A notebook breaks the conventions (unclosed region, task missing, ...): the message says where."""
+    """A notebook breaks the conventions (unclosed region, task missing, ...): the message says
+    where."""
 
 
 # ------------------------------------------------------------------ solution regions
 
+
 @dataclass
 class Region:
-    begin: int            # line index of `### BEGIN SOLUTION`
-    end: int              # line index of `### END SOLUTION`
+    begin: int  # line index of `### BEGIN SOLUTION`
+    end: int  # line index of `### END SOLUTION`
     indent: str
     hint: Optional[str]
 
@@ -60,19 +65,26 @@ def find_regions(source: str, where: str) -> list[Region]:
         stripped = line.strip()
         if stripped == BEGIN:
             if open_at is not None:
-                raise BuildError(f"{where}, line {i + 1}: '{BEGIN}' inside another solution region "
-                                 f"(opened on line {open_at + 1})")
+                raise BuildError(
+                    f"{where}, line {i + 1}: '{BEGIN}' inside another solution region "
+                    f"(opened on line {open_at + 1})"
+                )
             open_at = i
         elif stripped == END:
             if open_at is None:
                 raise BuildError(f"{where}, line {i + 1}: '{END}' without a '{BEGIN}' before it")
             indent = lines[open_at][: len(lines[open_at]) - len(lines[open_at].lstrip())]
             first = next((lines[j].strip() for j in range(open_at + 1, i) if lines[j].strip()), "")
-            hint = first[len(HINT_PREFIX):].strip() if first.lower().startswith(HINT_PREFIX) else None
+            hint = (
+                first[len(HINT_PREFIX) :].strip() if first.lower().startswith(HINT_PREFIX) else None
+            )
             regions.append(Region(open_at, i, indent, hint or None))
             open_at = None
         elif BEGIN in line or END in line:
-            raise BuildError(f"{where}, line {i + 1}: the solution markers must stand alone on their line: {line!r}")
+            raise BuildError(
+                f"{where}, line {i + 1}: the solution markers must stand alone on their line: "
+                f"{line!r}"
+            )
     if open_at is not None:
         raise BuildError(f"{where}, line {open_at + 1}: '{BEGIN}' is never closed by '{END}'")
     return regions
@@ -99,10 +111,11 @@ def strip_solutions(source: str, where: str) -> str:
     lines = source.split("\n")
     out, previous = [], 0
     for region in regions:
-        out.extend(lines[previous:region.begin])
+        out.extend(lines[previous : region.begin])
         function = _enclosing_function(lines, region.begin, region.indent)
-        message = region.hint or (f"write the body of {function}() (see its docstring)" if function
-                                  else "your code here")
+        message = region.hint or (
+            f"write the body of {function}() (see its docstring)" if function else "your code here"
+        )
         out.append(f"{region.indent}raise NotImplementedError({_string_literal(message)})")
         previous = region.end + 1
     out.extend(lines[previous:])
@@ -112,15 +125,18 @@ def strip_solutions(source: str, where: str) -> str:
 def solution_lines(source: str, where: str = "cell") -> list[str]:
     """The lines strictly inside the solution regions (hint lines included)."""
     lines = source.split("\n")
-    return [line for r in find_regions(source, where) for line in lines[r.begin + 1:r.end]]
+    return [line for r in find_regions(source, where) for line in lines[r.begin + 1 : r.end]]
 
 
 # ------------------------------------------------------------------ reading cells as Python
 
+
 def python_source(cell_source: str) -> str:
-    """A code cell's source with IPython syntax (%magics, !shell) turned into plain Python, for `ast`."""
+    """A code cell's source with IPython syntax (%magics, !shell) turned into plain Python, for
+    `ast`."""
     try:
         from IPython.core.inputtransformer2 import TransformerManager
+
         return TransformerManager().transform_cell(cell_source)
     except Exception:  # IPython missing or the transform failed: parse as is
         return cell_source
@@ -128,10 +144,13 @@ def python_source(cell_source: str) -> str:
 
 @dataclass
 class CellDefs:
-    """What a code cell defines at top level (parsed with ast; `syntax_error` when it does not parse)."""
-    functions: dict = field(default_factory=dict)   # name -> (signature text, docstring)
-    imports: list = field(default_factory=list)     # source of each top-level import statement
-    definitions: list = field(default_factory=list) # source of each top-level def/class (with decorators)
+    """What a code cell defines at top level (parsed with ast; `syntax_error` when it does not
+    parse)."""
+
+    functions: dict = field(default_factory=dict)  # name -> (signature text, docstring)
+    imports: list = field(default_factory=list)  # source of each top-level import statement
+    # source of each top-level def/class (with decorators)
+    definitions: list = field(default_factory=list)
     syntax_error: Optional[str] = None
 
 
@@ -148,7 +167,7 @@ def cell_definitions(cell_source: str) -> CellDefs:
     lines = source.split("\n")
     for node in tree.body:
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        text = "\n".join(lines[start - 1:node.end_lineno])
+        text = "\n".join(lines[start - 1 : node.end_lineno])
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             result.imports.append(text)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -181,12 +200,14 @@ def signature_text(node: ast.FunctionDef) -> str:
 
 # ------------------------------------------------------------------ chapters
 
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
 def chapter_number(path: Path, metadata: Optional[dict] = None) -> Optional[str]:
-    """'01' for notebooks/01_attention.ipynb, chapters/01_attention/assignment.ipynb, or a notebook built from it."""
+    """'01' for notebooks/01_attention.ipynb, chapters/01_attention/assignment.ipynb, or a notebook
+    built from it."""
     chapter = ((metadata or {}).get("minisd") or {}).get("chapter")
     if isinstance(chapter, str) and re.fullmatch(r"\d\d", chapter):
         return chapter
@@ -200,6 +221,7 @@ def chapter_number(path: Path, metadata: Optional[dict] = None) -> Optional[str]
 def chapter_checks(number: str):
     """The checks module of chapter `number` (minisd/course/checks/chNN_*.py), or None."""
     import importlib
+
     folder = Path(__file__).parent / "checks"
     matches = sorted(folder.glob(f"ch{number}_*.py"))
     if not matches:
@@ -217,13 +239,18 @@ def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
 
     nb = nbformat.v4.new_notebook()
     nb.nbformat, nb.nbformat_minor = 4, max(5, notebook.get("nbformat_minor", 5))
-    # language_info is filled in by whoever executed the notebook last (Python version, ...): keep only the
-    # language, so re-executing the notebooks does not change the student version
+    # language_info is filled in by whoever executed the notebook last (Python version, ...): keep
+    # only the language, so re-executing the notebooks does not change the student version
     nb.metadata = _clean_metadata(notebook.metadata, ("kernelspec",))
     nb.metadata["language_info"] = {"name": "python"}
-    nb.metadata["minisd"] = {"chapter": number, "generated_from": source_name, "generator": GENERATOR}
+    nb.metadata["minisd"] = {
+        "chapter": number,
+        "generated_from": source_name,
+        "generator": GENERATOR,
+    }
     header = nbformat.v4.new_markdown_cell(
-        HEADER_TEXT.format(source=source_name, chapter=int(number), chapter_dir=chapter_dir))
+        HEADER_TEXT.format(source=source_name, chapter=int(number), chapter_dir=chapter_dir)
+    )
     header.id = HEADER_CELL_ID
     cells = [header]
     for index, cell in enumerate(notebook.cells):
@@ -235,8 +262,10 @@ def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
             new = nbformat.v4.new_code_cell(strip_solutions(cell.source, where))
         elif cell.cell_type == "markdown":
             if find_regions(cell.source, where):
-                raise BuildError(f"{where}: solution regions belong in code cells (tag a markdown cell "
-                                 f"'{SOLUTION_ONLY_TAG}' to leave it out)")
+                raise BuildError(
+                    f"{where}: solution regions belong in code cells (tag a markdown cell "
+                    f"'{SOLUTION_ONLY_TAG}' to leave it out)"
+                )
             new = nbformat.v4.new_markdown_cell(cell.source)
             if cell.get("attachments"):
                 new.attachments = cell.attachments
@@ -259,37 +288,81 @@ HEADER_TEXT = """\
 
 
 def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks, plan: list) -> str:
-    lines = [f"<!-- Generated from {source_name} by `{GENERATOR}`. Do not edit: edit the notebook or "
-             f"minisd/course/checks/ and rebuild. -->", "", f"# Chapter {int(number)}: {title}", ""]
+    lines = [
+        f"<!-- Generated from {source_name} by `{GENERATOR}`. Do not edit: edit the notebook or "
+        f"minisd/course/checks/ and rebuild. -->",
+        "",
+        f"# Chapter {int(number)}: {title}",
+        "",
+    ]
     goals = getattr(checks, "GOALS", None) if checks else None
     if goals:
         lines += ["## Learning goals", ""] + [f"- {g}" for g in goals] + [""]
     if plan:
-        lines += ["## What the chapter does", ""] + [f"{i}. {item}" for i, item in enumerate(plan, 1)] + [""]
-    lines += ["## Your assignment", "",
-              f"Open [`assignment.ipynb`](assignment.ipynb), read it top to bottom, and run every cell. Each graded "
-              f"exercise is a function whose body raises `NotImplementedError`: replace that line with your code. "
-              f"Keep the function's name and signature: the grader calls it by name.", ""]
+        lines += (
+            ["## What the chapter does", ""]
+            + [f"{i}. {item}" for i, item in enumerate(plan, 1)]
+            + [""]
+        )
+    lines += [
+        "## Your assignment",
+        "",
+        "Open [`assignment.ipynb`](assignment.ipynb), read it top to bottom, and run every cell. "
+        "Each graded "
+        "exercise is a function whose body raises `NotImplementedError`: replace that line with "
+        "your code. "
+        f"Keep the function's name and signature: the grader calls it by name.",
+        "",
+    ]
     tasks = list(checks.TASKS) if checks else []
     if tasks:
         lines += ["## Graded tasks", ""]
         for task in tasks:
-            lines += [f"### `{task.name}{task.signature}`", "", textwrap.dedent(task.summary).strip(), ""]
+            lines += [
+                f"### `{task.name}{task.signature}`",
+                "",
+                textwrap.dedent(task.summary).strip(),
+                "",
+            ]
             if task.checked:
                 lines += ["The grader checks: " + textwrap.dedent(task.checked).strip(), ""]
+            if task.allowed:
+                lines += [
+                    "Allowed calls: "
+                    + textwrap.dedent(task.allowed).strip()
+                    + " A function that calls "
+                    "what the task asks you to write fails the task with a message saying so.",
+                    "",
+                ]
     else:
         lines += ["This chapter has no graded tasks: its exercises are for practice.", ""]
-    lines += ["## Check your work", "", "From the repository root:", "", "```",
-              f"python -m minisd.course grade chapters/{chapter_dir}/assignment.ipynb",
-              "```", "",
-              "The grader runs your notebook in a fresh kernel (as if you had restarted it and run every cell), then "
-              "calls each graded function on random inputs of random shapes and compares the results with minisd's own "
-              "implementation. For every task it says *passed*, *failed* (with the largest error and where it is), "
-              "*not attempted* (still raises `NotImplementedError`), *error* (your function raised), *missing* (not "
-              "defined), *wrong signature*, or *timed out*. The inputs change on every run; `--seed N` repeats a run. "
-              "`--json` prints a machine-readable report. The exit status is 0 when every task passes. "
-              "`--exercises-only` skips the rest of the chapter and runs just your exercise cells (and the imports "
-              "they need): a check in seconds while you work. Save the notebook first: the grader reads the file.", ""]
+    lines += [
+        "## Check your work",
+        "",
+        "From the repository root:",
+        "",
+        "```",
+        f"python -m minisd.course grade chapters/{chapter_dir}/assignment.ipynb",
+        "```",
+        "",
+        "The grader runs your notebook in a fresh sandbox (as if you had restarted the kernel and "
+        "run every "
+        "cell, in an empty folder holding only the notebook, without network), then "
+        "calls each graded function on random inputs of random shapes and compares the results "
+        "with minisd's own "
+        "implementation. For every task it says *passed*, *failed* (with the largest error and "
+        "where it is), "
+        "*not attempted* (still raises `NotImplementedError`), *error* (your function raised), "
+        "*missing* (not "
+        "defined), *wrong signature*, *timed out*, or *crashed*. The inputs change on every run; "
+        "`--seed N` repeats a run. "
+        "`--json` prints a machine-readable report. The exit status is 0 when every task passes. "
+        "`--exercises-only` skips the rest of the chapter and runs just your exercise cells (and "
+        "the imports "
+        "they need): a check in seconds while you work. Save the notebook first: the grader reads "
+        "the file.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -321,14 +394,20 @@ of a whole chapter).
 
 def _index(entries: list[tuple[str, str, list]]) -> str:
     from . import grade
-    rows = "\n".join(f"| [{d}]({d}/README.md) | {title} | {', '.join(f'`{t}`' for t in tasks) or '(none)'} |"
-                     for d, title, tasks in entries)
-    text = INDEX_TEXT.format(generator=GENERATOR, rows=rows, extra=grade.EXTRA_CHECKS_HELP.strip() + "\n")
+
+    rows = "\n".join(
+        f"| [{d}]({d}/README.md) | {title} | {', '.join(f'`{t}`' for t in tasks) or '(none)'} |"
+        for d, title, tasks in entries
+    )
+    text = INDEX_TEXT.format(
+        generator=GENERATOR, rows=rows, extra=grade.EXTRA_CHECKS_HELP.strip() + "\n"
+    )
     return text.rstrip() + "\n"
 
 
 def verify_tasks(notebook, source_name: str, checks) -> dict:
-    """Every graded task must be defined in a code cell with a solution region, with the contracted signature."""
+    """Every graded task must be defined in a code cell with a solution region, with the contracted
+    signature."""
     found = {}
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type != "code" or BEGIN not in cell.source:
@@ -339,20 +418,26 @@ def verify_tasks(notebook, source_name: str, checks) -> dict:
         for name, (signature, _) in defs.functions.items():
             found[name] = (index, signature)
     problems = []
-    for task in (checks.TASKS if checks else []):
+    for task in checks.TASKS if checks else []:
         if task.name not in found:
-            problems.append(f"graded task {task.name}{task.signature} is not defined in a cell with a solution region")
+            problems.append(
+                f"graded task {task.name}{task.signature} is not defined in a cell with a solution "
+                "region"
+            )
         elif found[task.name][1] != task.signature:
-            problems.append(f"cell {found[task.name][0] + 1} defines {task.name}{found[task.name][1]}, "
-                            f"the task list says {task.name}{task.signature}")
+            problems.append(
+                f"cell {found[task.name][0] + 1} defines {task.name}{found[task.name][1]}, "
+                f"the task list says {task.name}{task.signature}"
+            )
     if problems:
         raise BuildError(f"{source_name}: " + "; ".join(problems))
     return found
 
 
 def chapter_plan(notebook) -> list[str]:
-    """The numbered list of the notebook's introduction ("In this chapter you will 1. … 2. …"), one item per entry,
-    continuation lines joined; [] if the introduction (markdown before the first code cell) has none."""
+    """The numbered list of the notebook's introduction ("In this chapter you will 1. … 2. …"), one
+    item per entry, continuation lines joined; [] if the introduction (markdown before the first
+    code cell) has none."""
     items: list[str] = []
     for cell in notebook.cells:
         if cell.cell_type == "code":
@@ -379,7 +464,9 @@ def title_of(notebook, fallback: str) -> str:
         if cell.cell_type == "markdown":
             for line in cell.source.split("\n"):
                 if line.startswith("# "):
-                    return re.sub(r"^(Chapter\s+)?\d+\s*[:.·—-]?\s*", "", line[2:].strip()) or fallback
+                    return (
+                        re.sub(r"^(Chapter\s+)?\d+\s*[:.·—-]?\s*", "", line[2:].strip()) or fallback
+                    )
     return fallback
 
 
@@ -387,19 +474,26 @@ RELATIVE_TO_NOTEBOOKS = re.compile(r"""Path\(\s*["']\.\.["']\s*\)|["']\.\./""")
 
 
 def working_folder_problems(notebook, source_name: str) -> list[str]:
-    """Code that reaches files through '..': it works from notebooks/ but not from chapters/NN_name/, one level
-    deeper, where students run the same cells."""
-    return [f"{source_name}, cell {i + 1}: {line.strip()!r} reads a path relative to notebooks/, which breaks in "
-            f"chapters/; use minisd.course.helpers.repo_root() / 'tests' / ... instead"
-            for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-            for line in cell.source.split("\n") if RELATIVE_TO_NOTEBOOKS.search(line)]
+    """Code that reaches files through '..': it works from notebooks/ but not from
+    chapters/NN_name/, one level deeper, where students run the same cells."""
+    return [
+        f"{source_name}, cell {i + 1}: {line.strip()!r} reads a path relative to notebooks/, which "
+        "breaks in "
+        f"chapters/; use minisd.course.helpers.repo_root() / 'tests' / ... instead"
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        for line in cell.source.split("\n")
+        if RELATIVE_TO_NOTEBOOKS.search(line)
+    ]
 
 
 def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str]:
     """Every file chapters/ should contain -> its text."""
     import nbformat
 
-    notebooks = sorted(p for p in (root / "notebooks").glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    notebooks = sorted(
+        p for p in (root / "notebooks").glob("*.ipynb") if NOTEBOOK_NAME.match(p.name)
+    )
     outputs, entries = {}, []
     for path in notebooks:
         number, slug = NOTEBOOK_NAME.match(path.name).groups()
@@ -414,10 +508,13 @@ def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str
         if warnings is not None:
             warnings.extend(working_folder_problems(notebook, source_name))
         student = student_notebook(notebook, source_name, number, chapter_dir)
-        outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = nbformat.writes(student) + "\n"
+        outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = (
+            nbformat.writes(student) + "\n"
+        )
         title = title_of(notebook, getattr(checks, "TITLE", slug.replace("_", " ")))
-        outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(number, title, source_name, chapter_dir,
-                                                                          checks, chapter_plan(notebook))
+        outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(
+            number, title, source_name, chapter_dir, checks, chapter_plan(notebook)
+        )
         entries.append((chapter_dir, title, [t.name for t in (checks.TASKS if checks else [])]))
     if entries:
         outputs[root / "chapters" / "README.md"] = _index(entries)
@@ -432,7 +529,8 @@ def existing_outputs(root: Path) -> set[Path]:
 
 
 def build(root: Optional[Path] = None, check: bool = False, out=sys.stdout) -> int:
-    """Write chapters/ (or, with check=True, report whether it is up to date). Returns the exit status."""
+    """Write chapters/ (or, with check=True, report whether it is up to date). Returns the exit
+    status."""
     root = Path(root) if root is not None else repo_root()
     warnings: list[str] = []
     try:
@@ -445,13 +543,24 @@ def build(root: Optional[Path] = None, check: bool = False, out=sys.stdout) -> i
     generated_names = {"assignment.ipynb", "README.md"}
     stale = sorted(p for p in existing_outputs(root) - set(outputs) if p.name in generated_names)
     if check:
-        differing = [p for p, text in outputs.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        differing = [
+            p
+            for p, text in outputs.items()
+            if not p.is_file() or p.read_text(encoding="utf-8") != text
+        ]
         for path in differing:
             rel = path.relative_to(root)
             if path.is_file():
-                diff = list(difflib.unified_diff(path.read_text(encoding="utf-8").splitlines(),
-                                                 outputs[path].splitlines(), f"{rel} (committed)", f"{rel} (built)",
-                                                 lineterm="", n=1))
+                diff = list(
+                    difflib.unified_diff(
+                        path.read_text(encoding="utf-8").splitlines(),
+                        outputs[path].splitlines(),
+                        f"{rel} (committed)",
+                        f"{rel} (built)",
+                        lineterm="",
+                        n=1,
+                    )
+                )
                 print(f"{rel} is out of date:\n" + "\n".join(diff[:20]), file=out)
             else:
                 print(f"{rel} is missing", file=out)

@@ -1,13 +1,15 @@
-"""Re-run notebooks in place, each in a fresh kernel, and save their outputs (the committed outputs come from here).
+"""Re-run notebooks in place, each in a fresh kernel, and save their outputs (the committed ones).
 
     python -m minisd.course execute                       # every notebooks/NN_*.ipynb, full size
     python -m minisd.course execute notebooks/01_attention.ipynb --fast
 
-The kernel runs in the notebook's folder (notebooks/) with the environment as it is (PYTHONPATH untouched, as in a
-student's Jupyter: notebooks put the checkout on sys.path themselves); --fast sets MINISD_FAST=1.
-A cell that raises stops that notebook, which is then left unchanged on disk; the exit status is 1 if any notebook
-failed. Cell timing metadata is not recorded, so re-running changes only what the outputs change.
+The kernel runs in the notebook's folder (notebooks/) with the environment as it is (PYTHONPATH
+untouched, as in a student's Jupyter: notebooks put the checkout on sys.path themselves); --fast
+sets MINISD_FAST=1. A cell that raises stops that notebook, which is then left unchanged on disk;
+the exit status is 1 if any notebook failed. Cell timing metadata is not recorded, so re-running
+changes only what the outputs change.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,22 +26,30 @@ from .kernel import kernel_env
 class Execution:
     path: Path
     seconds: float
-    error: Optional[str] = None         # first failing cell and its error, None on success
-    notebook: object = None             # the executed notebook (with outputs)
+    error: Optional[str] = None  # first failing cell and its error, None on success
+    notebook: object = None  # the executed notebook (with outputs)
 
 
-def run_notebook(path, fast: bool, cell_timeout: float = 600, total_timeout: Optional[float] = None) -> Execution:
-    """Execute a notebook in a fresh kernel (cwd = its folder), stopping at the first error or when a cell runs past
-    `cell_timeout` or the whole notebook past `total_timeout` seconds. Does not write anything."""
+def run_notebook(
+    path, fast: bool, cell_timeout: float = 600, total_timeout: Optional[float] = None
+) -> Execution:
+    """Execute a notebook in a fresh kernel (cwd = its folder), stopping at the first error or when
+    a cell runs past `cell_timeout` or the whole notebook past `total_timeout` seconds. Does not
+    write anything."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     path = Path(path)
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, kernel_name="python3", allow_errors=False, record_timing=False,
-                            resources={"metadata": {"path": str(path.parent.resolve())}},
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        allow_errors=False,
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent.resolve())}},
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+    )
     start = time.perf_counter()
     deadline = start + total_timeout if total_timeout else float("inf")
     error, index = None, 0
@@ -54,8 +64,14 @@ def run_notebook(path, fast: bool, cell_timeout: float = 600, total_timeout: Opt
     except CellExecutionError as failure:
         error = f"cell {index + 1}: {failure.ename}: {failure.evalue}\n{_tail(str(failure))}"
     except CellTimeoutError:
-        limit = "its time budget" if time.perf_counter() >= deadline else f"the {cell_timeout:g} s limit per cell"
-        error = f"cell {index + 1} was still running when the notebook hit {limit} ({time.perf_counter() - start:.0f} s)"
+        limit = (
+            "its time budget"
+            if time.perf_counter() >= deadline
+            else f"the {cell_timeout:g} s limit per cell"
+        )
+        seconds = time.perf_counter() - start
+        error = (f"cell {index + 1} was still running when the notebook hit {limit} "
+                 f"({seconds:.0f} s)")
     except DeadKernelError:
         error = f"the kernel died in cell {index + 1}"
     return Execution(path, time.perf_counter() - start, error, notebook)
@@ -66,7 +82,9 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def default_notebooks() -> list[Path]:
-    return sorted(p for p in (repo_root() / "notebooks").glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    return sorted(
+        p for p in (repo_root() / "notebooks").glob("*.ipynb") if NOTEBOOK_NAME.match(p.name)
+    )
 
 
 def main(args) -> int:
@@ -82,9 +100,12 @@ def main(args) -> int:
         run = run_notebook(path, fast=args.fast, cell_timeout=args.cell_timeout)
         if run.error:
             failed += 1
-            print(f"{path}: FAILED after {run.seconds:.1f} s (not saved)\n  {run.error}", flush=True)
+            print(
+                f"{path}: FAILED after {run.seconds:.1f} s (not saved)\n  {run.error}", flush=True
+            )
             continue
-        for cell in run.notebook.cells:  # timestamps from earlier runs by other tools: noise in every diff
+        # timestamps from earlier runs by other tools: noise in every diff
+        for cell in run.notebook.cells:
             cell.get("metadata", {}).pop("execution", None)
         nbformat.write(run.notebook, path)
         print(f"{path}: {run.seconds:.1f} s, {path.stat().st_size / 1e3:.0f} kB", flush=True)

@@ -1,30 +1,32 @@
-"""The autograder's checks: one module per chapter (chNN_name.py), and the toolkit they are written with.
+"""The autograder's checks: one module per chapter (chNN_name.py), and the toolkit they use.
 
-A chapter module defines `TITLE`, `GOALS` (learning goals, for the chapter README) and `TASKS`, a list of `Task`s.
-A task's `check(ctx)` calls the student's function through `ctx.call(...)` on random inputs drawn from `ctx` (fresh
-every run, reproducible with the grader's --seed) and compares the result with minisd's own implementation computed
-at grading time, through `ctx.expect_close(...)`. Nothing here stores an expected value.
+A chapter module defines `TITLE`, `GOALS` (learning goals, for the chapter README) and `TASKS`, a
+list of `Task`s. A task's `check(ctx)` calls the student's function through `ctx.call(...)` on
+random inputs drawn from `ctx` (fresh every run, reproducible with the grader's --seed) and compares
+the result with minisd's own implementation computed at grading time, through
+`ctx.expect_close(...)`. Nothing here stores an expected value.
 
-Checks run inside the kernel that ran the student's notebook (the grader sends `run_task(...)` as a cell), so they
-see the student's functions as the notebook defined them. `run_task` turns every outcome into a result dict:
+Checks run in the grader's own process, never where the student's code runs: `ctx.call` sends the
+inputs to the sandbox that ran the notebook and gets back plain values (remote.py, wire.py).
+`evaluate` turns every outcome into a result dict:
 
-    passed | failed | not attempted | error | missing | wrong signature | timed out | grader error
+    passed | failed | not attempted | error | missing | wrong signature | timed out | crashed
+    | grader error
 
-Instructors' hidden checks (`grade --extra-checks DIR`) use the same toolkit; see `extra_check` and EXTRA_CHECKS_HELP
-in grade.py.
+Instructors' hidden checks (`grade --extra-checks DIR`) use the same toolkit; see `extra_check` and
+EXTRA_CHECKS_HELP in grade.py. They are loaded in the grader too: their source and expected values
+never reach a sandbox.
 """
+
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import inspect
 import math
 import random
-import signal
-import sys
-import threading
 import time
-import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +34,30 @@ from typing import Callable, Optional
 
 import torch
 
-RESULT_MIME = "application/vnd.minisd.grade+json"
+from ..wire import Unsupported
 
 
 @dataclass
 class Task:
     name: str
-    signature: str          # "(q, k, v, mask=None)": the contract with the notebook (build verifies it)
-    summary: str            # what the function must compute (chapter README), without the answer
-    check: Callable         # check(ctx) -> None; raises CheckFailed
-    checked: str = ""       # what the grader tries (chapter README)
+    # "(q, k, v, mask=None)": the contract with the notebook (build verifies it)
+    signature: str
+    summary: str  # what the function must compute (chapter README), without the answer
+    check: Callable  # check(ctx) -> None; raises CheckFailed
+    checked: str = ""  # what the grader tries (chapter README)
+    # dotted paths the function may not call: minisd's own answer, torch's fused one
+    forbidden: tuple = ()
+    allowed: str = ""  # what the function may use (chapter README)
+
+    def forbidden_calls(self) -> dict:
+        return {
+            path: "your function calls "
+                  f"{path.rsplit('.', 2)[-2] + '.' if path.count('.') > 1 else ''}"
+            f"{path.rsplit('.', 1)[-1]} ({path}), which computes the answer for you: this task "
+            "asks "
+            f"you to write it yourself (the chapter README lists what you may use)"
+            for path in self.forbidden
+        }
 
 
 class CheckFailed(Exception):
@@ -53,23 +69,21 @@ class NotAttempted(Exception):
 
 
 class StudentError(Exception):
-    """The student's function raised; `.error` is the exception, `.where` the line of the student's code."""
+    """The student's function raised: the exception's type and text and the line of the student's
+    code, as the sandbox described them (text only; the exception object never leaves the sandbox).
+    """
 
-    def __init__(self, error: BaseException, where: str):
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.error, self.where = error, where
-
-
-class ForbiddenCall(Exception):
-    """Raised when the student's function calls something the task asks them to write (e.g. `block(x)` itself)."""
-
-
-class TaskTimeout(BaseException):
-    """Raised by the alarm when a check runs past its time limit (a BaseException: `except Exception` in student
-    code does not swallow it)."""
+    def __init__(self, ename: str, evalue: str, where: str):
+        where = f" ({where})" if where else ""
+        super().__init__(
+            f"{_clean(ename, 80)}: {_clean(evalue)}{_clean(where, 200)}"
+            if evalue
+            else f"{_clean(ename, 80)}{_clean(where, 200)}"
+        )
 
 
 # ------------------------------------------------------------------ numbers and messages
+
 
 def _fmt(x: float) -> str:
     if x != x or x in (math.inf, -math.inf):
@@ -82,7 +96,8 @@ def _shape(x) -> tuple:
 
 
 def nice_factor(c: float) -> Optional[str]:
-    """'√8' if c ≈ √8, '1/4' if c ≈ 1/4, ... for factors a forgotten scale or square root produces; else None."""
+    """'√8' if c ≈ √8, '1/4' if c ≈ 1/4, ... for factors a forgotten scale or square root produces;
+    else None."""
     if not math.isfinite(c) or c == 0:
         return None
     sign = "-" if c < 0 else ""
@@ -98,7 +113,8 @@ def nice_factor(c: float) -> Optional[str]:
 
 
 def describe_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
-    """'max abs error 0.42 at index (0, 3) (got 0.1, expected 0.52)' plus a constant-factor note when one fits."""
+    """'max abs error 0.42 at index (0, 3) (got 0.1, expected 0.52)' plus a constant-factor note
+    when one fits."""
     a, b = got.detach().to(torch.float64).cpu(), expected.detach().to(torch.float64).cpu()
     diff = (a - b).abs()
     bad_nan = torch.isnan(a) & ~torch.isnan(b)
@@ -108,14 +124,23 @@ def describe_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
     bad_inf = torch.isinf(a) & ~torch.isinf(b)
     if bad_inf.any():
         index = tuple(int(i) for i in bad_inf.nonzero()[0])
-        return f"your result is {float(a[index])} at index {index} (expected {_fmt(float(b[index]))})"
+        return (
+            f"your result is {float(a[index])} at index {index} (expected {_fmt(float(b[index]))})"
+        )
     diff = torch.nan_to_num(diff, nan=0.0, posinf=0.0)
     flat = int(diff.reshape(-1).argmax()) if diff.numel() else 0
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    index = (
+        tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+        if diff.dim()
+        else ()
+    )
     where = f" at index {index}" if index else ""
-    text = (f"max abs error {_fmt(float(diff.reshape(-1)[flat]))}{where} "
-            f"(got {_fmt(float(a.reshape(-1)[flat]))}, expected {_fmt(float(b.reshape(-1)[flat]))})")
-    # Is the result a constant multiple of the reference? Least-squares factor, accepted only if it fits closely.
+    text = (
+        f"max abs error {_fmt(float(diff.reshape(-1)[flat]))}{where} "
+        f"(got {_fmt(float(a.reshape(-1)[flat]))}, expected {_fmt(float(b.reshape(-1)[flat]))})"
+    )
+    # Is the result a constant multiple of the reference? Least-squares factor, accepted only if it
+    # fits closely.
     bb = float((b * b).sum())
     if bb > 0 and a.numel() > 1:
         c = float((a * b).sum()) / bb
@@ -128,25 +153,41 @@ def describe_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
                 if nice and nice.lstrip("-").isdigit():
                     text += f"; your result is the expected one times {nice}"
                 else:
-                    text += f"; your result is the expected one times {c:.4g}" + (f" (≈ {nice})" if nice else "")
+                    text += f"; your result is the expected one times {c:.4g}" + (
+                        f" (≈ {nice})" if nice else ""
+                    )
     return text
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> bool:
     return _shape(got) == _shape(expected) and torch.allclose(
-        got.detach().to(torch.float64).cpu(), expected.detach().to(torch.float64).cpu(), atol=atol, rtol=rtol,
-        equal_nan=True)
+        got.detach().to(torch.float64).cpu(),
+        expected.detach().to(torch.float64).cpu(),
+        atol=atol,
+        rtol=rtol,
+        equal_nan=True,
+    )
 
 
 # ------------------------------------------------------------------ the check context
 
-class Context:
-    """What a check receives: random inputs (seeded), the student's function behind `call`, and comparisons."""
 
-    def __init__(self, task_name: str, fn: Callable, seed: int):
-        self.task_name, self.fn, self.seed = task_name, fn, seed
+class Context:
+    """What a check receives: random inputs (seeded), the student's function behind `call`, and
+    comparisons.
+
+    The check runs in the grader's process; `call` sends the inputs to the sandbox that ran the
+    notebook (remote.py) and returns what the student's function returned, rebuilt as plain values
+    and tensors.
+    """
+
+    def __init__(self, task_name: str, remote, seed: int):
+        self.task_name, self.remote, self.seed = task_name, remote, seed
         self.random = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed % (2**63))
+        # id(module) -> (module, class, args, kwargs): how the sandbox rebuilds it
+        self.built: dict = {}
+        self.forbidden: dict = {}  # id(module) -> message while inside forbid_call
 
     # random inputs -------------------------------------------------
     def integer(self, low: int, high: int) -> int:
@@ -162,22 +203,38 @@ class Context:
     def randn(self, *shape, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, dtype=dtype) * scale
 
-    def rand(self, *shape, low: float = 0.0, high: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    def rand(
+        self, *shape, low: float = 0.0, high: float = 1.0, dtype=torch.float32
+    ) -> torch.Tensor:
         return low + (high - low) * torch.rand(*shape, generator=self.generator, dtype=dtype)
 
     def randint(self, low: int, high: int, shape) -> torch.Tensor:
         """Integers in [low, high) like torch.randint."""
         return torch.randint(low, high, tuple(shape), generator=self.generator)
 
+    def module(self, cls, *args, **kwargs) -> torch.nn.Module:
+        """cls(*args, **kwargs), remembered so that passing it to `call` rebuilds it in the sandbox
+        (same class, same constructor arguments, then its state_dict). Build every module a check
+        passes to `call` this way."""
+        module = cls(*args, **kwargs)
+        self.built[id(module)] = (module, cls, args, kwargs)
+        return module
+
     def seed_module(self, module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
-        """Fill every parameter with random values (norm weights around 1), so no parameter is trivially 0 or 1."""
+        """Fill every parameter with random values (norm weights around 1), so no parameter is
+        trivially 0 or 1."""
         with torch.no_grad():
             for name, p in module.named_parameters():
                 if name.endswith("weight") and p.dim() == 1:  # GroupNorm/LayerNorm scales
                     p.copy_(1 + 0.2 * torch.randn(p.shape, generator=self.generator))
                 else:
-                    p.copy_(scale * torch.randn(p.shape, generator=self.generator) / max(1.0, p[0].numel() ** 0.5)
-                            if p.dim() > 1 else scale * torch.randn(p.shape, generator=self.generator))
+                    p.copy_(
+                        scale
+                        * torch.randn(p.shape, generator=self.generator)
+                        / max(1.0, p[0].numel() ** 0.5)
+                        if p.dim() > 1
+                        else scale * torch.randn(p.shape, generator=self.generator)
+                    )
         return module.eval()
 
     # labelling ----------------------------------------------------
@@ -198,62 +255,86 @@ class Context:
 
     # calling the student's function ------------------------------
     def call(self, *args, **kwargs):
-        """fn(*args, **kwargs) on copies of the tensor arguments; fails if the function changed an argument in place."""
-        copies_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        copies_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        try:
-            result = self.fn(*copies_args, **copies_kwargs)
-        except NotImplementedError as error:
-            raise NotAttempted(str(error)) from None
-        except ForbiddenCall as error:
-            raise CheckFailed(str(error)) from None
-        except Exception as error:  # noqa: BLE001 - any failure of student code is reported, not raised
-            raise StudentError(error, _student_frame(error)) from None
-        names = _parameter_names(self.fn)
-        for i, (original, passed) in enumerate(zip(args, copies_args)):
-            if isinstance(original, torch.Tensor) and not _same(original, passed):
-                name = names[i] if i < len(names) else f"argument {i + 1}"
-                self.fail(f"your function changed its argument `{name}` in place; compute new tensors instead "
-                          f"(avoid `{name} += …`, `{name}.mul_(…)`, `{name}[…] = …`)")
-        for key, original in kwargs.items():
-            if isinstance(original, torch.Tensor) and not _same(original, copies_kwargs[key]):
-                self.fail(f"your function changed its argument `{key}` in place; compute new tensors instead")
-        return result
+        """The student's fn(*args, **kwargs), run in the sandbox; fails if it changed a tensor or
+        list argument in place, or called what the task forbids."""
+        reply = self.remote.call(self, args, kwargs)
+        return reply.value
+
+    def call_with_grads(self, *args, **kwargs):
+        """Like `call`, then backward() from the (scalar) result in the sandbox: -> (value, grads)
+        where grads maps each module argument to {parameter name: gradient}, or is None when the
+        result is not connected to any parameter (no requires_grad)."""
+        reply = self.remote.call(self, args, kwargs, backward=True)
+        if not reply.requires_grad:
+            return reply.value, None
+        modules = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.nn.Module)]
+        return reply.value, {
+            module: reply.grads.get(str(i), {}) for i, module in enumerate(modules)
+        }
+
+    def construct(self, *args, **kwargs):
+        """An instance of the student's class (the task's name), built in the sandbox: a handle to
+        pass to `call` arguments, `load_state` and `call_method`. (For tasks where the student
+        writes an nn.Module.)"""
+        return self.remote.construct(self, args, kwargs)
+
+    def load_state(self, handle, state: dict, strict: bool = True) -> tuple[list, list]:
+        """load_state_dict(state) on the student's module in the sandbox: -> (missing keys,
+        unexpected keys)."""
+        return self.remote.load_state(self, handle, state, strict)
+
+    def call_method(self, handle, method: str, *args, **kwargs):
+        """handle.method(*args, **kwargs) in the sandbox, e.g. call_method(model, "forward", x)."""
+        return self.remote.call(self, args, kwargs, handle=handle, method=method).value
 
     @contextlib.contextmanager
     def forbid_call(self, module: torch.nn.Module, message: str):
-        """Inside the block, calling `module(...)` raises ForbiddenCall(message): the task is to compute what the
-        module computes from its parts, not to call it."""
-        def forbidden(*args, **kwargs):
-            raise ForbiddenCall(message)
-        module.forward = forbidden  # an instance attribute shadows the class's forward
+        """Inside the block, the student's function calling `module(...)` (or its forward) fails the
+        task with `message`: the task is to compute what the module computes from its parts, not to
+        call it.
+        """
+        self.forbidden[id(module)] = message
         try:
             yield
         finally:
-            del module.forward
+            self.forbidden.pop(id(module), None)
 
     # comparisons ---------------------------------------------------
     def expect_tensor(self, got, what: str = "the result") -> torch.Tensor:
-        if isinstance(got, torch.Tensor):
+        if type(got) is torch.Tensor:
             return got
         if isinstance(got, tuple):
-            self.fail(f"expected {what} to be a tensor, got a tuple of {len(got)} (return only the tensor)")
+            self.fail(
+                f"expected {what} to be a tensor, got a tuple of {len(got)} (return only the "
+                "tensor)"
+            )
         if got is None:
             self.fail(f"expected {what} to be a tensor, got None (did you forget `return`?)")
-        self.fail(f"expected {what} to be a torch.Tensor, got {type(got).__name__}")
+        name = got.type_name if isinstance(got, Unsupported) else type(got).__name__
+        self.fail(f"expected {what} to be a torch.Tensor, got {name}")
 
-    def expect_close(self, got, expected: torch.Tensor, what: str = "the result", atol: float = 1e-5,
-                     rtol: float = 1e-4, mistakes: Optional[dict] = None) -> None:
-        """Fail unless `got` has the shape of `expected` and matches it elementwise within atol + rtol·|expected|.
+    def expect_close(
+        self,
+        got,
+        expected: torch.Tensor,
+        what: str = "the result",
+        atol: float = 1e-5,
+        rtol: float = 1e-4,
+        mistakes: Optional[dict] = None,
+    ) -> None:
+        """Fail unless `got` has the shape of `expected` and matches it elementwise within atol +
+        rtol·|expected|.
 
-        mistakes: {explanation: tensor or zero-argument function returning one}: common wrong answers; when `got`
-        matches one, its explanation is added to the message (computed only on failure).
+        mistakes: {explanation: tensor or zero-argument function returning one}: common wrong
+        answers; when `got` matches one, its explanation is added to the message (computed only on
+        failure).
         """
         got = self.expect_tensor(got, what)
         if _shape(got) != _shape(expected):
             message = f"{what}: expected shape {_shape(expected)}, got {_shape(got)}"
             if sorted(_shape(got)) == sorted(_shape(expected)):
-                message += " (the same sizes in another order: transposed, or a rearrange in the wrong order?)"
+                message += (" (the same sizes in another order: transposed, or a rearrange in the "
+                            "wrong order?)")
             elif got.numel() == expected.numel():
                 message += " (the same number of elements: reshaped the wrong way?)"
             else:
@@ -280,58 +361,62 @@ def _mistake_note(got, mistakes, atol, rtol) -> Optional[str]:
     return None
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or
-                                                              (torch.isnan(a) == torch.isnan(b)).all()
-                                                              and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
-
-
-def _parameter_names(fn) -> list[str]:
-    try:
-        return list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
-def _student_frame(error: BaseException) -> str:
-    """'line 7 of your cell: `scores = q @ k`': the innermost traceback frame in notebook code."""
-    frames = traceback.extract_tb(error.__traceback__)
-    here = Path(__file__).resolve().parent.parent
-    student = [f for f in frames if not Path(f.filename).resolve().is_relative_to(here)
-               and ("ipykernel" in f.filename or f.filename.startswith("<"))]
-    if student:
-        frame = student[-1]
-        code = f": `{frame.line.strip()}`" if frame.line else ""
-        return f"line {frame.lineno} of your cell, in {frame.name}(){code}"
-    return ""
-
-
 # ------------------------------------------------------------------ signatures
+
+
+class _Default:
+    def __repr__(self):
+        return "…"
+
 
 def parse_signature(text: str) -> inspect.Signature:
     namespace: dict = {}
-    exec(compile(f"def _f{text}: pass", "<signature>", "exec"), namespace)  # the contract's text, not student code
+    # the contract's text, not student code
+    exec(compile(f"def _f{text}: pass", "<signature>", "exec"), namespace)
     return inspect.signature(namespace["_f"])
 
 
-def signature_problem(fn, name: str, expected_text: str) -> Optional[str]:
-    """None if `fn` can be called the way the contract says, else a message comparing the two signatures."""
-    if not callable(fn):
-        return f"`{name}` is a {type(fn).__name__}, not a function"
+def signature_from_reply(reply: dict) -> Optional[inspect.Signature]:
+    """The student's signature rebuilt from the sandbox's description (names, kinds, has-default),
+    or None."""
     try:
-        actual = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None  # a builtin or C function: let the call decide
+        return inspect.Signature(
+            [
+                inspect.Parameter(
+                    name,
+                    getattr(inspect.Parameter, kind),
+                    default=_Default() if has_default else inspect.Parameter.empty,
+                )
+                for name, kind, has_default in reply["parameters"]
+            ]
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def signature_problem(
+    actual: Optional[inspect.Signature], name: str, expected_text: str
+) -> Optional[str]:
+    """None if a function with signature `actual` can be called the way the contract says, else a
+    message comparing the two signatures. `actual` None: unknown (a builtin): let the call decide.
+    """
+    if actual is None:
+        return None
     expected = parse_signature(expected_text)
     params = list(actual.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     var_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
     var_keyword = any(p.kind == p.VAR_KEYWORD for p in params)
-    required_actual = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required_actual = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     required_expected = [p for p in expected.parameters.values() if p.default is p.empty]
     optional_expected = [p for p in expected.parameters.values() if p.default is not p.empty]
-    ok = (len(required_actual) == len(required_expected) or var_positional) and \
-        (len(positional) >= len(required_expected) or var_positional)
+    ok = (len(required_actual) == len(required_expected) or var_positional) and (
+        len(positional) >= len(required_expected) or var_positional
+    )
     for p in optional_expected:
         if p.name not in actual.parameters and not var_keyword:
             ok = False
@@ -339,47 +424,54 @@ def signature_problem(fn, name: str, expected_text: str) -> Optional[str]:
             ok = False
     if ok:
         return None
-    return f"expected {name}{expected_text}, yours is {name}{actual}"
+    return f"expected {name}{expected_text}, yours is {name}{_clean(str(actual), 200)}"
 
 
-# ------------------------------------------------------------------ running tasks (inside the kernel)
+# ------------------------------------------------------------------ hidden checks
 
-STASH: dict[str, Callable] = {}
-_EXTRA: list[tuple[str, str, Callable]] = []   # (task name, label, check) registered by extra_check
-
-
-def stash(namespace: dict, names) -> None:
-    """Remember the student's functions right after the cell that defines them runs, so a later cell that rebinds
-    the name (e.g. `from minisd.resnet import timestep_embedding`) does not replace the student's work."""
-    for name in names:
-        if name in namespace:
-            STASH[name] = namespace[name]
+_COLLECTING: contextvars.ContextVar = contextvars.ContextVar("minisd_extra_checks")
 
 
 def extra_check(task_name: str, label: Optional[str] = None):
-    """Decorator for instructors' hidden checks: `@extra_check("scaled_dot_product_attention") def big(ctx): ...`."""
+    """Decorator for instructors' hidden checks: `@extra_check("scaled_dot_product_attention") def
+    big(ctx): ...`."""
     known = all_task_names()
     if task_name not in known:
-        raise ValueError(f"@extra_check({task_name!r}): no chapter has a graded task of that name; the tasks are "
-                         f"{', '.join(sorted(known))}")
+        raise ValueError(
+            f"@extra_check({task_name!r}): no chapter has a graded task of that name; the tasks "
+            "are "
+            f"{', '.join(sorted(known))}"
+        )
 
     def register(fn):
-        _EXTRA.append((task_name, label or fn.__name__, fn))
+        collected = _COLLECTING.get(None)
+        if collected is not None:
+            collected.append((task_name, label or fn.__name__, fn))
         return fn
+
     return register
 
 
 def all_task_names() -> set:
-    return {task.name for path in Path(__file__).parent.glob("ch[0-9][0-9]_*.py")
-            for task in chapter_module(path.stem[2:4]).TASKS}
+    return {
+        task.name
+        for path in Path(__file__).parent.glob("ch[0-9][0-9]_*.py")
+        for task in chapter_module(path.stem[2:4]).TASKS
+    }
 
 
 def load_extra_checks(path: str) -> list[tuple[str, str, Callable]]:
-    """Run an instructor's file and return the checks it registered with @extra_check."""
+    """Run an instructor's file (in the grader's process, never in a sandbox) and return the checks
+    it registered with @extra_check."""
     import runpy
-    before = len(_EXTRA)
-    runpy.run_path(path, run_name=f"minisd_extra_{Path(path).stem}")
-    return _EXTRA[before:]
+
+    collected: list = []
+    token = _COLLECTING.set(collected)
+    try:
+        runpy.run_path(path, run_name=f"minisd_extra_{Path(path).stem}")
+    finally:
+        _COLLECTING.reset(token)
+    return collected
 
 
 def chapter_module(number: str):
@@ -394,29 +486,19 @@ def task_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: Optional[float]):
-    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
+def forbidden_paths(tasks) -> dict:
+    """{dotted path: message} for every call some task forbids (the sandbox wraps them before the
+    notebook)."""
+    return {path: message for task in tasks for path, message in task.forbidden_calls().items()}
 
-    def on_alarm(signum, frame):
-        raise TaskTimeout()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# ------------------------------------------------------------------ running one check (in the
+# grader)
 
 
 @contextlib.contextmanager
 def _standard_torch_state():
-    """Checks build modules and tensors with torch's defaults, whatever the notebook changed (default dtype,
-    torch.set_grad_enabled(False), ...)."""
+    """Checks build modules and tensors with torch's defaults."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -426,70 +508,66 @@ def _standard_torch_state():
         torch.set_default_dtype(dtype)
 
 
-def evaluate(name: str, signature: str, check: Callable, fn, seed: int, timeout: Optional[float]) -> dict:
-    """Run one check on `fn` and describe the outcome (never raises, except KeyboardInterrupt)."""
+def evaluate(name: str, signature: str, check: Callable, remote, seed: int) -> dict:
+    """Run one check against the student's function behind `remote` and describe the outcome. Never
+    raises (except KeyboardInterrupt): whatever the sandbox does ends as one result."""
+    from ..remote import SandboxLost, TaskTimeout
+
     result = {"task": name, "seed": seed}
     start = time.perf_counter()
     try:
-        if fn is None:
-            result.update(status="missing", message=f"`{name}` is not defined: write `def {name}{signature}:` in "
-                                                     f"its exercise cell and run that cell")
+        info = remote.describe()
+        if info.get("status") == "missing":
+            result.update(
+                status="missing",
+                message=f"`{name}` is not defined: write `def {name}{signature}:` in "
+                f"its exercise cell and run that cell",
+            )
             return result
-        problem = signature_problem(fn, name, signature)
+        if not info.get("callable", True):
+            result.update(
+                status="wrong signature",
+                message=f"`{name}` is a {_clean(info.get('type', '?'), 60)}, not a function",
+            )
+            return result
+        problem = (
+            signature_problem(signature_from_reply(info), name, signature)
+            if "parameters" in info
+            else None
+        )
         if problem:
             result.update(status="wrong signature", message=problem)
             return result
-        with _time_limit(timeout), _standard_torch_state():
-            check(Context(name, fn, seed))
+        with _standard_torch_state():
+            check(Context(name, remote, seed))
         result.update(status="passed", message="")
     except NotAttempted as error:
-        result.update(status="not attempted", message=str(error) or "still raises NotImplementedError")
+        result.update(
+            status="not attempted", message=_clean(error) or "still raises NotImplementedError"
+        )
     except StudentError as error:
-        where = f" ({error.where})" if error.where else ""
-        result.update(status="error", message=f"{type(error.error).__name__}: {_short(str(error.error))}{where}")
+        result.update(status="error", message=_clean(str(error)))
     except CheckFailed as failure:
-        result.update(status="failed", message=str(failure))
-    except TaskTimeout:
-        result.update(status="timed out", message=f"did not finish within {timeout:g} s (an endless loop?)")
+        result.update(status="failed", message=_clean(str(failure), 800))
+    except TaskTimeout as error:
+        result.update(
+            status="timed out",
+            message=f"did not finish within {error.seconds:g} s (an endless loop?)",
+        )
+    except SandboxLost as error:
+        result.update(status="crashed", message=str(error))
     except Exception as error:  # noqa: BLE001 - a bug in a check must not stop the grader
-        result.update(status="grader error", message=f"the check itself failed: {type(error).__name__}: "
-                                                     f"{_short(str(error))} (please report this)")
+        result.update(
+            status="grader error",
+            message=f"the check itself failed: {type(error).__name__} (please report this)",
+        )
     finally:
         result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
 
-def _short(text: str, limit: int = 400) -> str:
+def _clean(text, limit: int = 400) -> str:
+    """One printable line: text from the sandbox ends up in reports, CSV files and terminals."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + " …"
-
-
-def run_task(chapter: str, name: str, namespace: dict, seed: int, timeout: Optional[float] = None,
-             extra_files: tuple = (), publish: bool = True) -> list[dict]:
-    """Grade task `name` of `chapter` (plus any extra checks for it) and publish each result as display data."""
-    module = chapter_module(chapter)
-    task = next(t for t in module.TASKS if t.name == name)
-    fn = STASH.get(name, namespace.get(name))
-    results = [dict(evaluate(name, task.signature, task.check, fn, task_seed(seed, name), timeout), check="")]
-    for path in extra_files:
-        try:
-            checks = [c for c in load_extra_checks(path) if c[0] == name]
-        except Exception as error:  # noqa: BLE001
-            message = f"cannot load extra checks {path}: {type(error).__name__}: {_short(str(error))}"
-            results.append({"task": name, "check": Path(path).name, "status": "grader error", "seconds": 0.0,
-                            "message": message})
-            continue
-        for _, label, check in checks:
-            outcome = evaluate(name, task.signature, check, fn, task_seed(seed, f"{name}/{label}"), timeout)
-            results.append(dict(outcome, check=f"{Path(path).name}::{label}"))
-    if publish:
-        _publish(results)
-    return results
-
-
-def _publish(results: list[dict]) -> None:
-    try:
-        from IPython.display import display
-        display({RESULT_MIME: results, "text/plain": repr([(r["task"], r["status"]) for r in results])}, raw=True)
-    except ImportError:  # not in a kernel
-        print(results, file=sys.stdout)

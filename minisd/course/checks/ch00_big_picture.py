@@ -1,4 +1,5 @@
 """Chapter 00 (the big picture): recover the clean image from a noisy one and the noise in it."""
+
 from __future__ import annotations
 
 
@@ -10,8 +11,10 @@ from . import Task
 
 TITLE = "The big picture"
 GOALS = [
-    "Name the three networks of Stable Diffusion (text encoder, UNet, VAE) and what flows between them.",
-    "Explain the forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε and why predicting ε is enough to recover x₀.",
+    "Name the three networks of Stable Diffusion (text encoder, UNet, VAE) and what flows between "
+    "them.",
+    "Explain the forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε and why predicting ε is enough to recover "
+    "x₀.",
     "Run the whole pipeline once and look at the intermediate results.",
 ]
 
@@ -24,11 +27,16 @@ def check_predict_x0(ctx):
 
     def mistakes(x_t, a):
         return {
-            "your result matches (x_t − (1 − ᾱ)·ε)/ᾱ: the square roots are missing": lambda: (x_t - (1 - a) * eps) / a,
+            "your result matches (x_t − (1 − ᾱ)·ε)/ᾱ: the square roots are missing": lambda: (
+                (x_t - (1 - a) * eps) / a
+            ),
             "your result matches (x_t − √(1 − ᾱ)·ε)·√ᾱ: divide by √ᾱ instead of multiplying":
-                lambda: (x_t - (1 - a) ** 0.5 * eps) * a ** 0.5,
-            "your result matches (x_t − √ᾱ·ε)/√(1 − ᾱ): the two coefficients are swapped":
-                lambda: (x_t - a ** 0.5 * eps) / (1 - a) ** 0.5,
+                lambda: (
+                (x_t - (1 - a) ** 0.5 * eps) * a**0.5
+            ),
+            "your result matches (x_t − √ᾱ·ε)/√(1 − ᾱ): the two coefficients are swapped": lambda: (
+                (x_t - a**0.5 * eps) / (1 - a) ** 0.5
+            ),
         }
 
     t = ctx.integer(0, 999)
@@ -38,7 +46,9 @@ def check_predict_x0(ctx):
     with ctx.case(f"alpha_bar = {a:.4f} (a Python float)"):
         ctx.expect_close(ctx.call(x_t, eps, a), expected, what="x̂₀", mistakes=mistakes(x_t, a))
     with ctx.case("alpha_bar a 0-dim tensor"):
-        ctx.expect_close(ctx.call(x_t, eps, torch.tensor(a)), expected, what="x̂₀", mistakes=mistakes(x_t, a))
+        ctx.expect_close(
+            ctx.call(x_t, eps, torch.tensor(a)), expected, what="x̂₀", mistakes=mistakes(x_t, a)
+        )
     t = ctx.randint(0, 1000, (batch,))
     a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     x_t = schedule.q_sample(x0, t, eps)
@@ -48,9 +58,18 @@ def check_predict_x0(ctx):
 
 
 TASKS = [
-    Task("predict_x0", "(x_t, eps, alpha_bar)",
-         "Given a noisy sample x_t, the noise ε in it and the noise level ᾱ, return the clean sample x̂₀ by solving "
-         "x_t = √ᾱ·x₀ + √(1−ᾱ)·ε for x₀. `alpha_bar` is a Python float or a tensor that broadcasts against x_t.",
-         check_predict_x0,
-         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor."),
+    Task(
+        "predict_x0",
+        "(x_t, eps, alpha_bar)",
+        "Given a noisy sample x_t, the noise ε in it and the noise level ᾱ, return the clean "
+        "sample x̂₀ by solving "
+        "x_t = √ᾱ·x₀ + √(1−ᾱ)·ε for x₀. `alpha_bar` is a Python float or a tensor that broadcasts "
+        "against x_t.",
+        check_predict_x0,
+        "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] "
+        "tensor.",
+        forbidden=("minisd.schedule.NoiseSchedule.predict_x0_and_eps",),
+        allowed="torch.as_tensor, sqrt and arithmetic; not minisd's "
+                "NoiseSchedule.predict_x0_and_eps.",
+    ),
 ]

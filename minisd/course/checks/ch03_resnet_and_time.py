@@ -1,4 +1,6 @@
-"""Chapter 03 (ResNet blocks and time): the sinusoidal timestep embedding and a ResNet block by hand."""
+"""Chapter 03 (ResNet blocks and time): the sinusoidal timestep embedding and a ResNet block by
+hand."""
+
 from __future__ import annotations
 
 import math
@@ -12,9 +14,12 @@ from . import Task
 
 TITLE = "ResNet blocks and time"
 GOALS = [
-    "Build the sinusoidal timestep embedding (cos half first) and see why a network can read t from it.",
-    "Trace a ResNet block: GroupNorm, SiLU, convolution, the timestep added to every channel, the shortcut.",
-    "Explain GroupNorm and why the shortcut needs a 1×1 convolution when the channel count changes.",
+    "Build the sinusoidal timestep embedding (cos half first) and see why a network can read t "
+    "from it.",
+    "Trace a ResNet block: GroupNorm, SiLU, convolution, the timestep added to every channel, the "
+    "shortcut.",
+    "Explain GroupNorm and why the shortcut needs a 1×1 convolution when the channel count "
+    "changes.",
 ]
 
 
@@ -29,36 +34,61 @@ def _embedding(t, dim, shift=0.0, sin_first=False, interleave=False):
 
 
 def check_timestep_embedding(ctx):
-    cases = [("integer timesteps", ctx.randint(0, 1000, (ctx.integer(1, 6),))),
-             ("float timesteps", ctx.rand(ctx.integer(1, 6), high=1000.0))]
+    cases = [
+        ("integer timesteps", ctx.randint(0, 1000, (ctx.integer(1, 6),))),
+        ("float timesteps", ctx.rand(ctx.integer(1, 6), high=1000.0)),
+    ]
     for label, t in cases:
         dim = 2 * ctx.integer(4, 160)
         mistakes = {
-            "your embedding is [sin, cos]: SD puts the cosines first": lambda: _embedding(t, dim, sin_first=True),
+            "your embedding is [sin, cos]: SD puts the cosines first": lambda: _embedding(
+                t, dim, sin_first=True
+            ),
             "your embedding interleaves cos and sin; SD concatenates all cosines, then all sines":
-                lambda: _embedding(t, dim, interleave=True),
-            "your frequencies use exp(−ln(10000)·i/(d/2 − 1)); SD divides by d/2":
-                lambda: _embedding(t, dim, shift=1.0),
+                lambda: (
+                _embedding(t, dim, interleave=True)
+            ),
+            "your frequencies use exp(−ln(10000)·i/(d/2 − 1)); SD divides by d/2": lambda: (
+                _embedding(t, dim, shift=1.0)
+            ),
         }
         shown = t.tolist() if not t.is_floating_point() else [round(float(x), 2) for x in t]
         with ctx.case(f"{label} {shown}, dim = {dim}"):
-            # float32 angles t·ω reach 1000 rad, so a correct implementation that orders the arithmetic differently
-            # differs by ~1e-4 there: the tolerance allows that, and no real mistake comes close to it.
-            ctx.expect_close(ctx.call(t, dim), timestep_embedding(t, dim), what="embedding", atol=5e-4, rtol=0,
-                             mistakes=mistakes)
+            # float32 angles t·ω reach 1000 rad, so a correct implementation that orders the
+            # arithmetic differently differs by ~1e-4 there: the tolerance allows that, and no real
+            # mistake comes close to it.
+            ctx.expect_close(
+                ctx.call(t, dim),
+                timestep_embedding(t, dim),
+                what="embedding",
+                atol=5e-4,
+                rtol=0,
+                mistakes=mistakes,
+            )
 
 
 def check_resnet_forward(ctx):
     groups = ctx.choice([2, 4])
-    cases = (("in_channels == out_channels", True, True), ("in_channels != out_channels", False, True),
-             ("a VAE block (no time input: time_emb_proj is None, t_emb is None)", ctx.choice([True, False]), False))
+    cases = (
+        ("in_channels == out_channels", True, True),
+        ("in_channels != out_channels", False, True),
+        (
+            "a VAE block (no time input: time_emb_proj is None, t_emb is None)",
+            ctx.choice([True, False]),
+            False,
+        ),
+    )
     for label, same, timed in cases:
         cin = groups * ctx.integer(1, 4)
         cout = cin if same else groups * ctx.integer(1, 4)
         while not same and cout == cin:
             cout = groups * ctx.integer(1, 5)
         time_dim = ctx.integer(4, 24) if timed else None
-        block = ctx.seed_module(ResnetBlock(cin, cout, time_dim, groups=groups, eps=ctx.choice([1e-5, 1e-6])))
+        block = ctx.seed_module(
+            ctx.module(
+                ResnetBlock, cin, cout, time_dim, groups=groups, eps=ctx.choice([1e-5, 1e-6])
+            )
+        )
         x = ctx.randn(ctx.integer(1, 3), cin, ctx.integer(3, 8), ctx.integer(3, 8))
         t_emb = ctx.randn(x.shape[0], time_dim) if timed else None
         with torch.no_grad():
@@ -67,37 +97,72 @@ def check_resnet_forward(ctx):
             shortcut = x if block.conv_shortcut is None else block.conv_shortcut(x)
             tail = lambda h: block.conv2(F.silu(block.norm2(h)))
             time = block.time_emb_proj(F.silu(t_emb))[:, :, None, None] if timed else 0
-            mistakes = {"your output is missing the shortcut (the residual connection)": lambda: tail(h + time)}
+            mistakes = {
+                "your output is missing the shortcut (the residual connection)": lambda: tail(
+                    h + time
+                )
+            }
             if timed:
-                mistakes.update({
-                    "your time embedding skips the SiLU before time_emb_proj":
-                        lambda: shortcut + tail(h + block.time_emb_proj(t_emb)[:, :, None, None]),
-                    "your output leaves out the timestep": lambda: shortcut + tail(h),
-                    "your output adds the timestep after conv2 instead of after conv1":
-                        lambda: shortcut + tail(h) + time,
-                })
+                mistakes.update(
+                    {
+                        "your time embedding skips the SiLU before time_emb_proj": lambda: (
+                            shortcut + tail(h + block.time_emb_proj(t_emb)[:, :, None, None])
+                        ),
+                        "your output leaves out the timestep": lambda: shortcut + tail(h),
+                        "your output adds the timestep after conv2 instead of after conv1":
+                            lambda: (
+                            shortcut + tail(h) + time
+                        ),
+                    }
+                )
         title = f"{label} ({cin} → {cout} channels, GroupNorm groups = {groups})"
-        with ctx.case(title), torch.no_grad(), \
-                ctx.forbid_call(block, "your function calls the block itself (block(x, t_emb)); compute the output "
-                                       "from its parts: block.norm1, block.conv1, block.time_emb_proj, ..."):
+        with (
+            ctx.case(title),
+            torch.no_grad(),
+            ctx.forbid_call(
+                block,
+                "your function calls the block itself (block(x, t_emb)); compute the output "
+                "from its parts: block.norm1, block.conv1, block.time_emb_proj, ...",
+            ),
+        ):
             got = ctx.call(block, x, t_emb)
         with ctx.case(title):
             ctx.expect_close(got, expected, what="output", mistakes=mistakes)
 
 
 TASKS = [
-    Task("timestep_embedding", "(timesteps, dim)",
-         "The sinusoidal timestep embedding: for timesteps [B] (integers or floats) return [B, dim] features "
-         "[cos(t·ω₀), …, cos(t·ω_{dim/2−1}), sin(t·ω₀), …] with ω_i = exp(−ln(10000)·i/(dim/2)): all cosines "
-         "first, then all sines.",
-         check_timestep_embedding,
-         "random batches of integer and float timesteps in [0, 1000), random even dims."),
-    Task("resnet_forward", "(block, x, t_emb)",
-         "The output of the minisd.resnet.ResnetBlock `block` on x [B, C_in, H, W] and the timestep embedding "
-         "t_emb [B, time_dim], computed from the block's parts (norm1, conv1, time_emb_proj, norm2, dropout, conv2, "
-         "conv_shortcut) without calling the block itself. The VAE's blocks have no time input: when "
-         "block.time_emb_proj is None (and t_emb is None) there is no timestep shift.",
-         check_resnet_forward,
-         "random blocks with and without a shortcut convolution, with and without a time input (the VAE's kind), "
-         "random weights and norm scales, random sizes."),
+    Task(
+        "timestep_embedding",
+        "(timesteps, dim)",
+        "The sinusoidal timestep embedding: for timesteps [B] (integers or floats) return [B, dim] "
+        "features "
+        "[cos(t·ω₀), …, cos(t·ω_{dim/2−1}), sin(t·ω₀), …] with ω_i = exp(−ln(10000)·i/(dim/2)): "
+        "all cosines "
+        "first, then all sines.",
+        check_timestep_embedding,
+        "random batches of integer and float timesteps in [0, 1000), random even dims.",
+        forbidden=("minisd.resnet.timestep_embedding",),
+        allowed="torch's elementwise functions (torch.exp, torch.cos, torch.sin, torch.cat, "
+                "torch.arange); not "
+        "minisd.resnet.timestep_embedding.",
+    ),
+    Task(
+        "resnet_forward",
+        "(block, x, t_emb)",
+        "The output of the minisd.resnet.ResnetBlock `block` on x [B, C_in, H, W] and the timestep "
+        "embedding "
+        "t_emb [B, time_dim], computed from the block's parts (norm1, conv1, time_emb_proj, norm2, "
+        "dropout, conv2, "
+        "conv_shortcut) without calling the block itself. The VAE's blocks have no time input: "
+        "when "
+        "block.time_emb_proj is None (and t_emb is None) there is no timestep shift.",
+        check_resnet_forward,
+        "random blocks with and without a shortcut convolution, with and without a time input (the "
+        "VAE's kind), "
+        "random weights and norm scales, random sizes.",
+        forbidden=("minisd.resnet.ResnetBlock.forward",),
+        allowed="the block's submodules (block.norm1(x), block.conv1(h), ...) and "
+                "torch.nn.functional "
+        "(F.silu); not the block itself (block(x, t_emb), block.forward).",
+    ),
 ]

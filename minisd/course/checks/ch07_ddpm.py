@@ -1,4 +1,5 @@
 """Chapter 07 (DDPM): the forward process in one jump, and the posterior q(x_{t−1} | x_t, x₀)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,8 @@ from . import Task
 
 TITLE = "DDPM: noising and denoising"
 GOALS = [
-    "Derive q(x_t | x₀) = N(√ᾱ_t·x₀, (1−ᾱ_t)·I) from the one-step noising process and sample it in one jump.",
+    "Derive q(x_t | x₀) = N(√ᾱ_t·x₀, (1−ᾱ_t)·I) from the one-step noising process and sample it in "
+    "one jump.",
     "Derive the posterior q(x_{t−1} | x_t, x₀) that DDPM's reverse step samples from.",
     "Run DDPM sampling and see why it needs hundreds of steps.",
 ]
@@ -25,7 +27,10 @@ def _schedule(ctx) -> NoiseSchedule:
 def check_q_sample(ctx):
     schedule = _schedule(ctx)
     a_all = schedule.alphas_cumprod
-    for label, batch, width in (("a batch", ctx.integer(2, 4), None), ("batch size equal to the width", 3, 3)):
+    for label, batch, width in (
+        ("a batch", ctx.integer(2, 4), None),
+        ("batch size equal to the width", 3, 3),
+    ):
         width = width or ctx.choice([5, 6, 7])
         x0 = ctx.randn(batch, ctx.integer(1, 4), ctx.integer(2, 6), width)
         noise = ctx.randn(*x0.shape)
@@ -38,11 +43,16 @@ def check_q_sample(ctx):
             "your x_t uses ᾱ and 1 − ᾱ without square roots": lambda: a * x0 + (1 - a) * noise,
             "your x_t swaps the two coefficients": lambda: (1 - a).sqrt() * x0 + a.sqrt() * noise,
             "your x_t uses ᾱ at t − 1": lambda: (lambda b: b.sqrt() * x0 + (1 - b).sqrt() * noise)(
-                a_all[(t - 1).clamp(min=0)].reshape(-1, 1, 1, 1)),
-            "your ᾱ_t (shape [B]) broadcasts along the last axis (width), not the batch: reshape it to [B, 1, 1, 1]":
-                lambda: a_all[t].sqrt() * x0 + (1 - a_all[t]).sqrt() * noise,
+                a_all[(t - 1).clamp(min=0)].reshape(-1, 1, 1, 1)
+            ),
+            "your ᾱ_t (shape [B]) broadcasts along the last axis (width), not the batch: reshape "
+            "it to [B, 1, 1, 1]": lambda: (
+                a_all[t].sqrt() * x0 + (1 - a_all[t]).sqrt() * noise
+            ),
         }
-        with ctx.case(f"{label}: x0 {tuple(x0.shape)}, t = {t.tolist()}, a {schedule.config.beta_schedule} schedule"):
+        with ctx.case(
+            f"{label}: x0 {tuple(x0.shape)}, t = {t.tolist()}, a {schedule.config.beta_schedule} schedule"
+        ):
             ctx.expect_close(ctx.call(x0, t, noise, a_all), expected, what="x_t", mistakes=mistakes)
     t = ctx.integer(0, schedule.num_train_timesteps - 1)
     with ctx.case(f"one timestep t = {t} (an int) for the whole batch: x0 {tuple(x0.shape)}"):
@@ -64,17 +74,25 @@ def check_ddpm_posterior(ctx):
         a_t, a_prev = a_all[t], (a_all[t - 1] if t > 0 else torch.tensor(1.0))
         beta = 1 - a_t / a_prev
         mistakes = {
-            "your mean uses ᾱ_t where the one-step α_t = ᾱ_t/ᾱ_{t−1} belongs":
-                lambda: a_prev.sqrt() * beta / (1 - a_t) * x0 + a_t.sqrt() * (1 - a_prev) / (1 - a_t) * x_t,
-            "your mean swaps the coefficients of x₀ and x_t":
-                lambda: a_prev.sqrt() * beta / (1 - a_t) * x_t + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x0,
+            "your mean uses ᾱ_t where the one-step α_t = ᾱ_t/ᾱ_{t−1} belongs": lambda: (
+                a_prev.sqrt() * beta / (1 - a_t) * x0 + a_t.sqrt() * (1 - a_prev) / (1 - a_t) * x_t
+            ),
+            "your mean swaps the coefficients of x₀ and x_t": lambda: (
+                a_prev.sqrt() * beta / (1 - a_t) * x_t
+                + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x0
+            ),
         }
-        with ctx.case(f"t = {t}" + (" (the last step: ᾱ_prev = 1)" if t == 0 else "")
-                      + f", {schedule.config.beta_schedule} schedule"):
+        with ctx.case(
+            f"t = {t}"
+            + (" (the last step: ᾱ_prev = 1)" if t == 0 else "")
+            + f", {schedule.config.beta_schedule} schedule"
+        ):
             got = ctx.call(x0, x_t, t, a_all)
             if not isinstance(got, (tuple, list)) or len(got) != 2:
-                ctx.fail(f"expected a pair (mean, variance), got {type(got).__name__}"
-                         + (f" of {len(got)}" if isinstance(got, (tuple, list)) else ""))
+                ctx.fail(
+                    f"expected a pair (mean, variance), got {type(got).__name__}"
+                    + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")
+                )
             got_mean, got_variance = got
             ctx.expect_close(got_mean, mean, what="mean", mistakes=mistakes)
             if isinstance(got_variance, (int, float)):
@@ -83,28 +101,53 @@ def check_ddpm_posterior(ctx):
             try:
                 got_variance = torch.broadcast_to(got_variance, mean.shape)
             except RuntimeError:
-                ctx.fail(f"the variance should be a number or broadcast against x_t {tuple(mean.shape)}, got shape "
-                         f"{tuple(got_variance.shape)}")
+                ctx.fail(
+                    "the variance should be a number or broadcast against x_t "
+                    f"{tuple(mean.shape)}, got shape "
+                    f"{tuple(got_variance.shape)}"
+                )
             variance_mistakes = {
-                "your variance is β_t (the forward step's); the posterior's is (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t":
-                    torch.broadcast_to(beta, mean.shape),
+                "your variance is β_t (the forward step's); the posterior's is (1 − ᾱ_{t−1})/(1 − "
+                "ᾱ_t)·β_t": torch.broadcast_to(
+                    beta, mean.shape
+                ),
             }
-            ctx.expect_close(got_variance, torch.broadcast_to(variance, mean.shape), what="variance", atol=1e-7,
-                             mistakes=variance_mistakes)
+            ctx.expect_close(
+                got_variance,
+                torch.broadcast_to(variance, mean.shape),
+                what="variance",
+                atol=1e-7,
+                mistakes=variance_mistakes,
+            )
 
 
 TASKS = [
-    Task("q_sample", "(x0, t, noise, alphas_cumprod)",
-         "Noise clean samples x0 [B, ...] straight to timesteps t (a LongTensor [B], one per item, or an int) "
-         "with the given noise: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise, where ᾱ_t = alphas_cumprod[t].",
-         check_q_sample,
-         "random schedules (scaled-linear, linear, cosine), shapes and timesteps, including a batch as large as the "
-         "image width (where a wrongly broadcast ᾱ goes unnoticed by the shapes)."),
-    Task("ddpm_posterior", "(x0, x_t, t, alphas_cumprod)",
-         "Mean and variance of q(x_{t−1} | x_t, x₀) for an integer timestep t (the previous timestep is t − 1; "
-         "at t = 0, ᾱ_prev = 1): "
-         "return the pair (mean, variance), the mean shaped like x_t, the variance a number or a tensor that "
-         "broadcasts against x_t.",
-         check_ddpm_posterior,
-         "random schedules, timesteps (and t = 0) and shapes, against minisd's DDPMSampler.posterior."),
+    Task(
+        "q_sample",
+        "(x0, t, noise, alphas_cumprod)",
+        "Noise clean samples x0 [B, ...] straight to timesteps t (a LongTensor [B], one per item, "
+        "or an int) "
+        "with the given noise: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise, where ᾱ_t = alphas_cumprod[t].",
+        check_q_sample,
+        "random schedules (scaled-linear, linear, cosine), shapes and timesteps, including a batch "
+        "as large as the "
+        "image width (where a wrongly broadcast ᾱ goes unnoticed by the shapes).",
+        forbidden=("minisd.schedule.NoiseSchedule.q_sample",),
+        allowed="indexing, reshape, sqrt and arithmetic; not minisd's NoiseSchedule.q_sample.",
+    ),
+    Task(
+        "ddpm_posterior",
+        "(x0, x_t, t, alphas_cumprod)",
+        "Mean and variance of q(x_{t−1} | x_t, x₀) for an integer timestep t (the previous "
+        "timestep is t − 1; "
+        "at t = 0, ᾱ_prev = 1): "
+        "return the pair (mean, variance), the mean shaped like x_t, the variance a number or a "
+        "tensor that "
+        "broadcasts against x_t.",
+        check_ddpm_posterior,
+        "random schedules, timesteps (and t = 0) and shapes, against minisd's "
+        "DDPMSampler.posterior.",
+        forbidden=("minisd.ddpm.DDPMSampler.posterior",),
+        allowed="indexing, sqrt and arithmetic; not minisd's DDPMSampler.posterior.",
+    ),
 ]

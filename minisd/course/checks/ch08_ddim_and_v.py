@@ -1,4 +1,5 @@
 """Chapter 08 (DDIM and v-prediction): one DDIM step."""
+
 from __future__ import annotations
 
 from minisd.ddim import DDIMSampler
@@ -8,7 +9,8 @@ from . import Task
 
 TITLE = "DDIM and v-prediction"
 GOALS = [
-    "Derive the DDIM update from x̂₀ and ε̂, and see how η moves between deterministic DDIM and DDPM.",
+    "Derive the DDIM update from x̂₀ and ε̂, and see how η moves between deterministic DDIM and "
+    "DDPM.",
     "Sample in 20–50 steps instead of 1000, and invert an image to noise with deterministic DDIM.",
     "Convert between ε-, x₀- and v-prediction, as SD 2.x's 768px model needs.",
 ]
@@ -31,33 +33,53 @@ def check_ddim_step(ctx):
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         mistakes = {
             "your step leaves out σ² in the direction term √(1 − ᾱ_prev − σ²)·ε̂":
-                a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps + (sigma * noise if noise is not None else 0),
-            "your step does not add the noise σ·z": a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps,
-            "your σ leaves out η": a_prev.sqrt() * x0 + (1 - a_prev - sigma**2 / max(eta, 1e-9) ** 2).sqrt() * eps
-                + (sigma / max(eta, 1e-9) * noise if noise is not None else 0),
-            "your step ignores η: it always takes the deterministic (η = 0) step":
-                a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps,
-            "your step clamps x̂₀ to [−1, 1]; SD's DDIM does not clip":
-                a_prev.sqrt() * x0.clamp(-1, 1) + (1 - a_prev - sigma**2).sqrt() * eps
-                + (sigma * noise if noise is not None else 0),
+                a_prev.sqrt() * x0
+            + (1 - a_prev).sqrt() * eps
+            + (sigma * noise if noise is not None else 0),
+            "your step does not add the noise σ·z": a_prev.sqrt() * x0
+            + (1 - a_prev - sigma**2).sqrt() * eps,
+            "your σ leaves out η": a_prev.sqrt() * x0
+            + (1 - a_prev - sigma**2 / max(eta, 1e-9) ** 2).sqrt() * eps
+            + (sigma / max(eta, 1e-9) * noise if noise is not None else 0),
+            "your step ignores η: it always takes the deterministic (η = 0) step": a_prev.sqrt()
+            * x0
+            + (1 - a_prev).sqrt() * eps,
+            "your step clamps x̂₀ to [−1, 1]; SD's DDIM does not clip": a_prev.sqrt()
+            * x0.clamp(-1, 1)
+            + (1 - a_prev - sigma**2).sqrt() * eps
+            + (sigma * noise if noise is not None else 0),
         }
-        desc = f"{label} (η = {eta}), t = {t} of {steps} steps" + (" (the last step: ᾱ_prev = ᾱ₀)" if last else "")
-        as_tensors = label == "η = 1"  # the ᾱs come as floats, or as 0-dim tensors (what minisd's samplers hold)
+        desc = f"{label} (η = {eta}), t = {t} of {steps} steps" + (
+            " (the last step: ᾱ_prev = ᾱ₀)" if last else ""
+        )
+        # the ᾱs come as floats, or as 0-dim tensors (what minisd's samplers hold)
+        as_tensors = label == "η = 1"
         alpha_bars = (a_t, a_prev) if as_tensors else (float(a_t), float(a_prev))
         kind = "0-dim tensors" if as_tensors else "floats"
-        with ctx.case(f"{desc}, alpha_bar_t = {float(a_t):.4f}, alpha_bar_prev = {float(a_prev):.4f} ({kind})"):
+        with ctx.case(
+            f"{desc}, alpha_bar_t = {float(a_t):.4f}, alpha_bar_prev = {float(a_prev):.4f} ({kind})"
+        ):
             got = ctx.call(eps, x_t, *alpha_bars, eta=eta, noise=noise)
             ctx.expect_close(got, expected, what="x_prev", atol=2e-5, mistakes=mistakes)
 
 
 TASKS = [
-    Task("ddim_step", "(model_output, x_t, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None)",
-         "One DDIM step for an ε-predicting model: from x_t, the predicted noise `model_output`, and the noise levels "
-         "ᾱ_t and ᾱ_prev (floats or 0-dim tensors), compute x̂₀, σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) "
-         "(DDIM eq. 16), and "
-         "return x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev−σ_t²)·ε̂ + σ_t·noise (the noise term only when η > 0).",
-         check_ddim_step,
-         "η = 0, η = 1 and a random η with given noise, the ᾱs as floats and as 0-dim tensors, random step counts, "
-         "timesteps and shapes (sometimes the "
-         "last step), against minisd's DDIMSampler."),
+    Task(
+        "ddim_step",
+        "(model_output, x_t, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None)",
+        "One DDIM step for an ε-predicting model: from x_t, the predicted noise `model_output`, "
+        "and the noise levels "
+        "ᾱ_t and ᾱ_prev (floats or 0-dim tensors), compute x̂₀, σ_t = "
+        "η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) "
+        "(DDIM eq. 16), and "
+        "return x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev−σ_t²)·ε̂ + σ_t·noise (the noise term only when η "
+        "> 0).",
+        check_ddim_step,
+        "η = 0, η = 1 and a random η with given noise, the ᾱs as floats and as 0-dim tensors, "
+        "random step counts, "
+        "timesteps and shapes (sometimes the "
+        "last step), against minisd's DDIMSampler.",
+        forbidden=("minisd.ddim.DDIMSampler.step",),
+        allowed="torch.as_tensor, sqrt and arithmetic; not minisd's DDIMSampler.step.",
+    ),
 ]
