@@ -211,9 +211,14 @@ def _clean_metadata(metadata: dict, keep: tuple) -> dict:
     return {k: metadata[k] for k in keep if k in metadata}
 
 
-def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
-    """The student version of a notebook (a new nbformat node; the input is not modified)."""
+def student_notebook(notebook, source_name: str, number: str, chapter_dir: str, checks=None):
+    """The student version of a notebook (a new nbformat node; the input is not modified): solution regions
+    stubbed, `solution-only` cells left out, `answer` cells replaced (answers.py), and the docstrings of graded
+    functions replaced by the task's contract."""
     import nbformat
+
+    from . import answers
+    contracts = {t.name: t.summary for t in (checks.TASKS if checks else [])}
 
     nb = nbformat.v4.new_notebook()
     nb.nbformat, nb.nbformat_minor = 4, max(5, notebook.get("nbformat_minor", 5))
@@ -231,8 +236,17 @@ def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
         if SOLUTION_ONLY_TAG in tags:
             continue
         where = f"{source_name}, cell {index + 1}"
+        if answers.is_answer_cell(cell):
+            kind, text = answers.replacement_for(cell)
+            new = nbformat.v4.new_code_cell(text) if kind == "code" else nbformat.v4.new_markdown_cell(text)
+            new.id = cell.get("id") or f"cell-{index}"
+            cells.append(new)
+            continue
         if cell.cell_type == "code":
-            new = nbformat.v4.new_code_cell(strip_solutions(cell.source, where))
+            stubbed = strip_solutions(cell.source, where)
+            if BEGIN in cell.source:
+                stubbed = answers.replace_docstrings(stubbed, contracts)
+            new = nbformat.v4.new_code_cell(stubbed)
         elif cell.cell_type == "markdown":
             if find_regions(cell.source, where):
                 raise BuildError(f"{where}: solution regions belong in code cells (tag a markdown cell "
@@ -413,7 +427,7 @@ def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str
         verify_tasks(notebook, source_name, checks)
         if warnings is not None:
             warnings.extend(working_folder_problems(notebook, source_name))
-        student = student_notebook(notebook, source_name, number, chapter_dir)
+        student = student_notebook(notebook, source_name, number, chapter_dir, checks)
         outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = nbformat.writes(student) + "\n"
         title = title_of(notebook, getattr(checks, "TITLE", slug.replace("_", " ")))
         outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(number, title, source_name, chapter_dir,

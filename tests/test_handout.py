@@ -1,0 +1,97 @@
+"""The student handout gives no answer away: no solution expression in any student cell, graded docstrings replaced
+by the task's contract, and (handout/guide commands) no instructor text in the files students get.
+
+Fast: these tests read notebooks and parse Python; nothing is executed.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+
+from minisd.course import answers  # noqa: E402
+from minisd.course import build as course_build  # noqa: E402
+from minisd.course.checks import chapter_module  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(
+    p for p in (ROOT / "notebooks").glob("*.ipynb") if course_build.NOTEBOOK_NAME.match(p.name)
+)
+
+# Expressions a chapter may show although a solution contains them, each with the reason. Keep this short: every
+# entry is a hole in the test.
+ALLOWED = {
+    # x̂₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ is chapter 0's graded task and stated in chapter 8's text; chapter 8's task is the DDIM
+    # update around it. The same shape appears in chapter 8's v ↔ ε conversions.
+    "08": ["(x_t - (1 - a_t).sqrt() * model_output) / a_t.sqrt()"],
+}
+
+
+def _allowed(number: str) -> set:
+    found = set()
+    for text in ALLOWED.get(number, []):
+        found |= set(answers.expressions(text))
+    return found
+
+
+def _student(notebook: Path):
+    return nbformat.read(ROOT / "chapters" / notebook.stem / "assignment.ipynb", as_version=4)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_solution_expression_in_any_student_cell(notebook):
+    """For every solution region of the instructor's notebook, its core expressions (≥ MIN_NODES AST nodes, variable
+    names anonymised) occur in no code cell of the student notebook: not in the stub, not in a worked cell above."""
+    teacher = nbformat.read(notebook, as_version=4)
+    cells = [course_build.python_source(c.source) for c in _student(notebook).cells if c.cell_type == "code"]
+    ignore = _allowed(notebook.name[:2])
+    regions_seen = 0
+    for index, cell in enumerate(teacher.cells):
+        if cell.cell_type != "code" or course_build.BEGIN not in cell.source:
+            continue
+        regions = course_build.find_regions(cell.source, notebook.name)
+        regions_seen += len(regions)
+        solution = answers.solution_code(cell.source, regions)
+        leaked = answers.leaks(solution, cells, ignore)
+        assert not leaked, f"{notebook.name}, cell {index + 1}: the student version shows {leaked}"
+    assert regions_seen, f"{notebook.name} has no solution regions"
+
+
+def test_the_leak_detector_sees_through_renaming():
+    """The detector must catch a worked cell that renames variables (S/Q/K vs scores/q/k) and must not flag code
+    that shares only small vocabulary."""
+    solution = "scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])\nreturn scores.softmax(dim=-1) @ v\n"
+    worked = "S = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])\nO = S.softmax(dim=-1) @ V\n"
+    assert answers.leaks(solution, [worked])
+    assert not answers.leaks(solution, ["out, probs = attention_math(Q, K, V)\nprint(Q.shape[-1])\n"])
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_graded_docstrings_are_the_task_contract(notebook):
+    """The docstring of every graded function/class in the student notebook is the task's summary (which says what
+    to compute), never the instructor's docstring (which may give the formula)."""
+    tasks = {t.name: t for t in chapter_module(notebook.name[:2]).TASKS}
+    found = {}
+    for cell in _student(notebook).cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.parse(course_build.python_source(cell.source)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in tasks:
+                found[node.name] = " ".join((ast.get_docstring(node) or "").split())
+    for name, task in tasks.items():
+        assert found.get(name) == " ".join(task.summary.split()), f"{notebook.name}: docstring of {name}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_answer_cells_are_replaced(notebook):
+    """A cell tagged `answer` reaches the student version only as its replacement."""
+    teacher = nbformat.read(notebook, as_version=4)
+    student = {c.get("id"): c for c in _student(notebook).cells}
+    for cell in teacher.cells:
+        if answers.is_answer_cell(cell):
+            kind, text = answers.replacement_for(cell)
+            assert student[cell.id].cell_type == kind and student[cell.id].source == text
+            assert cell.source not in {c.source for c in student.values()}
