@@ -95,3 +95,78 @@ def test_answer_cells_are_replaced(notebook):
             kind, text = answers.replacement_for(cell)
             assert student[cell.id].cell_type == kind and student[cell.id].source == text
             assert cell.source not in {c.source for c in student.values()}
+
+
+# ----------------------------------------------------------------------------------------------
+# handout and guide
+
+
+def test_handout_is_exactly_the_student_files_and_holds_no_instructor_text(tmp_path):
+    from minisd.course import guide
+
+    out = tmp_path / "handout"
+    written = guide.write_handout(out)
+    expected = {p.relative_to(ROOT / "chapters"): text
+                for p, text in course_build.build_outputs(ROOT).items()}
+    assert {p.relative_to(out) for p in written} == set(expected)
+    assert {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == set(expected)
+    for rel, text in expected.items():
+        assert (out / rel).read_text(encoding="utf-8") == text
+
+    # rubric and reference-answer text: every substantial line of minisd/course/guide/*.md, in no handout file
+    handout_text = "\n".join((out / rel).read_text(encoding="utf-8") for rel in expected)
+    rubric_lines = set()
+    for path in guide.GUIDE_DIR.glob("ch*.md"):
+        rubric_lines |= {line.strip() for line in path.read_text(encoding="utf-8").split("\n")
+                         if len(line.strip()) > 30 and not line.startswith("#")}
+    assert rubric_lines
+    leaked = sorted(line for line in rubric_lines if line in handout_text)
+    assert not leaked, leaked[:5]
+    # solution lines that only a chapter's solution regions hold, in none of that chapter's handout files
+    for notebook in NOTEBOOKS:
+        cells = nbformat.read(notebook, as_version=4).cells
+        inside, outside = set(), set()
+        for c in cells:
+            region = set(course_build.solution_lines(c.source)) if c.cell_type == "code" else set()
+            inside |= {line.strip() for line in region}
+            outside |= {line.strip() for line in c.source.split("\n") if line not in region}
+        secret = {line for line in inside - outside if len(line) > 12 and not line.startswith("# hint")}
+        shown = set()
+        for path in (out / notebook.stem).rglob("*"):
+            if path.suffix == ".ipynb":  # the cells' text, not the JSON-escaped file
+                text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+            else:
+                text = path.read_text(encoding="utf-8")
+            shown |= {line.strip() for line in text.split("\n")}
+        leaked = sorted(line for line in secret if line in shown)
+        assert not leaked, f"{notebook.stem}: {leaked[:5]}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_thinking_exercise_has_a_reference_answer_and_rubric(notebook):
+    from minisd.course import guide
+
+    exercises = guide.thinking_exercises(nbformat.read(notebook, as_version=4))
+    rubrics = guide.load_rubrics(notebook.name[:2])
+    for exercise in exercises:
+        text = guide.rubric_for(rubrics, exercise)
+        assert text, (f"{notebook.name}: no entry for {exercise.label} ({exercise.title}) in "
+                      f"guide/ch{notebook.name[:2]}.md")
+        assert "**Answer.**" in text and "**Rubric" in text and "**Time.**" in text, exercise.title
+    known = {guide._key(e.title) for e in exercises} | {guide._key(e.label) for e in exercises}
+    unknown = set(rubrics) - known
+    assert not unknown, f"guide entries for exercises the notebook lacks: {unknown}"
+
+
+def test_guide_has_every_solution_and_stays_out_of_chapters(tmp_path, capsys):
+    from minisd.course.__main__ import main as course_main
+
+    assert course_main(["guide", str(tmp_path / "guide")]) == 0
+    for notebook in NOTEBOOKS:
+        text = (tmp_path / "guide" / f"{notebook.stem}.md").read_text(encoding="utf-8")
+        for task in chapter_module(notebook.name[:2]).TASKS:
+            assert f"`{task.name}{task.signature}`" in text
+        assert "(no solution cell found)" not in text
+    assert course_main(["guide", str(ROOT / "chapters" / "guide")]) == 2
+    assert "must not go inside chapters/" in capsys.readouterr().err
+    assert not (ROOT / "chapters" / "guide").exists()

@@ -12,13 +12,16 @@ The minisd course: chapters/ for students, generated from notebooks/, and the au
   build    notebooks/NN_name.ipynb -> chapters/NN_name/{assignment.ipynb, README.md} (+ chapters/README.md)
   grade    run a student's notebook in a fresh kernel and check each graded function
   execute  re-run notebooks in place in fresh kernels, saving their outputs
+  handout  OUT/: exactly the student files of every chapter (what build writes to chapters/)
+  guide    OUT/: the instructor's guide (solutions, reference answers, rubrics, time per task): never hand it out
+  project  score a submission of the open-ended project (see minisd/course/project.py)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute}")
+    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,handout,guide,project}")
 
     build = commands.add_parser("build", help="generate chapters/ from notebooks/",
                                 description="Generate chapters/ from notebooks/ (deterministic: same notebooks, "
@@ -47,7 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)")
     execute.add_argument("--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)")
     execute.add_argument("--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)")
+    for name, text in (("handout", "write exactly the student files of every chapter into OUT"),
+                       ("guide", "write the instructor's guide, one file per chapter, into OUT")):
+        sub = commands.add_parser(name, help=text, description=text + ".")
+        sub.add_argument("out", metavar="OUT", help="a folder (created if missing; must not be inside chapters/ "
+                                                    "for the guide)")
+
+    project = commands.add_parser("project", help="score the open-ended project",
+                                  description="Score a trained model checkpoint on the held-out prompts with the "
+                                              "prompt-fidelity detector and print the leaderboard JSON.")
+    project.add_argument("checkpoint", help="a minisd .safetensors file (the student's trained model)")
+    project.add_argument("--student", required=True, help="the student's id (goes into the JSON)")
+    project.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    project.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default 20)")
     return parser
+
+
+def _write_folder(args, kind: str) -> int:
+    from pathlib import Path
+
+    from . import guide
+    from .build import BuildError, repo_root
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        print(f"error: {args.out} exists and is not a folder", file=sys.stderr)
+        return 2
+    chapters = (repo_root() / "chapters").resolve()
+    if kind == "guide" and (out == chapters or chapters in out.parents):
+        print(f"error: the guide must not go inside chapters/ (students get that folder): {args.out}",
+              file=sys.stderr)
+        return 2
+    try:
+        written = guide.write_guide(out) if kind == "guide" else guide.write_handout(out)
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {len(written)} files written")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -66,6 +105,11 @@ def main(argv=None) -> int:
     if args.command == "execute":
         from .execute import main as execute_main
         return execute_main(args)
+    if args.command in ("handout", "guide"):
+        return _write_folder(args, args.command)
+    if args.command == "project":
+        from .project import main as project_main
+        return project_main(args)
     parser.print_help()
     return 2
 

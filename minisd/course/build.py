@@ -272,27 +272,42 @@ HEADER_TEXT = """\
 > and rebuild.*"""
 
 
-def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks, plan: list) -> str:
+def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks, plan: list,
+            exercises: list = ()) -> str:
     lines = [f"<!-- Generated from {source_name} by `{GENERATOR}`. Do not edit: edit the notebook or "
              f"minisd/course/checks/ and rebuild. -->", "", f"# Chapter {int(number)}: {title}", ""]
     goals = getattr(checks, "GOALS", None) if checks else None
     if goals:
         lines += ["## Learning goals", ""] + [f"- {g}" for g in goals] + [""]
+    prerequisites = getattr(checks, "PREREQUISITES", None) if checks else None
+    if prerequisites:
+        lines += ["## Prerequisites", ""] + [f"- **{k}**: {v}" for k, v in prerequisites.items()] + [""]
     if plan:
         lines += ["## What the chapter does", ""] + [f"{i}. {item}" for i, item in enumerate(plan, 1)] + [""]
+    tasks = list(checks.TASKS) if checks else []
+    reading = getattr(checks, "READING_MINUTES", None) if checks else None
+    if reading or tasks:
+        work = sum(t.minutes for t in tasks)
+        lines += ["## Estimated time", "", f"About {reading or 0} minutes to read and run the chapter, and "
+                  f"{work} minutes for the graded tasks, plus the thinking exercises you are given.", ""]
     lines += ["## Your assignment", "",
               f"Open [`assignment.ipynb`](assignment.ipynb), read it top to bottom, and run every cell. Each graded "
               f"exercise is a function whose body raises `NotImplementedError`: replace that line with your code. "
               f"Keep the function's name and signature: the grader calls it by name.", ""]
-    tasks = list(checks.TASKS) if checks else []
     if tasks:
-        lines += ["## Graded tasks", ""]
+        lines += ["## Graded tasks", "", "| task | level | minutes |", "|---|---|---|"]
+        lines += [f"| `{t.name}` | {t.level} | {t.minutes} |" for t in tasks] + [""]
         for task in tasks:
-            lines += [f"### `{task.name}{task.signature}`", "", textwrap.dedent(task.summary).strip(), ""]
+            lines += [f"### `{task.name}{task.signature}` ({task.level})", "", textwrap.dedent(task.summary).strip(),
+                      ""]
+            lines += ["You may use: " + (textwrap.dedent(task.allowed).strip() or "torch and plain Python."), ""]
             if task.checked:
                 lines += ["The grader checks: " + textwrap.dedent(task.checked).strip(), ""]
     else:
         lines += ["This chapter has no graded tasks: its exercises are for practice.", ""]
+    if exercises:
+        lines += ["## Thinking exercises", "", "Not graded automatically; your instructor may ask for written answers.",
+                  ""] + [f"- {ex.label}: {ex.title}" for ex in exercises] + [""]
     lines += ["## Check your work", "", "From the repository root:", "", "```",
               f"python -m minisd.course grade chapters/{chapter_dir}/assignment.ipynb",
               "```", "",
@@ -430,8 +445,10 @@ def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str
         student = student_notebook(notebook, source_name, number, chapter_dir, checks)
         outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = nbformat.writes(student) + "\n"
         title = title_of(notebook, getattr(checks, "TITLE", slug.replace("_", " ")))
+        from .guide import thinking_exercises
         outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(number, title, source_name, chapter_dir,
-                                                                          checks, chapter_plan(notebook))
+                                                                          checks, chapter_plan(notebook),
+                                                                          thinking_exercises(notebook))
         entries.append((chapter_dir, title, [t.name for t in (checks.TASKS if checks else [])]))
     if entries:
         outputs[root / "chapters" / "README.md"] = _index(entries)

@@ -42,6 +42,9 @@ class Task:
     summary: str            # what the function must compute (chapter README), without the answer
     check: Callable         # check(ctx) -> None; raises CheckFailed
     checked: str = ""       # what the grader tries (chapter README)
+    level: str = "warm-up"  # warm-up (one formula) | core (a module or algorithm) | stretch (gradient, training, ...)
+    minutes: int = 15       # expected time for a student who has read the chapter (README, instructor's guide)
+    allowed: str = ""       # what the task may call (README); "" = torch and Python only
 
 
 class CheckFailed(Exception):

@@ -14,6 +14,11 @@ GOALS = [
     "Explain the forward process x_t = √ᾱ·x₀ + √(1−ᾱ)·ε and why predicting ε is enough to recover x₀.",
     "Run the whole pipeline once and look at the intermediate results.",
 ]
+PREREQUISITES = {
+    "Math": "Gaussian noise, square roots; reading a formula x_t = √ᾱ·x₀ + √(1−ᾱ)·ε.",
+    "PyTorch": "tensors, broadcasting, torch.randn.",
+}
+READING_MINUTES = 40
 
 
 def check_predict_x0(ctx):

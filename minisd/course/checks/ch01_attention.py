@@ -16,6 +16,11 @@ GOALS = [
     "Use a boolean mask to stop queries from seeing some keys (causal and padding masks).",
     "Check a hand-written implementation against a reference.",
 ]
+PREREQUISITES = {
+    "Math": "matrix products, softmax, variance of a sum of independent variables.",
+    "PyTorch": "tensor shapes, `@`, `transpose`, `masked_fill`, nn.Linear, nn.Module (`__init__`/`forward`), einops `rearrange`.",
+}
+READING_MINUTES = 60
 
 
 def _scores(q, k):

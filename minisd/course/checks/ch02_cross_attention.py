@@ -14,6 +14,11 @@ GOALS = [
     "Assemble the UNet's transformer block: self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm.",
     "Compute a gated linear unit by hand and match minisd's GEGLU.",
 ]
+PREREQUISITES = {
+    "Math": "chapter 1; the GELU function.",
+    "PyTorch": "nn.Module, nn.LayerNorm, nn.Linear, `chunk`.",
+}
+READING_MINUTES = 60
 
 
 def check_geglu(ctx):

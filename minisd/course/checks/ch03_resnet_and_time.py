@@ -16,6 +16,11 @@ GOALS = [
     "Trace a ResNet block: GroupNorm, SiLU, convolution, the timestep added to every channel, the shortcut.",
     "Explain GroupNorm and why the shortcut needs a 1×1 convolution when the channel count changes.",
 ]
+PREREQUISITES = {
+    "Math": "sines and cosines, mean/variance normalisation, convolution; the chain rule (stretch task).",
+    "PyTorch": "nn.Conv2d, nn.GroupNorm, F.silu, broadcasting `[:, :, None, None]`, autograd (`.backward()`, `.grad`).",
+}
+READING_MINUTES = 60
 
 
 def _embedding(t, dim, shift=0.0, sin_first=False, interleave=False):

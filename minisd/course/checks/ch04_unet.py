@@ -13,6 +13,11 @@ GOALS = [
     "Count the skips and channels at each level, and see where time and text enter.",
     "Write the forward pass from the UNet's parts and match minisd's UNet exactly.",
 ]
+PREREQUISITES = {
+    "Math": "chapters 1–3; convolution output sizes.",
+    "PyTorch": "nn.ModuleList, lists as stacks (`append`/`pop`), `torch.cat`.",
+}
+READING_MINUTES = 60
 
 
 def check_unet_forward(ctx):

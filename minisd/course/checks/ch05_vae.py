@@ -13,6 +13,11 @@ GOALS = [
     "Sample from the encoder's Gaussian with the reparameterisation trick, and compute its KL to N(0, I).",
     "Match the VAE against diffusers' outputs stored in tests/fixtures.",
 ]
+PREREQUISITES = {
+    "Math": "Gaussian densities, KL divergence, expectation of a squared error.",
+    "PyTorch": "nn.Module, `torch.exp`, `sum(dim=...)`, a training loop with an optimizer.",
+}
+READING_MINUTES = 70
 
 
 def _moments(ctx, shape):

@@ -11,6 +11,11 @@ GOALS = [
     "Write the BPE merge loop and reproduce CLIP's splits of real words.",
     "Run the CLIP text encoder and see what the UNet receives: one vector per token.",
 ]
+PREREQUISITES = {
+    "Math": "none beyond counting; the idea of a greedy algorithm.",
+    "PyTorch": "Python tuples, dicts and loops; nn.Embedding, nn.LayerNorm.",
+}
+READING_MINUTES = 60
 
 WORDS = ["astronaut", "riding", "horse", "photograph", "watercolor", "painting", "lighthouse", "sunset", "cyberpunk",
          "portrait", "mountains", "reflections", "highly", "detailed", "octane", "render", "impressionist", "banana",

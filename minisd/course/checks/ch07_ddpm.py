@@ -14,6 +14,11 @@ GOALS = [
     "Derive the posterior q(x_{t−1} | x_t, x₀) that DDPM's reverse step samples from.",
     "Run DDPM sampling and see why it needs hundreds of steps.",
 ]
+PREREQUISITES = {
+    "Math": "Gaussian products and conditioning, Bayes' rule, Markov chains.",
+    "PyTorch": "indexing a schedule tensor, broadcasting per batch item, a small training loop.",
+}
+READING_MINUTES = 70
 
 
 def _schedule(ctx) -> NoiseSchedule:

@@ -12,6 +12,11 @@ GOALS = [
     "Sample in 20–50 steps instead of 1000, and invert an image to noise with deterministic DDIM.",
     "Convert between ε-, x₀- and v-prediction, as SD 2.x's 768px model needs.",
 ]
+PREREQUISITES = {
+    "Math": "ordinary differential equations and Euler's method; error orders (log-log slopes).",
+    "PyTorch": "`torch.as_tensor`, loops over timesteps.",
+}
+READING_MINUTES = 70
 
 
 def check_ddim_step(ctx):

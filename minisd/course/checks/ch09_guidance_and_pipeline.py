@@ -10,6 +10,11 @@ GOALS = [
     "sampler, VAE.",
     "Use negative prompts, img2img and inpainting, and know where each enters the loop.",
 ]
+PREREQUISITES = {
+    "Math": "Bayes' rule for scores (gradients of log-densities).",
+    "PyTorch": "batching with `torch.cat`/`chunk`.",
+}
+READING_MINUTES = 60
 
 
 def guided(eps_uncond, eps_cond, scale):

@@ -11,6 +11,11 @@ GOALS = [
     "Handle the differences between the official SD 1.x/2.x checkpoints, diffusers folders and minisd files.",
     "Split OpenCLIP's fused q/k/v projection and check the converted model against reference outputs.",
 ]
+PREREQUISITES = {
+    "Math": "none; careful bookkeeping of names and shapes.",
+    "PyTorch": "state dicts, `reshape`/`chunk`/`clone`, regular expressions.",
+}
+READING_MINUTES = 50
 
 
 def reference_split(in_proj):

@@ -15,6 +15,11 @@ GOALS = [
     "Train a small model on the shapes dataset and watch the loss, samples and EMA weights.",
     "Know what changes for v-prediction and for conditioning dropout (needed for guidance).",
 ]
+PREREQUISITES = {
+    "Math": "chapters 7–8; mean squared error; what a gradient step does.",
+    "PyTorch": "optimizers, `loss.backward()`, `torch.no_grad()`, `state_dict`.",
+}
+READING_MINUTES = 90
 
 
 def check_diffusion_loss(ctx):
