@@ -155,6 +155,12 @@ def cell_definitions(cell_source: str) -> CellDefs:
             result.definitions.append((node.name, text))
             if not isinstance(node, ast.ClassDef):
                 result.functions[node.name] = (signature_text(node), ast.get_docstring(node))
+            else:  # a class task: its contract is the signature of __init__ without `self`
+                init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+                            None)
+                signature = signature_text(init) if init else "()"
+                signature = re.sub(r"^\(self(, )?", "(", signature)
+                result.functions[node.name] = (signature, ast.get_docstring(node))
     return result
 
 

@@ -223,6 +223,52 @@ class Context:
                 self.fail(f"your function changed its argument `{key}` in place; compute new tensors instead")
         return result
 
+    def call_module(self, init_kwargs: dict, state_dict: dict, *inputs, grads_of=None, upstream=None):
+        """For a task whose answer is an nn.Module class (`self.fn`): build it with `init_kwargs`, load
+        `state_dict` by name (strict: missing or unexpected names fail, named), run forward on copies of `inputs`.
+        Returns the output; with `grads_of` (names of parameters, or 'input0', 'input1', ...) returns (output,
+        {name: gradient of (output · upstream).sum()}), `upstream` defaulting to ones. Plain tensors only."""
+        try:
+            module = self.fn(**init_kwargs)
+        except NotImplementedError as error:
+            raise NotAttempted(str(error)) from None
+        except Exception as error:  # noqa: BLE001
+            raise StudentError(error, _student_frame(error)) from None
+        if not isinstance(module, torch.nn.Module):
+            self.fail(f"{self.task_name}(...) should build a torch.nn.Module, got {type(module).__name__}")
+        names = set(module.state_dict())
+        missing, unexpected = sorted(set(state_dict) - names), sorted(names - set(state_dict))
+        if missing or unexpected:
+            self.fail("your module's parameter names differ from minisd's: "
+                      + (f"missing {missing}" if missing else "")
+                      + ("; " if missing and unexpected else "")
+                      + (f"unexpected {unexpected}" if unexpected else "")
+                      + " (name the submodules as the task says: the grader loads weights by name)")
+        own = module.state_dict()
+        for name, tensor in state_dict.items():
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                self.fail(f"your parameter `{name}` has shape {tuple(own[name].shape)}, minisd's "
+                          f"{tuple(tensor.shape)}")
+        module.load_state_dict(state_dict, strict=True)
+        module.eval()
+        copies = [x.clone().requires_grad_(x.is_floating_point() and grads_of is not None)
+                  if isinstance(x, torch.Tensor) else x for x in inputs]
+        try:
+            output = module(*copies)
+        except NotImplementedError as error:
+            raise NotAttempted(str(error)) from None
+        except Exception as error:  # noqa: BLE001
+            raise StudentError(error, _student_frame(error)) from None
+        if grads_of is None:
+            return output.detach() if isinstance(output, torch.Tensor) else output
+        output = self.expect_tensor(output, "the module's output")
+        weight = torch.ones_like(output) if upstream is None else upstream
+        params = dict(module.named_parameters())
+        wanted = [copies[int(n[5:])] if n.startswith("input") else params[n] for n in grads_of]
+        grads = torch.autograd.grad((output * weight).sum(), wanted, allow_unused=True)
+        return output.detach(), {n: (g if g is not None else torch.zeros_like(w)).detach()
+                                 for n, g, w in zip(grads_of, grads, wanted)}
+
     @contextlib.contextmanager
     def forbid_call(self, module: torch.nn.Module, message: str):
         """Inside the block, calling `module(...)` raises ForbiddenCall(message): the task is to compute what the
