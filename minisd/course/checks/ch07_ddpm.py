@@ -98,6 +98,48 @@ def check_ddpm_posterior(ctx):
                              mistakes=variance_mistakes)
 
 
+
+# ------------------------------------------------------------------ stretch: the optimal denoiser of a mixture
+
+def _oracle_by_quadrature(x_t, alpha_bar, means, stds, weights):
+    """E[ε | x_t] by numerical integration over x₀ on a fine grid, in float64: independent of the closed form."""
+    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    grid = torch.linspace(float((means - 8 * stds).min()), float((means + 8 * stds).max()), 20001,
+                          dtype=torch.float64)
+    prior = sum(w * torch.exp(-0.5 * ((grid - m) / s) ** 2) / s for m, s, w in
+                zip(means.double(), stds.double(), weights.double()))
+    x = x_t.double()[:, None]
+    eps = (x - a.sqrt() * grid[None]) / (1 - a).sqrt()               # the ε that takes x₀ = grid to x_t
+    likelihood = torch.exp(-0.5 * eps ** 2)
+    joint = prior[None] * likelihood
+    return (joint * eps).sum(-1) / joint.sum(-1)
+
+
+def check_oracle_eps(ctx):
+    k = ctx.integer(1, 3)
+    means, stds = ctx.rand(k, low=-3, high=3), ctx.rand(k, low=0.2, high=1.0)
+    weights = ctx.rand(k, low=0.2, high=1.0)
+    weights = weights / weights.sum()
+    for alpha_bar in (ctx.uniform(0.05, 0.3), ctx.uniform(0.5, 0.95)):
+        x_t = ctx.randn(ctx.integer(3, 8), scale=2.0)
+        expected = _oracle_by_quadrature(x_t, alpha_bar, means, stds, weights).float()
+        one = (x_t - alpha_bar ** 0.5 * (weights * means).sum()) * (1 - alpha_bar) ** 0.5
+        with ctx.case(f"{k} components, ᾱ = {alpha_bar:.3f}"):
+            # the quadrature is accurate to ~1e-9; float32 student arithmetic to ~1e-6 relative
+            ctx.expect_close(ctx.call(x_t, alpha_bar, means, stds, weights), expected, what="E[ε | x_t]",
+                             atol=1e-4, rtol=1e-3, mistakes={
+                                 "your result ignores the responsibilities: each component's E[ε | x_t, k] "
+                                 "must be weighted by p(k | x_t), not by the prior weights":
+                                 lambda: _prior_weighted(x_t, alpha_bar, means, stds, weights),
+                                 "your result treats the data as one Gaussian at the mixture's mean": one})
+
+
+def _prior_weighted(x_t, a, means, stds, weights):
+    var = a * stds ** 2 + 1 - a
+    per = (1 - a) ** 0.5 * (x_t[:, None] - a ** 0.5 * means[None]) / var[None]
+    return (per * weights[None]).sum(-1)
+
+
 TASKS = [
     Task("q_sample", "(x0, t, noise, alphas_cumprod)",
          "Noise clean samples x0 [B, ...] straight to timesteps t (a LongTensor [B], one per item, or an int) "
@@ -112,4 +154,12 @@ TASKS = [
          "broadcasts against x_t.",
          check_ddpm_posterior,
          "random schedules, timesteps (and t = 0) and shapes, against minisd's DDPMSampler.posterior."),
+    Task("oracle_eps", "(x_t, alpha_bar, means, stds, weights)",
+         "The best possible noise prediction E[ε | x_t] when the data x₀ are 1-D draws from a Gaussian mixture "
+         "(component k: weight weights[k], mean means[k], standard deviation stds[k]) and x_t = √ᾱ·x₀ + √(1−ᾱ)·ε. "
+         "x_t is a tensor [N] of points, alpha_bar a float; return [N]. Derive it: the distribution of x_t given "
+         "the component, then Bayes' rule for the component given x_t.",
+         check_oracle_eps,
+         "random mixtures of 1–3 components at low and high noise, against numerical integration over x₀.",
+         level="stretch", minutes=40, allowed="torch tensor arithmetic."),
 ]
