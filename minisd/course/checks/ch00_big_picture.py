@@ -87,7 +87,8 @@ TASKS = [
          "Given a noisy sample x_t, the noise ε in it and the noise level ᾱ, return the clean sample x̂₀ by solving "
          "x_t = √ᾱ·x₀ + √(1−ᾱ)·ε for x₀. `alpha_bar` is a Python float or a tensor that broadcasts against x_t.",
          check_predict_x0,
-         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor."),
+         "random shapes and noise levels; alpha_bar as a float, a 0-dim tensor and a [B, 1, 1, 1] tensor.",
+         level="warm-up", minutes=10),
     Task("predict_eps", "(x_t, x0, alpha_bar)",
          "The noise in a noisy sample: given x_t, the clean x0 and the noise level ᾱ (a float), return ε, the "
          "noise that x_t = √ᾱ·x0 + √(1−ᾱ)·ε was made with.",

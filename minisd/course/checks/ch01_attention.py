@@ -148,7 +148,8 @@ TASKS = [
          "negative float (torch.finfo(dtype).min) before the softmax.",
          check_attention,
          "random batch, head, token and head sizes; self-attention (n = m) and cross-attention (n ≠ m); a causal "
-         "[n, n] mask and a [B, 1, 1, m] padding mask."),
+         "[n, n] mask and a [B, 1, 1, m] padding mask.",
+         level="warm-up", minutes=15),
     Task("MultiHeadAttention", "(query_dim, heads, head_dim, context_dim=None)",
          "A multi-head attention layer, an nn.Module with four nn.Linear submodules named to_q, to_k, to_v (no "
          "bias, query_dim or context_dim → heads·head_dim) and to_out (heads·head_dim → query_dim, with bias). "

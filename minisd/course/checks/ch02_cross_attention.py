@@ -113,7 +113,8 @@ TASKS = [
          "bias [2H], split the result along the last axis into two halves [value, gate] (value first), and return "
          "value · GELU(gate) with the exact GELU, shape [..., H].",
          check_geglu,
-         "random sizes C ≠ H, inputs with zero to three leading axes."),
+         "random sizes C ≠ H, inputs with zero to three leading axes.",
+         level="warm-up", minutes=10),
     Task("layer_norm", "(x, weight, bias, eps=1e-05)",
          "LayerNorm over the last axis of x: subtract the mean, divide by √(variance + eps) with the biased "
          "variance (divide by C), then multiply by weight [C] and add bias [C].",

@@ -146,7 +146,8 @@ TASKS = [
          "[cos(t·ω₀), …, cos(t·ω_{dim/2−1}), sin(t·ω₀), …] with ω_i = exp(−ln(10000)·i/(dim/2)): all cosines "
          "first, then all sines.",
          check_timestep_embedding,
-         "random batches of integer and float timesteps in [0, 1000), random even dims."),
+         "random batches of integer and float timesteps in [0, 1000), random even dims.",
+         level="warm-up", minutes=15),
     Task("resnet_forward", "(block, x, t_emb)",
          "The output of the minisd.resnet.ResnetBlock `block` on x [B, C_in, H, W] and the timestep embedding "
          "t_emb [B, time_dim], computed from the block's parts (norm1, conv1, time_emb_proj, norm2, dropout, conv2, "
@@ -154,7 +155,9 @@ TASKS = [
          "block.time_emb_proj is None (and t_emb is None) there is no timestep shift.",
          check_resnet_forward,
          "random blocks with and without a shortcut convolution, with and without a time input (the VAE's kind), "
-         "random weights and norm scales, random sizes."),
+         "random weights and norm scales, random sizes.",
+         level="core", minutes=20,
+         allowed="the block's submodules (block.norm1, block.conv1, ...) and F.silu; not block(x, t_emb)."),
     Task("MyResnetBlock", "(in_channels, out_channels, time_dim, groups)",
          "The UNet's ResNet block as your own nn.Module, submodules named like minisd's: norm1, conv1, "
          "time_emb_proj, norm2, conv2 and, only when in_channels != out_channels, conv_shortcut (a 1×1 conv). "

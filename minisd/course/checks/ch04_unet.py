@@ -109,7 +109,9 @@ TASKS = [
          "the up levels with their skip connections, norm_out, conv_out) without calling `unet` itself.",
          check_unet_forward,
          "a small random UNet each run (2 or 3 levels, 1 or 2 ResNet blocks per level, attention at random levels), "
-         "random latents, timesteps (a tensor [B] and a single int) and context."),
+         "random latents, timesteps (a tensor [B] and a single int) and context.",
+         level="core", minutes=45,
+         allowed="the UNet's submodules (its levels, blocks and layers); not unet(...) itself."),
     Task("conv_output_size", "(size, kernel, stride, padding)",
          "The output size (an int) of a convolution along one axis of `size` pixels with this kernel size, stride "
          "and padding (on both sides).",

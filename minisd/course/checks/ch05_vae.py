@@ -120,12 +120,14 @@ TASKS = [
          "A sample of N(mean, diag exp(logvar)) written as a differentiable function of mean and logvar, given "
          "standard normal `noise` of the same shape: z = mean + exp(logvar / 2) · noise.",
          check_reparameterize,
-         "random means, log-variances in [−6, 3] and noise, of random shapes, against minisd's DiagonalGaussian."),
+         "random means, log-variances in [−6, 3] and noise, of random shapes, against minisd's DiagonalGaussian.",
+         level="warm-up", minutes=5),
     Task("gaussian_kl", "(mean, logvar)",
          "KL(N(mean, diag exp(logvar)) ‖ N(0, I)) for each item of a batch of [B, C, H, W] moments: the "
          "per-dimension KL ½(μ² + σ² − 1 − log σ²) summed over C, H and W, shape [B].",
          check_gaussian_kl,
-         "random moments of random shapes, against minisd's DiagonalGaussian.kl()."),
+         "random moments of random shapes, against minisd's DiagonalGaussian.kl().",
+         level="warm-up", minutes=10),
     Task("Posterior", "(latent_channels)",
          "The top of the VAE encoder as an nn.Module: a 1×1 convolution `quant_conv` (2·latent_channels → "
          "2·latent_channels, with bias). forward(h, noise) -> (z, kl): the convolution's output holds the mean "

@@ -135,7 +135,9 @@ TASKS = [
          "list of symbols.",
          check_bpe_merge,
          "random words over small alphabets with random ranks (repeated pairs, chains of merges), and real words "
-         "with CLIP's 48,894 merges against minisd's tokenizer."),
+         "with CLIP's 48,894 merges against minisd's tokenizer.",
+         level="core", minutes=40,
+         allowed="plain Python (tuples, dicts, min)."),
     Task("pad_ids", "(ids, bos, eos, pad, length=77)",
          "The row of token ids the text encoder reads, as a list of `length` ints: BOS, the prompt's ids, EOS, "
          "then `pad` up to the length. A prompt too long keeps its first length − 2 ids and still ends with EOS.",

@@ -146,14 +146,16 @@ TASKS = [
          "with the given noise: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise, where ᾱ_t = alphas_cumprod[t].",
          check_q_sample,
          "random schedules (scaled-linear, linear, cosine), shapes and timesteps, including a batch as large as the "
-         "image width (where a wrongly broadcast ᾱ goes unnoticed by the shapes)."),
+         "image width (where a wrongly broadcast ᾱ goes unnoticed by the shapes).",
+         level="warm-up", minutes=10),
     Task("ddpm_posterior", "(x0, x_t, t, alphas_cumprod)",
          "Mean and variance of q(x_{t−1} | x_t, x₀) for an integer timestep t (the previous timestep is t − 1; "
          "at t = 0, ᾱ_prev = 1): "
          "return the pair (mean, variance), the mean shaped like x_t, the variance a number or a tensor that "
          "broadcasts against x_t.",
          check_ddpm_posterior,
-         "random schedules, timesteps (and t = 0) and shapes, against minisd's DDPMSampler.posterior."),
+         "random schedules, timesteps (and t = 0) and shapes, against minisd's DDPMSampler.posterior.",
+         level="core", minutes=30),
     Task("oracle_eps", "(x_t, alpha_bar, means, stds, weights)",
          "The best possible noise prediction E[ε | x_t] when the data x₀ are 1-D draws from a Gaussian mixture "
          "(component k: weight weights[k], mean means[k], standard deviation stds[k]) and x_t = √ᾱ·x₀ + √(1−ᾱ)·ε. "

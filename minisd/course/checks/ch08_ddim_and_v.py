@@ -106,7 +106,8 @@ TASKS = [
          check_ddim_step,
          "η = 0, η = 1 and a random η with given noise, the ᾱs as floats and as 0-dim tensors, random step counts, "
          "timesteps and shapes (sometimes the "
-         "last step), against minisd's DDIMSampler."),
+         "last step), against minisd's DDIMSampler.",
+         level="core", minutes=30),
     Task("ddim_timesteps", "(num_steps, num_train_timesteps=1000)",
          "The timesteps SD's DDIM visits for `num_steps` steps, as a list of ints from the noisiest down: "
          "'leading' spacing with steps_offset = 1 (50 steps: 981, 961, …, 1).",

@@ -107,7 +107,8 @@ TASKS = [
          "Combine the UNet's unconditional and conditional noise predictions into the guided prediction: start at the "
          "unconditional one and move `scale` times along the difference towards the conditional one.",
          check_classifier_free_guidance,
-         "random predictions of random shapes; scales between 3 and 12, exactly 1, and 0."),
+         "random predictions of random shapes; scales between 3 and 12, exactly 1, and 0.",
+         level="warm-up", minutes=5),
     Task("composed_guidance", "(eps_uncond, eps_parts, weights, scale)",
          "Guidance for a composed prompt \"A :w₁ AND B :w₂ …\": eps_uncond [B, C, H, W], eps_parts [P, B, C, H, W] "
          "(one prediction per part), weights [P] (negative weights push away). Start at the unconditional "

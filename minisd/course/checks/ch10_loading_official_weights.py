@@ -102,7 +102,9 @@ TASKS = [
          "`in_proj_weight` [3d, d]. Return the three parts (W_q, W_k, W_v) as separate [d, d] tensors.",
          check_split_fused_qkv,
          "random fused weights of random widths; the parts must be exactly the blocks, in q, k, v order, as "
-         "minisd's converter splits them."),
+         "minisd's converter splits them.",
+         level="core", minutes=15,
+         allowed="torch."),
     Task("conv1x1_to_linear", "(weight)",
          "Turn the weight [out, in, 1, 1] of a 1×1 convolution (the VAE attention's layout in official files) "
          "into the weight [out, in] of the equivalent nn.Linear.",

@@ -129,7 +129,9 @@ TASKS = [
          "prediction and the noise (a 0-dim tensor that can be back-propagated).",
          check_diffusion_loss,
          "a small random UNet, random latents, timesteps, noise and context; the loss value and its gradients with "
-         "respect to every UNet parameter."),
+         "respect to every UNet parameter.",
+         level="core", minutes=15,
+         allowed="the given q_sample (chapter 7's task) and the unet."),
     Task("ema_update", "(ema, params, decay)",
          "One step of the exponential moving average of the weights: given lists of tensors `ema` and `params`, "
          "return the new list, each ema·decay + param·(1 − decay). Do not modify the inputs.",
