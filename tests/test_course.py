@@ -89,7 +89,7 @@ def with_function(notebook_path: Path, out: Path, replacements: dict) -> Path:
         cells = [
             c
             for c in nb.cells
-            if c.cell_type == "code" and re.search(rf"^def {name}\(", c.source, re.M)
+            if c.cell_type == "code" and re.search(rf"^(def|class) {name}\b", c.source, re.M)
         ]
         assert cells, f"no cell defines {name} in {notebook_path}"
         cells[0].source = source
@@ -491,3 +491,186 @@ def test_show_images_and_maps_draw_grids():
         show_images(torch.rand(2, 5, 8, 8), show=False)
     with pytest.raises(ValueError, match="titles"):
         show_images(torch.rand(2, 3, 8, 8), titles=["one"], show=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tasks added for issue #15: one deliberately wrong variant each, graded per chapter in one go
+
+NEW_WRONG = {
+    "00": {
+        "predict_eps": ("def predict_eps(x_t, x0, alpha_bar):\n"
+                        "    return (x_t - alpha_bar * x0) / (1 - alpha_bar)\n", "missing the square roots"),
+        "alphas_cumprod": ("def alphas_cumprod(betas):\n    return 1 - betas.cumsum(0)\n",
+                           "a product, not a sum"),
+    },
+    "01": {
+        "MultiHeadAttention": (
+            "import torch\nfrom einops import rearrange\n"
+            "class MultiHeadAttention(torch.nn.Module):\n"
+            "    def __init__(self, query_dim, heads, head_dim, context_dim=None):\n"
+            "        super().__init__()\n        self.heads = heads\n"
+            "        self.to_q = torch.nn.Linear(query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_k = torch.nn.Linear(context_dim or query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_v = torch.nn.Linear(context_dim or query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_out = torch.nn.Linear(heads * head_dim, query_dim)\n"
+            "    def forward(self, x, context=None):\n"
+            "        c = x if context is None else context\n"
+            "        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads)\n"
+            "                   for t in (self.to_q(x), self.to_k(c), self.to_v(c)))\n"
+            "        a = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1) @ v\n"
+            "        return rearrange(a, 'b h n d -> b n (h d)')\n",
+            "skips the output projection"),
+        "softmax_backward": ("def softmax_backward(probs, grad_probs):\n    return probs * grad_probs\n",
+                             "couples the entries of a row"),
+    },
+    "02": {
+        "layer_norm": ("def layer_norm(x, weight, bias, eps=1e-05):\n"
+                       "    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + eps).sqrt()"
+                       " * weight + bias\n", "unbiased"),
+        "MyTransformerBlock": (
+            "import torch\nfrom torch.nn import functional as F\nfrom minisd.attention import Attention\n"
+            "class MyTransformerBlock(torch.nn.Module):\n"
+            "    def __init__(self, dim, heads, head_dim, context_dim):\n"
+            "        super().__init__()\n"
+            "        self.norm1, self.norm2, self.norm3 = (torch.nn.LayerNorm(dim) for _ in range(3))\n"
+            "        self.attn1 = Attention(dim, heads, head_dim)\n"
+            "        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)\n"
+            "        self.ff = torch.nn.Module()\n        self.ff.geglu = torch.nn.Module()\n"
+            "        self.ff.geglu.proj = torch.nn.Linear(dim, 8 * dim)\n"
+            "        self.ff.proj_out = torch.nn.Linear(4 * dim, dim)\n"
+            "    def forward(self, x, context):\n"
+            "        x = self.norm1(x + self.attn1(x))\n"
+            "        x = self.norm2(x + self.attn2(x, context))\n"
+            "        value, gate = self.ff.geglu.proj(x).chunk(2, dim=-1)\n"
+            "        return self.norm3(x + self.ff.proj_out(value * F.gelu(gate)))\n",
+            "post-norm"),
+    },
+    "03": {
+        "MyResnetBlock": (
+            "import torch\nfrom torch.nn import functional as F\n"
+            "class MyResnetBlock(torch.nn.Module):\n"
+            "    def __init__(self, in_channels, out_channels, time_dim, groups):\n"
+            "        super().__init__()\n"
+            "        self.norm1 = torch.nn.GroupNorm(groups, in_channels)\n"
+            "        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)\n"
+            "        self.time_emb_proj = torch.nn.Linear(time_dim, out_channels)\n"
+            "        self.norm2 = torch.nn.GroupNorm(groups, out_channels)\n"
+            "        self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)\n"
+            "        if in_channels != out_channels:\n"
+            "            self.conv_shortcut = torch.nn.Conv2d(in_channels, out_channels, 1)\n"
+            "    def forward(self, x, t_emb):\n"
+            "        h = self.conv1(F.silu(self.norm1(x))) + self.time_emb_proj(t_emb)[:, :, None, None]\n"
+            "        h = self.conv2(F.silu(self.norm2(h)))\n"
+            "        return (self.conv_shortcut(x) if hasattr(self, 'conv_shortcut') else x) + h\n",
+            "without the SiLU"),
+        "group_norm_backward": (
+            "def group_norm_backward(x, groups, grad_out, eps=1e-05):\n"
+            "    xg = x.reshape(x.shape[0], groups, -1)\n"
+            "    std = (xg.var(-1, unbiased=False, keepdim=True) + eps).sqrt()\n"
+            "    return (grad_out.reshape(xg.shape) / std).reshape(x.shape)\n",
+            "the mean and the variance depend on x"),
+    },
+    "04": {
+        "conv_output_size": ("def conv_output_size(size, kernel, stride, padding):\n"
+                             "    return -(-(size + 2 * padding - kernel) // stride) + 1\n", "round down"),
+        "receptive_field": ("def receptive_field(kernels, strides):\n"
+                            "    return 1 + sum(k - 1 for k in kernels)\n", "multiply by the strides"),
+    },
+    "05": {
+        "Posterior": (
+            "import torch\nclass Posterior(torch.nn.Module):\n"
+            "    def __init__(self, latent_channels):\n        super().__init__()\n"
+            "        self.quant_conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)\n"
+            "    def forward(self, h, noise):\n"
+            "        mean, logvar = self.quant_conv(h).chunk(2, dim=1)\n"
+            "        logvar = logvar.clamp(-30, 20)\n"
+            "        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=[1, 2, 3])\n"
+            "        return mean + logvar.exp() * noise, kl\n",
+            "standard deviation"),
+        "kl_gradients": ("import torch\ndef kl_gradients(mean, logvar):\n"
+                         "    return mean.clone(), torch.exp(logvar) - 1\n", "mind the ½"),
+    },
+    "06": {
+        "pad_ids": ("def pad_ids(ids, bos, eos, pad, length=77):\n"
+                    "    row = [bos, *ids, eos][:length]\n    return row + [pad] * (length - len(row))\n",
+                    "must still end with EOS"),
+        "causal_mask": ("import torch\ndef causal_mask(n):\n"
+                        "    return torch.ones(n, n, dtype=torch.bool).triu()\n", "transposed"),
+    },
+    "07": {
+        "mixture_oracle_eps": (
+            "import torch\ndef mixture_oracle_eps(x_t, alpha_bar, means, stds, weights):\n"
+            "    var = alpha_bar * stds ** 2 + 1 - alpha_bar\n"
+            "    per = (1 - alpha_bar) ** 0.5 * (x_t[:, None] - alpha_bar ** 0.5 * means[None]) / var[None]\n"
+            "    return (per * weights[None]).sum(-1)\n",
+            "responsibilities"),
+    },
+    "08": {
+        "ddim_timesteps": ("def ddim_timesteps(num_steps, num_train_timesteps=1000):\n"
+                           "    step = num_train_timesteps // num_steps\n"
+                           "    return [i * step for i in reversed(range(num_steps))]\n", "steps_offset"),
+        "convergence_order": (
+            "import numpy as np\ndef convergence_order(num_steps, errors):\n"
+            "    return float(np.polyfit(np.log(num_steps), np.log(errors), 1)[0])\n",
+            "minus the slope"),
+    },
+    "09": {
+        "composed_guidance": ("def composed_guidance(eps_uncond, eps_parts, weights, scale):\n"
+                              "    return eps_uncond + scale * (eps_parts - eps_uncond).sum(0)\n",
+                              "ignores the weights"),
+        "rescale_guidance": ("def rescale_guidance(eps_guided, eps_cond, phi):\n"
+                             "    r = eps_guided * eps_cond.std() / eps_guided.std()\n"
+                             "    return phi * r + (1 - phi) * eps_guided\n", "per image"),
+    },
+    "10": {
+        "conv1x1_to_linear": ("def conv1x1_to_linear(weight):\n    return weight[:, :, 0, 0].T\n",
+                              r"\[out, in\]"),
+        "rename_key": ("def rename_key(key, rules):\n"
+                       "    for old, new in rules:\n"
+                       "        if key.startswith(old):\n"
+                       "            return new + key[len(old):]\n"
+                       "    return None\n", "LONGEST"),
+    },
+    "11": {
+        "ema_update": ("def ema_update(ema, params, decay):\n"
+                       "    return [e * (1 - decay) + p * decay for e, p in zip(ema, params)]\n",
+                       "decay weighs the old"),
+        "train_scalar_denoiser": (
+            "import torch\ndef train_scalar_denoiser(x0, alpha_bars, steps, lr, seed):\n"
+            "    g = torch.Generator().manual_seed(seed)\n"
+            "    c = torch.zeros(len(alpha_bars), requires_grad=True)\n"
+            "    opt = torch.optim.SGD([c], lr=lr)\n    a = alpha_bars[:, None]\n"
+            "    for _ in range(steps):\n"
+            "        noise = torch.randn(len(alpha_bars), len(x0), generator=g)\n"
+            "        x_t = a.sqrt() * x0[None] + (1 - a).sqrt() * noise\n"
+            "        loss = ((c[:, None] * x_t - x0[None]) ** 2).mean()\n"
+            "        opt.zero_grad(); loss.backward(); opt.step()\n"
+            "    return c.detach()\n",
+            "predict x₀"),
+    },
+}
+
+
+@pytest.mark.parametrize("number", sorted(NEW_WRONG))
+def test_new_tasks_wrong_variants_fail_naming_the_mistake(grader, tmp_path, number):
+    variants = NEW_WRONG[number]
+    path = with_function(assignment(number), tmp_path / "wrong.ipynb",
+                         {name: source for name, (source, _) in variants.items()})
+    report = grader.grade(path, exercises_only=True, seed=11)
+    for name, (_, expected_message) in variants.items():
+        assert statuses(report)[name] == "failed", format_report(report)
+        assert re.search(expected_message, messages(report)[name]), format_report(report)
+
+
+def test_module_tasks_report_parameter_names_that_differ(grader, tmp_path):
+    """ctx.call_module loads minisd's weights by name: a module with other names fails, naming them."""
+    source = ("import torch\nclass Posterior(torch.nn.Module):\n"
+              "    def __init__(self, latent_channels):\n        super().__init__()\n"
+              "        self.conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)\n"
+              "    def forward(self, h, noise):\n        return h, h\n")
+    path = with_function(assignment("05"), tmp_path / "names.ipynb", {"Posterior": source})
+    report = grader.grade(path, exercises_only=True, seed=1)
+    assert statuses(report)["Posterior"] == "failed", format_report(report)
+    message = messages(report)["Posterior"]
+    assert "missing ['quant_conv.bias', 'quant_conv.weight']" in message
+    assert "unexpected ['conv.bias', 'conv.weight']" in message

@@ -27,6 +27,18 @@ ALLOWED = {
     # x̂₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ is chapter 0's graded task and stated in chapter 8's text; chapter 8's task is the DDIM
     # update around it. The same shape appears in chapter 8's v ↔ ε conversions.
     "08": ["(x_t - (1 - a_t).sqrt() * model_output) / a_t.sqrt()"],
+    # GroupNorm's forward pass (worked in §1) is not the answer to its backward-pass task.
+    "03": ["xg.mean(dim=-1, keepdim=True)"],
+    # The clamp range [−30, 20] is part of the Posterior task's contract.
+    "05": ["logvar.clamp(-30.0, 20.0)"],
+    # The chapter's worked oracle is the equal-weight, equal-width special case; the stretch task generalises it
+    # (the responsibilities need log w_k and −½ log v_k). The per-component variance and a softmax over
+    # components are shared vocabulary.
+    "07": ["a * stds ** 2 + 1 - a", "log_p.softmax(dim=-1)"],
+    # m·x + (1 − m)·y: inpainting's paste-back has the shape of the rescale mix (a different quantity).
+    "09": ["phi * rescaled + (1 - phi) * eps_guided"],
+    # √(1−ᾱ)·noise is chapter 7's q_sample, given in chapter 11; seeding a generator is not an answer.
+    "11": ["(1 - a).sqrt() * noise", "torch.Generator().manual_seed(seed)"],
 }
 
 

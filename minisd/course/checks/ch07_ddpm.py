@@ -156,7 +156,7 @@ TASKS = [
          check_ddpm_posterior,
          "random schedules, timesteps (and t = 0) and shapes, against minisd's DDPMSampler.posterior.",
          level="core", minutes=30),
-    Task("oracle_eps", "(x_t, alpha_bar, means, stds, weights)",
+    Task("mixture_oracle_eps", "(x_t, alpha_bar, means, stds, weights)",
          "The best possible noise prediction E[ε | x_t] when the data x₀ are 1-D draws from a Gaussian mixture "
          "(component k: weight weights[k], mean means[k], standard deviation stds[k]) and x_t = √ᾱ·x₀ + √(1−ᾱ)·ε. "
          "x_t is a tensor [N] of points, alpha_bar a float; return [N]. Derive it: the distribution of x_t given "
