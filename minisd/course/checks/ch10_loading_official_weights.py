@@ -78,14 +78,15 @@ def check_rename_key(ctx):
              ("cond_stage_model.transformer.text_model.", "text_encoder."),
              ("model.diffusion_model.out.0.", "unet.norm_out."), ("model.diffusion_model.out.2.", "unet.conv_out.")]
     ctx.random.shuffle(rules)
+    orders = [("shuffled rules", rules), ("general rules listed first", sorted(rules, key=lambda r: len(r[0])))]
     keys = ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.bias",
             "model.diffusion_model.middle_block.1.norm.weight", "first_stage_model.quant_conv.weight",
             "cond_stage_model.transformer.text_model.final_layer_norm.bias", "model_ema.decay"]
-    for key in keys:
+    for (order, rules), key in ((o, k) for o in orders for k in keys):
         matches = [(old, new) for old, new in rules if key.startswith(old)]
         expected = None if not matches else (lambda old, new: new + key[len(old):])(
             *max(matches, key=lambda rule: len(rule[0])))
-        with ctx.case(f"key {key!r}"):
+        with ctx.case(f"{order}, key {key!r}"):
             got = ctx.call(key, list(rules))
             if got != expected:
                 first = matches[0][1] + key[len(matches[0][0]):] if matches else None
