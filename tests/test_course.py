@@ -674,3 +674,72 @@ def test_module_tasks_report_parameter_names_that_differ(grader, tmp_path):
     message = messages(report)["Posterior"]
     assert "missing ['quant_conv.bias', 'quant_conv.weight']" in message
     assert "unexpected ['conv.bias', 'conv.weight']" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# numeric questions drawn per student, and the open-ended project's scoring
+
+
+def test_numeric_questions_are_drawn_per_student_and_checked(tmp_path, capsys):
+    from minisd.course import questions as Q
+
+    alpha = next(q for q in Q.QUESTIONS if q.qid == "alpha_bar")
+    same = [Q.parameters_for("student-1", alpha) for _ in range(2)]
+    assert same[0] == same[1]  # the same id always gets the same question
+    drawn = {Q.parameters_for(f"student-{i}", alpha)["t"] for i in range(20)}
+    assert len(drawn) > 10  # different ids get different inputs
+    # independent reference (field guide): betas = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    t = Q.parameters_for("student-1", alpha)["t"]
+    t_snr = Q.parameters_for("student-1", next(q for q in Q.QUESTIONS if q.qid == "snr"))["t"]
+    right = {"alpha_bar": float(alphas_cumprod[t]),
+             "snr": float(alphas_cumprod[t_snr] / (1 - alphas_cumprod[t_snr]))}
+    assert all(r["status"] == "passed" for r in Q.check("student-1", "07", right))
+    wrong = dict(right, alpha_bar=float(alphas_cumprod[t - 1]))
+    results = {r["question"]: r["status"] for r in Q.check("student-1", "07", wrong)}
+    assert results == {"alpha_bar": "failed", "snr": "passed"}
+    results = {r["question"]: r for r in Q.check("student-1", "07", {"alpha_bar": "0.5"})}
+    assert results["alpha_bar"]["status"] == "failed" and "must be a number" in results["alpha_bar"]["message"]
+    assert results["snr"]["status"] == "not answered"
+
+    # a transformer block's count, by the closed form of chapter 2's counting exercise
+    block = next(q for q in Q.QUESTIONS if q.qid == "block_parameters")
+    p = Q.parameters_for("student-1", block)
+    d, i, c = p["dim"], p["heads"] * p["head_dim"], p["context_dim"]
+    count = (3 * d * i + i * d + d) + (d * i + 2 * c * i + i * d + d) + 3 * 2 * d \
+        + (d * 8 * d + 8 * d) + (4 * d * d + d)
+    assert Q.check("student-1", "02", {"block_parameters": count})[0]["status"] == "passed"
+
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(right), encoding="utf-8")
+    assert course_main(["questions", "07", "--student", "student-1", "--answers", str(answers),
+                        "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] == 2
+    answers.write_text("[1, 2", encoding="utf-8")
+    assert course_main(["questions", "07", "--student", "student-1", "--answers", str(answers)]) == 2
+    assert course_main(["questions", "99", "--student", "x"]) == 2
+    assert "has no numeric questions" in capsys.readouterr().err
+
+
+def test_project_scoring_rewards_right_pictures_and_reports_json(tmp_path, capsys):
+    from minisd.course.project import HELDOUT_COUNT, PROMPT_SEED, score_images
+    from minisd.train.evaluate import prompts_of
+    from minisd.train.shapes_dataset import parse_prompt, render
+
+    prompts = prompts_of("heldout", 6, PROMPT_SEED)
+    assert len(prompts_of("heldout", HELDOUT_COUNT, PROMPT_SEED)) == HELDOUT_COUNT
+    drawn = torch.stack([torch.from_numpy(render(parse_prompt(p), image_size=32)).permute(2, 0, 1).float() / 255
+                         for p in prompts])
+    perfect = score_images(drawn, prompts, "teacher")
+    assert perfect["score"] == 1.0 and perfect["count"] == 6 and perfect["student"] == "teacher"
+    assert score_images(torch.full_like(drawn, 0.5), prompts, "grey")["score"] == 0.0
+    shuffled = score_images(drawn, prompts[1:] + prompts[:1], "shuffled")   # pictures of other captions
+    assert shuffled["score"] < 0.5
+    json.dumps(perfect)  # a leaderboard line
+
+    assert course_main(["project", str(tmp_path / "missing.safetensors"), "--student", "x"]) == 2
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    assert course_main(["project", str(broken), "--student", "x"]) == 2
+    assert "cannot score" in capsys.readouterr().err

@@ -15,13 +15,14 @@ The minisd course: chapters/ for students, generated from notebooks/, and the au
   handout  OUT/: exactly the student files of every chapter (what build writes to chapters/)
   guide    OUT/: the instructor's guide (solutions, reference answers, rubrics, time per task): never hand it out
   project  score a submission of the open-ended project (see minisd/course/project.py)
+  questions  a student's numeric questions (inputs drawn from the student id), and checking the answers
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,handout,guide,project}")
+    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,handout,guide,project,questions}")
 
     build = commands.add_parser("build", help="generate chapters/ from notebooks/",
                                 description="Generate chapters/ from notebooks/ (deterministic: same notebooks, "
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument("--student", required=True, help="the student's id (goes into the JSON)")
     project.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     project.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default 20)")
+
+    from .questions import __doc__ as questions_doc
+    questions = commands.add_parser("questions", help="numeric questions drawn per student, and their check",
+                                    description=questions_doc,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    questions.add_argument("chapter", help="two digits, e.g. 07")
+    questions.add_argument("--student", required=True, help="the student's id (seeds the question inputs)")
+    questions.add_argument("--answers", default=None, help="a JSON file {question id: number} to check")
+    questions.add_argument("--json", action="store_true", help="print the check as JSON")
     return parser
 
 
@@ -107,6 +117,9 @@ def main(argv=None) -> int:
         return execute_main(args)
     if args.command in ("handout", "guide"):
         return _write_folder(args, args.command)
+    if args.command == "questions":
+        from .questions import main as questions_main
+        return questions_main(args)
     if args.command == "project":
         from .project import main as project_main
         return project_main(args)

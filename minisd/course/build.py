@@ -350,6 +350,13 @@ every graded function on random inputs against minisd's own implementation. Exit
 1 otherwise, 2 usage error. `--exercises-only` runs only the imports, definitions and exercise cells (seconds instead
 of a whole chapter).
 
+## Numeric questions and the open-ended project
+
+`python -m minisd.course questions NN --student ID` prints your numeric questions for chapter NN (their inputs are
+drawn from your student id); `--answers FILE.json` checks your answers. The project, training the best tiny model
+you can in a fixed CPU budget, is described in `minisd/course/project.py` and scored with
+`python -m minisd.course project MODEL.safetensors --student ID` (JSON for the class leaderboard).
+
 {extra}
 """
 
