@@ -1,17 +1,21 @@
-"""The instructor's side of the course: the guide (solutions, reference answers, rubrics, time per task) and the
-student handout, written to folders of the teacher's choosing.
+"""The instructor's side of the course: the guide (solutions, reference answers, rubrics, time per
+task) and the student handout, written to folders of the teacher's choosing.
 
-    python -m minisd.course handout OUT/   exactly the student files (what `build` writes to chapters/)
+    python -m minisd.course handout OUT/   exactly the student files (what `build` writes to
+    chapters/)
     python -m minisd.course guide OUT/     one guide per chapter: never hand this folder out
 
-Reference answers and rubrics for the thinking exercises live in minisd/course/guide/chNN.md, one section per
-exercise: a line `## <title>` (the exercise's title as the notebook writes it, e.g. `## positions`), then free
-markdown, conventionally **Answer.** and **Rubric.** paragraphs. The graded tasks' solutions come from the solution
-regions of notebooks/, their level and time from the chapter's checks module.
+Reference answers and rubrics for the thinking exercises live in minisd/course/guide/chNN.md, one
+section per exercise: a line `## <title>` (the exercise's title as the notebook writes it, e.g. `##
+positions`), then free markdown, conventionally **Answer.** and **Rubric.** paragraphs. The graded
+tasks' solutions come from the solution regions of notebooks/, their level and time from the
+chapter's checks module.
 
-Thinking exercises are found in the notebook's exercise section: headings `### Exercise N (thinking): title` or
-`### Exercise N: title` (not "(graded)"), and numbered items `N. *Title.* ...` of an "Ungraded exercises" list.
+Thinking exercises are found in the notebook's exercise section: headings `### Exercise N
+(thinking): title` or `### Exercise N: title` (not "(graded)"), and numbered items `N. *Title.* ...`
+of an "Ungraded exercises" list.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,9 +33,9 @@ LIST_ITEM = re.compile(r"^(\d+)\.\s+(\*(?P<title>[^*]+?)\.?\*)?\s*(?P<rest>.*)$"
 
 @dataclass
 class Exercise:
-    label: str       # "Exercise 3" or "Ungraded 2"
-    title: str       # "positions"
-    text: str        # the question, as the notebook states it
+    label: str  # "Exercise 3" or "Ungraded 2"
+    title: str  # "positions"
+    text: str  # the question, as the notebook states it
 
 
 def _first_words(text: str, n: int = 8) -> str:
@@ -80,7 +84,9 @@ def thinking_exercises(notebook) -> list[Exercise]:
 
 
 def load_rubrics(number: str) -> dict[str, str]:
-    """{normalised title: markdown} from minisd/course/guide/chNN.md (empty if the file does not exist)."""
+    """{normalised title: markdown} from minisd/course/guide/chNN.md (empty if the file does not
+    exist).
+    """
     path = GUIDE_DIR / f"ch{number}.md"
     if not path.is_file():
         return {}
@@ -101,15 +107,20 @@ def rubric_for(rubrics: dict, exercise: Exercise) -> Optional[str]:
 
 
 def _solutions(notebook, checks) -> dict[str, tuple[str, int]]:
-    """Task name -> (the instructor's cell that defines it, solution markers removed; lines a student writes)."""
+    """Task name -> (the instructor's cell that defines it, solution markers removed; lines a
+    student writes).
+    """
     names = {t.name for t in (checks.TASKS if checks else [])}
     found = {}
     for cell in notebook.cells:
         if cell.cell_type != "code" or course_build.BEGIN not in cell.source:
             continue
         defs = course_build.cell_definitions(cell.source)
-        clean = "\n".join(line for line in cell.source.split("\n")
-                          if line.strip() not in (course_build.BEGIN, course_build.END))
+        clean = "\n".join(
+            line
+            for line in cell.source.split("\n")
+            if line.strip() not in (course_build.BEGIN, course_build.END)
+        )
         for name in defs.functions:
             if name in names:
                 found[name] = (clean, student_lines(cell.source))
@@ -117,13 +128,19 @@ def _solutions(notebook, checks) -> dict[str, tuple[str, int]]:
 
 
 def student_lines(source: str) -> int:
-    """Lines a student writes for a task: the non-blank, non-comment lines inside its solution regions."""
-    return sum(1 for line in course_build.solution_lines(source)
-               if line.strip() and not line.strip().startswith("#"))
+    """Lines a student writes for a task: the non-blank, non-comment lines inside its solution
+    regions.
+    """
+    return sum(
+        1
+        for line in course_build.solution_lines(source)
+        if line.strip() and not line.strip().startswith("#")
+    )
 
 
 def chapter_guide(path: Path) -> str:
     import nbformat
+
     notebook = nbformat.read(path, as_version=4)
     number = path.name[:2]
     checks = course_build.chapter_checks(number)
@@ -131,26 +148,53 @@ def chapter_guide(path: Path) -> str:
     tasks = list(checks.TASKS) if checks else []
     solutions = _solutions(notebook, checks)
     rubrics = load_rubrics(number)
-    out = [f"# Instructor's guide, chapter {int(number)}: {title}", "",
-           "*Not for students: solutions, reference answers and rubrics. Generated by "
-           f"`python -m minisd.course guide` from notebooks/{path.name}, minisd/course/checks/ and "
-           f"minisd/course/guide/ch{number}.md.*", ""]
+    out = [
+        f"# Instructor's guide, chapter {int(number)}: {title}",
+        "",
+        "*Not for students: solutions, reference answers and rubrics. Generated by "
+        f"`python -m minisd.course guide` from notebooks/{path.name}, minisd/course/checks/ and "
+        f"minisd/course/guide/ch{number}.md.*",
+        "",
+    ]
     if tasks:
         total = sum(t.minutes for t in tasks)
-        out += ["## Graded tasks", "", f"About {total} minutes of graded work.", "",
-                "| task | level | minutes | lines to write |", "|---|---|---|---|"]
+        out += [
+            "## Graded tasks",
+            "",
+            f"About {total} minutes of graded work.",
+            "",
+            "| task | level | minutes | lines to write |",
+            "|---|---|---|---|",
+        ]
         for t in tasks:
-            out.append(f"| `{t.name}` | {t.level} | {t.minutes} | {solutions.get(t.name, ('', 0))[1]} |")
+            out.append(
+                f"| `{t.name}` | {t.level} | {t.minutes} | {solutions.get(t.name, ('', 0))[1]} |"
+            )
         out.append("")
         for t in tasks:
-            out += [f"### `{t.name}{t.signature}`", "", textwrap.dedent(t.summary).strip(), "",
-                    "```python", solutions.get(t.name, ("# (no solution cell found)", 0))[0].rstrip(), "```", ""]
+            out += [
+                f"### `{t.name}{t.signature}`",
+                "",
+                textwrap.dedent(t.summary).strip(),
+                "",
+                "```python",
+                solutions.get(t.name, ("# (no solution cell found)", 0))[0].rstrip(),
+                "```",
+                "",
+            ]
     exercises = thinking_exercises(notebook)
     if exercises:
         out += ["## Thinking exercises", ""]
         for ex in exercises:
             answer = rubric_for(rubrics, ex) or "*(no reference answer yet)*"
-            out += [f"### {ex.label}: {ex.title}", "", "> " + ex.text.replace("\n", "\n> "), "", answer, ""]
+            out += [
+                f"### {ex.label}: {ex.title}",
+                "",
+                "> " + ex.text.replace("\n", "\n> "),
+                "",
+                answer,
+                "",
+            ]
     return "\n".join(out).rstrip() + "\n"
 
 
