@@ -83,7 +83,10 @@ def _measured_receptive_field(kernels, strides) -> int:
         torch.nn.init.ones_(layer.weight)
         y = layer(y)
     y[0, 0, 0].backward()
-    return int((x.grad != 0).sum())
+    # the field is the extent of the input pixels that reach the output (with strided 1×1 layers some
+    # pixels inside it are skipped, but the field still spans them)
+    touched = (x.grad[0, 0] != 0).nonzero().flatten()
+    return int(touched.max() - touched.min() + 1)
 
 
 def check_receptive_field(ctx):
@@ -123,6 +126,7 @@ TASKS = [
          "The receptive field (an int, in input pixels along one axis) of one output pixel of a stack of "
          "convolutions applied in order, layer i having kernel size kernels[i] and stride strides[i].",
          check_receptive_field,
-         "random stacks with and without strided layers, against the pixels an output's gradient reaches.",
+         "random stacks with and without strided layers, against the extent of the input pixels an "
+         "output's gradient reaches.",
          level="warm-up", minutes=15, allowed="plain Python."),
 ]
