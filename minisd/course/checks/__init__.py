@@ -42,8 +42,9 @@ class Task:
     summary: str            # what the function must compute (chapter README), without the answer
     check: Callable         # check(ctx) -> None; raises CheckFailed
     checked: str = ""       # what the grader tries (chapter README)
-    level: str = "warm-up"  # warm-up (one formula) | core (a module or algorithm) | stretch (gradient, training, ...)
-    minutes: int = 15       # expected time for a student who has read the chapter (README, instructor's guide)
+    # warm-up (one formula) | core (a module or algorithm) | stretch (gradient, training, measurement)
+    level: str = "warm-up"
+    minutes: int = 15       # expected time after reading the chapter (README, instructor's guide)
     allowed: str = ""       # what the task may call (README); "" = torch and Python only
 
 
@@ -223,11 +224,13 @@ class Context:
                 self.fail(f"your function changed its argument `{key}` in place; compute new tensors instead")
         return result
 
-    def call_module(self, init_kwargs: dict, state_dict: dict, *inputs, grads_of=None, upstream=None):
-        """For a task whose answer is an nn.Module class (`self.fn`): build it with `init_kwargs`, load
-        `state_dict` by name (strict: missing or unexpected names fail, named), run forward on copies of `inputs`.
-        Returns the output; with `grads_of` (names of parameters, or 'input0', 'input1', ...) returns (output,
-        {name: gradient of (output · upstream).sum()}), `upstream` defaulting to ones. Plain tensors only."""
+    def call_module(self, init_kwargs: dict, state_dict: dict, *inputs, grads_of=None,
+                    upstream=None):
+        """For a task whose answer is an nn.Module class (`self.fn`): build it with `init_kwargs`,
+        load `state_dict` by name (strict: missing or unexpected names fail, named), run forward on
+        copies of `inputs`. Returns the output; with `grads_of` (names of parameters, or 'input0',
+        'input1', ...) returns (output, {name: gradient of (output · upstream).sum()}), `upstream`
+        defaulting to ones. Plain tensors only: the sandboxed grader can port it as one message."""
         try:
             module = self.fn(**init_kwargs)
         except NotImplementedError as error:
@@ -235,7 +238,8 @@ class Context:
         except Exception as error:  # noqa: BLE001
             raise StudentError(error, _student_frame(error)) from None
         if not isinstance(module, torch.nn.Module):
-            self.fail(f"{self.task_name}(...) should build a torch.nn.Module, got {type(module).__name__}")
+            self.fail(f"{self.task_name}(...) should build a torch.nn.Module, "
+                      f"got {type(module).__name__}")
         names = set(module.state_dict())
         missing, unexpected = sorted(set(state_dict) - names), sorted(names - set(state_dict))
         if missing or unexpected:

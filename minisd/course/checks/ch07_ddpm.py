@@ -102,17 +102,21 @@ def check_ddpm_posterior(ctx):
 # ------------------------------------------------------------------ stretch: the optimal denoiser of a mixture
 
 def _oracle_by_quadrature(x_t, alpha_bar, means, stds, weights):
-    """E[ε | x_t] by numerical integration over x₀ on a fine grid, in float64: independent of the closed form."""
+    """E[ε | x_t] by numerical integration over x₀ on a fine grid, in float64 and in log space:
+    independent of the closed form. The grid covers the data and every x₀ that could explain x_t."""
     a = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    grid = torch.linspace(float((means - 8 * stds).min()), float((means + 8 * stds).max()), 20001,
-                          dtype=torch.float64)
-    prior = sum(w * torch.exp(-0.5 * ((grid - m) / s) ** 2) / s for m, s, w in
-                zip(means.double(), stds.double(), weights.double()))
-    x = x_t.double()[:, None]
-    eps = (x - a.sqrt() * grid[None]) / (1 - a).sqrt()               # the ε that takes x₀ = grid to x_t
-    likelihood = torch.exp(-0.5 * eps ** 2)
-    joint = prior[None] * likelihood
-    return (joint * eps).sum(-1) / joint.sum(-1)
+    x = x_t.double()
+    m, s, w = means.double(), stds.double(), weights.double()
+    spread = 10 * ((1 - a) / a).sqrt()
+    low = min(float((m - 10 * s).min()), float((x / a.sqrt()).min() - spread))
+    high = max(float((m + 10 * s).max()), float((x / a.sqrt()).max() + spread))
+    grid = torch.linspace(low, high, 200001, dtype=torch.float64)
+    log_prior = torch.logsumexp(
+        torch.log(w)[:, None] - torch.log(s)[:, None] - 0.5 * ((grid[None] - m[:, None]) / s[:, None]) ** 2,
+        dim=0)
+    eps = (x[:, None] - a.sqrt() * grid[None]) / (1 - a).sqrt()   # the ε that takes x₀ = grid to x_t
+    posterior = (log_prior[None] - 0.5 * eps ** 2).softmax(dim=-1)  # p(x₀ | x_t) on the grid
+    return (posterior * eps).sum(-1)
 
 
 def check_oracle_eps(ctx):
