@@ -72,6 +72,12 @@ def statuses(report) -> dict:
     }
 
 
+def ch05(**given) -> dict:
+    """Chapter 5's expected statuses: the given ones, every other task of the chapter not attempted."""
+    tasks = {t.name: "not attempted" for t in chapter_module("05").TASKS}
+    return dict(tasks, **given)
+
+
 def messages(report) -> dict:
     return {t["task"]: t["message"] for t in report.tasks if not t.get("check")}
 
@@ -84,7 +90,7 @@ def with_function(notebook_path: Path, out: Path, replacements: dict) -> Path:
         cells = [
             c
             for c in nb.cells
-            if c.cell_type == "code" and re.search(rf"^def {name}\(", c.source, re.M)
+            if c.cell_type == "code" and re.search(rf"^(def|class) {name}\b", c.source, re.M)
         ]
         assert cells, f"no cell defines {name} in {notebook_path}"
         cells[0].source = source
@@ -268,8 +274,8 @@ def test_raising_and_looping_functions_are_reported_per_task(grader, tmp_path):
         },
     )
     report = grader.grade(path, exercises_only=True, timeout=2, chapter="05")
-    assert statuses(report) == {"reparameterize": "error", "gaussian_kl": "timed out"}, (
-        format_report(report)
+    assert statuses(report) == ch05(reparameterize="error", gaussian_kl="timed out"), format_report(
+        report
     )
     assert "ValueError: oops" in messages(report)["reparameterize"]
     assert "line 2" in messages(report)["reparameterize"]  # where in the student's cell
@@ -286,7 +292,7 @@ def test_wrong_signature_and_wrong_shape_are_reported(grader, tmp_path):
         },
     )
     report = grader.grade(path, exercises_only=True, chapter="05")
-    assert statuses(report) == {"reparameterize": "wrong signature", "gaussian_kl": "failed"}, (
+    assert statuses(report) == ch05(reparameterize="wrong signature", gaussian_kl="failed"), (
         format_report(report)
     )
     assert (
@@ -306,8 +312,8 @@ def test_syntax_errors_missing_functions_and_kernel_deaths_are_reported(grader, 
         },
     )
     report = grader.grade(path, exercises_only=True, chapter="05")
-    assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "crashed"}, (
-        format_report(report)
+    assert statuses(report) == ch05(reparameterize="missing", gaussian_kl="crashed"), format_report(
+        report
     )
     assert "SyntaxError" in messages(report)["reparameterize"]
     # the grader replaced the dead kernel: the next notebook grades normally
@@ -315,9 +321,7 @@ def test_syntax_errors_missing_functions_and_kernel_deaths_are_reported(grader, 
         assignment("05"), tmp_path / "missing.ipynb", {"reparameterize": "x = 1\n"}
     )
     report = grader.grade(path, exercises_only=True, chapter="05")
-    assert statuses(report) == {"reparameterize": "missing", "gaussian_kl": "not attempted"}, (
-        format_report(report)
-    )
+    assert statuses(report) == ch05(reparameterize="missing"), format_report(report)
 
 
 def test_a_loop_that_ignores_interrupts_is_timed_out_and_grading_goes_on(grader, tmp_path):
@@ -331,9 +335,7 @@ def test_a_loop_that_ignores_interrupts_is_timed_out_and_grading_goes_on(grader,
         },
     )
     report = grader.grade(path, exercises_only=True, timeout=1, chapter="05")
-    assert statuses(report) == {"reparameterize": "timed out", "gaussian_kl": "not attempted"}, (
-        format_report(report)
-    )
+    assert statuses(report) == ch05(reparameterize="timed out"), format_report(report)
 
 
 def test_cli_reports_json_and_exit_status(tmp_path, capsys):
@@ -367,13 +369,10 @@ def test_cli_reports_json_and_exit_status(tmp_path, capsys):
     assert (
         report["seed"] == 7
         and report["chapter"] == "05"
-        and report["total"] == 2
+        and report["total"] == len(chapter_module("05").TASKS)
         and report["passed"] == 1
     )
-    assert {t["task"]: t["status"] for t in report["tasks"]} == {
-        "reparameterize": "passed",
-        "gaussian_kl": "not attempted",
-    }
+    assert {t["task"]: t["status"] for t in report["tasks"]} == ch05(reparameterize="passed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +412,12 @@ def test_whole_notebook_grading_keeps_the_students_function(tmp_path):
     )
     with Grader(fast=True) as grader:
         report = grader.grade(path, seed=3, chapter="09")
-    assert statuses(report) == {"classifier_free_guidance": "passed"}, format_report(report)
+    others = {
+        t.name: "missing" for t in chapter_module("09").TASKS
+    }  # the notebook writes only one task
+    assert statuses(report) == dict(others, classifier_free_guidance="passed"), format_report(
+        report
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exercise.ipynb"]
     assert len(report.notebook_errors) == 1 and "ZeroDivisionError" in report.notebook_errors[0]
 
@@ -438,11 +442,17 @@ def test_extra_checks_run_and_count(grader, tmp_path):
         chapter="09",
     )
     report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
-    assert statuses(report) == {
-        "classifier_free_guidance": "passed",
-        "classifier_free_guidance[more.py::scale_zero]": "passed",
-        "classifier_free_guidance[more.py::always_fails]": "failed",
-    }, format_report(report)
+    others = {
+        t.name: "missing" for t in chapter_module("09").TASKS
+    }  # the notebook writes only one task
+    assert statuses(report) == dict(
+        others,
+        **{
+            "classifier_free_guidance": "passed",
+            "classifier_free_guidance[more.py::scale_zero]": "passed",
+            "classifier_free_guidance[more.py::always_fails]": "failed",
+        },
+    ), format_report(report)
     assert not report.ok
 
     (hidden / "typo.py").write_text(
@@ -451,7 +461,8 @@ def test_extra_checks_run_and_count(grader, tmp_path):
     )
     report = grader.grade(path, exercises_only=True, extra_dir=str(hidden), chapter="09")
     assert statuses(report)["classifier_free_guidance[typo.py]"] == "grader error"
-    assert "no chapter has a graded task of that name" in report.tasks[-1]["message"]
+    typo = next(t for t in report.tasks if t.get("check") == "typo.py")
+    assert "no chapter has a graded task of that name" in typo["message"]
 
 
 def test_execute_saves_outputs_and_refuses_failing_notebooks(tmp_path, capsys):
@@ -505,3 +516,328 @@ def test_show_images_and_maps_draw_grids():
         show_images(torch.rand(2, 5, 8, 8), show=False)
     with pytest.raises(ValueError, match="titles"):
         show_images(torch.rand(2, 3, 8, 8), titles=["one"], show=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tasks added for issue #15: one deliberately wrong variant each, graded per chapter in one go
+
+NEW_WRONG = {
+    "00": {
+        "predict_eps": (
+            "def predict_eps(x_t, x0, alpha_bar):\n"
+            "    return (x_t - alpha_bar * x0) / (1 - alpha_bar)\n",
+            "missing the square roots",
+        ),
+        "alphas_cumprod": (
+            "def alphas_cumprod(betas):\n    return 1 - betas.cumsum(0)\n",
+            "a product, not a sum",
+        ),
+    },
+    "01": {
+        "MultiHeadAttention": (
+            "import torch\nfrom einops import rearrange\n"
+            "class MultiHeadAttention(torch.nn.Module):\n"
+            "    def __init__(self, query_dim, heads, head_dim, context_dim=None):\n"
+            "        super().__init__()\n        self.heads = heads\n"
+            "        self.to_q = torch.nn.Linear(query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_k = torch.nn.Linear(context_dim or query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_v = torch.nn.Linear(context_dim or query_dim, heads * head_dim, bias=False)\n"
+            "        self.to_out = torch.nn.Linear(heads * head_dim, query_dim)\n"
+            "    def forward(self, x, context=None):\n"
+            "        c = x if context is None else context\n"
+            "        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads)\n"
+            "                   for t in (self.to_q(x), self.to_k(c), self.to_v(c)))\n"
+            "        a = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1) @ v\n"
+            "        return rearrange(a, 'b h n d -> b n (h d)')\n",
+            "skips the output projection",
+        ),
+        "softmax_backward": (
+            "def softmax_backward(probs, grad_probs):\n    return probs * grad_probs\n",
+            "couples the entries of a row",
+        ),
+    },
+    "02": {
+        "layer_norm": (
+            "def layer_norm(x, weight, bias, eps=1e-05):\n"
+            "    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + eps).sqrt()"
+            " * weight + bias\n",
+            "unbiased",
+        ),
+        "MyTransformerBlock": (
+            "import torch\nfrom torch.nn import functional as F\nfrom minisd.attention import Attention\n"
+            "class MyTransformerBlock(torch.nn.Module):\n"
+            "    def __init__(self, dim, heads, head_dim, context_dim):\n"
+            "        super().__init__()\n"
+            "        self.norm1, self.norm2, self.norm3 = (torch.nn.LayerNorm(dim) for _ in range(3))\n"
+            "        self.attn1 = Attention(dim, heads, head_dim)\n"
+            "        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)\n"
+            "        self.ff = torch.nn.Module()\n        self.ff.geglu = torch.nn.Module()\n"
+            "        self.ff.geglu.proj = torch.nn.Linear(dim, 8 * dim)\n"
+            "        self.ff.proj_out = torch.nn.Linear(4 * dim, dim)\n"
+            "    def forward(self, x, context):\n"
+            "        x = self.norm1(x + self.attn1(x))\n"
+            "        x = self.norm2(x + self.attn2(x, context))\n"
+            "        value, gate = self.ff.geglu.proj(x).chunk(2, dim=-1)\n"
+            "        return self.norm3(x + self.ff.proj_out(value * F.gelu(gate)))\n",
+            "post-norm",
+        ),
+    },
+    "03": {
+        "MyResnetBlock": (
+            "import torch\nfrom torch.nn import functional as F\n"
+            "class MyResnetBlock(torch.nn.Module):\n"
+            "    def __init__(self, in_channels, out_channels, time_dim, groups):\n"
+            "        super().__init__()\n"
+            "        self.norm1 = torch.nn.GroupNorm(groups, in_channels)\n"
+            "        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)\n"
+            "        self.time_emb_proj = torch.nn.Linear(time_dim, out_channels)\n"
+            "        self.norm2 = torch.nn.GroupNorm(groups, out_channels)\n"
+            "        self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)\n"
+            "        if in_channels != out_channels:\n"
+            "            self.conv_shortcut = torch.nn.Conv2d(in_channels, out_channels, 1)\n"
+            "    def forward(self, x, t_emb):\n"
+            "        h = self.conv1(F.silu(self.norm1(x))) + self.time_emb_proj(t_emb)[:, :, None, None]\n"
+            "        h = self.conv2(F.silu(self.norm2(h)))\n"
+            "        return (self.conv_shortcut(x) if hasattr(self, 'conv_shortcut') else x) + h\n",
+            "without the SiLU",
+        ),
+        "group_norm_backward": (
+            "def group_norm_backward(x, groups, grad_out, eps=1e-05):\n"
+            "    xg = x.reshape(x.shape[0], groups, -1)\n"
+            "    std = (xg.var(-1, unbiased=False, keepdim=True) + eps).sqrt()\n"
+            "    return (grad_out.reshape(xg.shape) / std).reshape(x.shape)\n",
+            "the mean and the variance depend on x",
+        ),
+    },
+    "04": {
+        "conv_output_size": (
+            "def conv_output_size(size, kernel, stride, padding):\n"
+            "    return -(-(size + 2 * padding - kernel) // stride) + 1\n",
+            "round down",
+        ),
+        "receptive_field": (
+            "def receptive_field(kernels, strides):\n    return 1 + sum(k - 1 for k in kernels)\n",
+            "multiply by the strides",
+        ),
+    },
+    "05": {
+        "Posterior": (
+            "import torch\nclass Posterior(torch.nn.Module):\n"
+            "    def __init__(self, latent_channels):\n        super().__init__()\n"
+            "        self.quant_conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)\n"
+            "    def forward(self, h, noise):\n"
+            "        mean, logvar = self.quant_conv(h).chunk(2, dim=1)\n"
+            "        logvar = logvar.clamp(-30, 20)\n"
+            "        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=[1, 2, 3])\n"
+            "        return mean + logvar.exp() * noise, kl\n",
+            "standard deviation",
+        ),
+        "kl_gradients": (
+            "import torch\ndef kl_gradients(mean, logvar):\n"
+            "    return mean.clone(), torch.exp(logvar) - 1\n",
+            "mind the ½",
+        ),
+    },
+    "06": {
+        "pad_ids": (
+            "def pad_ids(ids, bos, eos, pad, length=77):\n"
+            "    row = [bos, *ids, eos][:length]\n    return row + [pad] * (length - len(row))\n",
+            "must still end with EOS",
+        ),
+        "causal_mask": (
+            "import torch\ndef causal_mask(n):\n"
+            "    return torch.ones(n, n, dtype=torch.bool).triu()\n",
+            "transposed",
+        ),
+    },
+    "07": {
+        "mixture_oracle_eps": (
+            "import torch\ndef mixture_oracle_eps(x_t, alpha_bar, means, stds, weights):\n"
+            "    var = alpha_bar * stds ** 2 + 1 - alpha_bar\n"
+            "    per = (1 - alpha_bar) ** 0.5 * (x_t[:, None] - alpha_bar ** 0.5 * means[None]) / var[None]\n"
+            "    return (per * weights[None]).sum(-1)\n",
+            "responsibilities",
+        ),
+    },
+    "08": {
+        "ddim_timesteps": (
+            "def ddim_timesteps(num_steps, num_train_timesteps=1000):\n"
+            "    step = num_train_timesteps // num_steps\n"
+            "    return [i * step for i in reversed(range(num_steps))]\n",
+            "steps_offset",
+        ),
+        "convergence_order": (
+            "import numpy as np\ndef convergence_order(num_steps, errors):\n"
+            "    return float(np.polyfit(np.log(num_steps), np.log(errors), 1)[0])\n",
+            "minus the slope",
+        ),
+    },
+    "09": {
+        "composed_guidance": (
+            "def composed_guidance(eps_uncond, eps_parts, weights, scale):\n"
+            "    return eps_uncond + scale * (eps_parts - eps_uncond).sum(0)\n",
+            "ignores the weights",
+        ),
+        "rescale_guidance": (
+            "def rescale_guidance(eps_guided, eps_cond, phi):\n"
+            "    r = eps_guided * eps_cond.std() / eps_guided.std()\n"
+            "    return phi * r + (1 - phi) * eps_guided\n",
+            "per image",
+        ),
+    },
+    "10": {
+        "conv1x1_to_linear": (
+            "def conv1x1_to_linear(weight):\n    return weight[:, :, 0, 0].T\n",
+            r"\[out, in\]",
+        ),
+        "rename_key": (
+            "def rename_key(key, rules):\n"
+            "    for old, new in rules:\n"
+            "        if key.startswith(old):\n"
+            "            return new + key[len(old):]\n"
+            "    return None\n",
+            "LONGEST",
+        ),
+    },
+    "11": {
+        "ema_update": (
+            "def ema_update(ema, params, decay):\n"
+            "    return [e * (1 - decay) + p * decay for e, p in zip(ema, params)]\n",
+            "decay weighs the old",
+        ),
+        "train_scalar_denoiser": (
+            "import torch\ndef train_scalar_denoiser(x0, alpha_bars, steps, lr, seed):\n"
+            "    g = torch.Generator().manual_seed(seed)\n"
+            "    c = torch.zeros(len(alpha_bars), requires_grad=True)\n"
+            "    opt = torch.optim.SGD([c], lr=lr)\n    a = alpha_bars[:, None]\n"
+            "    for _ in range(steps):\n"
+            "        noise = torch.randn(len(alpha_bars), len(x0), generator=g)\n"
+            "        x_t = a.sqrt() * x0[None] + (1 - a).sqrt() * noise\n"
+            "        loss = ((c[:, None] * x_t - x0[None]) ** 2).mean()\n"
+            "        opt.zero_grad(); loss.backward(); opt.step()\n"
+            "    return c.detach()\n",
+            "predict x₀",
+        ),
+    },
+}
+
+
+@pytest.mark.parametrize("number", sorted(NEW_WRONG))
+def test_new_tasks_wrong_variants_fail_naming_the_mistake(grader, tmp_path, number):
+    variants = NEW_WRONG[number]
+    path = with_function(
+        assignment(number),
+        tmp_path / "wrong.ipynb",
+        {name: source for name, (source, _) in variants.items()},
+    )
+    report = grader.grade(path, exercises_only=True, seed=11, chapter=number)
+    for name, (_, expected_message) in variants.items():
+        assert statuses(report)[name] == "failed", format_report(report)
+        assert re.search(expected_message, messages(report)[name]), format_report(report)
+
+
+def test_module_tasks_report_parameter_names_that_differ(grader, tmp_path):
+    """ctx.call_module loads minisd's weights by name: a module with other names fails, naming them."""
+    source = (
+        "import torch\nclass Posterior(torch.nn.Module):\n"
+        "    def __init__(self, latent_channels):\n        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)\n"
+        "    def forward(self, h, noise):\n        return h, h\n"
+    )
+    path = with_function(assignment("05"), tmp_path / "names.ipynb", {"Posterior": source})
+    report = grader.grade(path, exercises_only=True, seed=1, chapter="05")
+    assert statuses(report)["Posterior"] == "failed", format_report(report)
+    message = messages(report)["Posterior"]
+    assert "missing ['quant_conv.bias', 'quant_conv.weight']" in message
+    assert "unexpected ['conv.bias', 'conv.weight']" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# numeric questions drawn per student, and the open-ended project's scoring
+
+
+def test_numeric_questions_are_drawn_per_student_and_checked(tmp_path, capsys):
+    from minisd.course import questions as Q
+
+    alpha = next(q for q in Q.QUESTIONS if q.qid == "alpha_bar")
+    same = [Q.parameters_for("student-1", alpha) for _ in range(2)]
+    assert same[0] == same[1]  # the same id always gets the same question
+    drawn = {Q.parameters_for(f"student-{i}", alpha)["t"] for i in range(20)}
+    assert len(drawn) > 10  # different ids get different inputs
+    # independent reference (field guide): betas = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    t = Q.parameters_for("student-1", alpha)["t"]
+    t_snr = Q.parameters_for("student-1", next(q for q in Q.QUESTIONS if q.qid == "snr"))["t"]
+    right = {
+        "alpha_bar": float(alphas_cumprod[t]),
+        "snr": float(alphas_cumprod[t_snr] / (1 - alphas_cumprod[t_snr])),
+    }
+    assert all(r["status"] == "passed" for r in Q.check("student-1", "07", right))
+    wrong = dict(right, alpha_bar=float(alphas_cumprod[t - 1]))
+    results = {r["question"]: r["status"] for r in Q.check("student-1", "07", wrong)}
+    assert results == {"alpha_bar": "failed", "snr": "passed"}
+    results = {r["question"]: r for r in Q.check("student-1", "07", {"alpha_bar": "0.5"})}
+    assert (
+        results["alpha_bar"]["status"] == "failed"
+        and "must be a number" in results["alpha_bar"]["message"]
+    )
+    assert results["snr"]["status"] == "not answered"
+
+    # a transformer block's count, by the closed form of chapter 2's counting exercise
+    block = next(q for q in Q.QUESTIONS if q.qid == "block_parameters")
+    p = Q.parameters_for("student-1", block)
+    d, i, c = p["dim"], p["heads"] * p["head_dim"], p["context_dim"]
+    count = (
+        (3 * d * i + i * d + d)
+        + (d * i + 2 * c * i + i * d + d)
+        + 3 * 2 * d
+        + (d * 8 * d + 8 * d)
+        + (4 * d * d + d)
+    )
+    assert Q.check("student-1", "02", {"block_parameters": count})[0]["status"] == "passed"
+
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(right), encoding="utf-8")
+    assert (
+        course_main(
+            ["questions", "07", "--student", "student-1", "--answers", str(answers), "--json"]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["passed"] == 2
+    answers.write_text("[1, 2", encoding="utf-8")
+    assert (
+        course_main(["questions", "07", "--student", "student-1", "--answers", str(answers)]) == 2
+    )
+    assert course_main(["questions", "99", "--student", "x"]) == 2
+    assert "has no numeric questions" in capsys.readouterr().err
+
+
+def test_project_scoring_rewards_right_pictures_and_reports_json(tmp_path, capsys):
+    from minisd.course.project import HELDOUT_COUNT, PROMPT_SEED, score_images
+    from minisd.train.evaluate import prompts_of
+    from minisd.train.shapes_dataset import parse_prompt, render
+
+    prompts = prompts_of("heldout", 6, PROMPT_SEED)
+    assert len(prompts_of("heldout", HELDOUT_COUNT, PROMPT_SEED)) == HELDOUT_COUNT
+    drawn = torch.stack(
+        [
+            torch.from_numpy(render(parse_prompt(p), image_size=32)).permute(2, 0, 1).float() / 255
+            for p in prompts
+        ]
+    )
+    perfect = score_images(drawn, prompts, "teacher")
+    assert perfect["score"] == 1.0 and perfect["count"] == 6 and perfect["student"] == "teacher"
+    assert score_images(torch.full_like(drawn, 0.5), prompts, "grey")["score"] == 0.0
+    shuffled = score_images(
+        drawn, prompts[1:] + prompts[:1], "shuffled"
+    )  # pictures of other captions
+    assert shuffled["score"] < 0.5
+    json.dumps(perfect)  # a leaderboard line
+
+    assert course_main(["project", str(tmp_path / "missing.safetensors"), "--student", "x"]) == 2
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    assert course_main(["project", str(broken), "--student", "x"]) == 2
+    assert "cannot score" in capsys.readouterr().err

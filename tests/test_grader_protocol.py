@@ -145,7 +145,8 @@ def test_backward_through_a_module_the_grader_built(sandbox):
 
 
 def test_the_process_fallback_grades_and_says_it_is_weaker(tmp_path):
-    """What a teacher's Mac or Windows machine gets: a plain separate process (named in the report)."""
+    """What a teacher's Mac or Windows machine gets: a plain separate process (named in the
+    report)."""
     import shutil
 
     from minisd.course.grade import Grader

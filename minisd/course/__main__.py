@@ -14,16 +14,17 @@ The minisd course: chapters/ for students, generated from notebooks/, and the au
            (+ chapters/README.md)
   grade    run a student's notebook (or a class's folder) in a sandbox, check each graded function
   execute  re-run notebooks in place in fresh kernels, saving their outputs
+  handout  OUT/: exactly the student files of every chapter (what build writes to chapters/)
+  guide    OUT/: the instructor's guide (solutions, reference answers, rubrics, time per task): never hand it out
+  project  score a submission of the open-ended project (see minisd/course/project.py)
+  questions  a student's numeric questions (inputs drawn from the student id), and checking the answers
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m minisd.course",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute}")
+    parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,handout,guide,project,questions}")
 
     build = commands.add_parser(
         "build",
@@ -122,22 +123,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder grading: grade N notebooks at once (default 1)",
     )
 
-    execute = commands.add_parser(
-        "execute",
-        help="re-run notebooks in place, saving outputs",
-        description="Re-run notebooks (default: all of notebooks/) in fresh kernels and "
-        "save their outputs. Fails if any cell raises.",
-    )
-    execute.add_argument(
-        "notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)"
-    )
-    execute.add_argument(
-        "--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)"
-    )
-    execute.add_argument(
-        "--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)"
-    )
+    execute = commands.add_parser("execute", help="re-run notebooks in place, saving outputs",
+                                  description="Re-run notebooks (default: all of notebooks/) in fresh kernels and "
+                                              "save their outputs. Fails if any cell raises.")
+    execute.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)")
+    execute.add_argument("--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)")
+    execute.add_argument("--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)")
+    for name, text in (("handout", "write exactly the student files of every chapter into OUT"),
+                       ("guide", "write the instructor's guide, one file per chapter, into OUT")):
+        sub = commands.add_parser(name, help=text, description=text + ".")
+        sub.add_argument("out", metavar="OUT", help="a folder (created if missing; must not be inside chapters/ "
+                                                    "for the guide)")
+
+    project = commands.add_parser("project", help="score the open-ended project",
+                                  description="Score a trained model checkpoint on the held-out prompts with the "
+                                              "prompt-fidelity detector and print the leaderboard JSON.")
+    project.add_argument("checkpoint", help="a minisd .safetensors file (the student's trained model)")
+    project.add_argument("--student", required=True, help="the student's id (goes into the JSON)")
+    project.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    project.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default 20)")
+
+    from .questions import __doc__ as questions_doc
+    questions = commands.add_parser("questions", help="numeric questions drawn per student, and their check",
+                                    description=questions_doc,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    questions.add_argument("chapter", help="two digits, e.g. 07")
+    questions.add_argument("--student", required=True, help="the student's id (seeds the question inputs)")
+    questions.add_argument("--answers", default=None, help="a JSON file {question id: number} to check")
+    questions.add_argument("--json", action="store_true", help="print the check as JSON")
     return parser
+
+
+def _write_folder(args, kind: str) -> int:
+    from pathlib import Path
+
+    from . import guide
+    from .build import BuildError, repo_root
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        print(f"error: {args.out} exists and is not a folder", file=sys.stderr)
+        return 2
+    chapters = (repo_root() / "chapters").resolve()
+    if kind == "guide" and (out == chapters or chapters in out.parents):
+        print(f"error: the guide must not go inside chapters/ (students get that folder): {args.out}",
+              file=sys.stderr)
+        return 2
+    try:
+        written = guide.write_guide(out) if kind == "guide" else guide.write_handout(out)
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {len(written)} files written")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -161,6 +198,14 @@ def main(argv=None) -> int:
         from .execute import main as execute_main
 
         return execute_main(args)
+    if args.command in ("handout", "guide"):
+        return _write_folder(args, args.command)
+    if args.command == "questions":
+        from .questions import main as questions_main
+        return questions_main(args)
+    if args.command == "project":
+        from .project import main as project_main
+        return project_main(args)
     parser.print_help()
     return 2
 

@@ -174,6 +174,12 @@ def cell_definitions(cell_source: str) -> CellDefs:
             result.definitions.append((node.name, text))
             if not isinstance(node, ast.ClassDef):
                 result.functions[node.name] = (signature_text(node), ast.get_docstring(node))
+            else:  # a class task: its contract is the signature of __init__ without `self`
+                init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+                            None)
+                signature = signature_text(init) if init else "()"
+                signature = re.sub(r"^\(self(, )?", "(", signature)
+                result.functions[node.name] = (signature, ast.get_docstring(node))
     return result
 
 
@@ -233,9 +239,14 @@ def _clean_metadata(metadata: dict, keep: tuple) -> dict:
     return {k: metadata[k] for k in keep if k in metadata}
 
 
-def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
-    """The student version of a notebook (a new nbformat node; the input is not modified)."""
+def student_notebook(notebook, source_name: str, number: str, chapter_dir: str, checks=None):
+    """The student version of a notebook (a new nbformat node; the input is not modified): solution regions
+    stubbed, `solution-only` cells left out, `answer` cells replaced (answers.py), and the docstrings of graded
+    functions replaced by the task's contract."""
     import nbformat
+
+    from . import answers
+    contracts = {t.name: t.summary for t in (checks.TASKS if checks else [])}
 
     nb = nbformat.v4.new_notebook()
     nb.nbformat, nb.nbformat_minor = 4, max(5, notebook.get("nbformat_minor", 5))
@@ -258,8 +269,17 @@ def student_notebook(notebook, source_name: str, number: str, chapter_dir: str):
         if SOLUTION_ONLY_TAG in tags:
             continue
         where = f"{source_name}, cell {index + 1}"
+        if answers.is_answer_cell(cell):
+            kind, text = answers.replacement_for(cell)
+            new = nbformat.v4.new_code_cell(text) if kind == "code" else nbformat.v4.new_markdown_cell(text)
+            new.id = cell.get("id") or f"cell-{index}"
+            cells.append(new)
+            continue
         if cell.cell_type == "code":
-            new = nbformat.v4.new_code_cell(strip_solutions(cell.source, where))
+            stubbed = strip_solutions(cell.source, where)
+            if BEGIN in cell.source:
+                stubbed = answers.replace_docstrings(stubbed, contracts)
+            new = nbformat.v4.new_code_cell(stubbed)
         elif cell.cell_type == "markdown":
             if find_regions(cell.source, where):
                 raise BuildError(
@@ -287,55 +307,49 @@ HEADER_TEXT = """\
 > and rebuild.*"""
 
 
-def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks, plan: list) -> str:
-    lines = [
-        f"<!-- Generated from {source_name} by `{GENERATOR}`. Do not edit: edit the notebook or "
-        f"minisd/course/checks/ and rebuild. -->",
-        "",
-        f"# Chapter {int(number)}: {title}",
-        "",
-    ]
+def _readme(number: str, title: str, source_name: str, chapter_dir: str, checks, plan: list,
+            exercises: list = ()) -> str:
+    lines = [f"<!-- Generated from {source_name} by `{GENERATOR}`. Do not edit: edit the notebook or "
+             f"minisd/course/checks/ and rebuild. -->", "", f"# Chapter {int(number)}: {title}", ""]
     goals = getattr(checks, "GOALS", None) if checks else None
     if goals:
         lines += ["## Learning goals", ""] + [f"- {g}" for g in goals] + [""]
+    prerequisites = getattr(checks, "PREREQUISITES", None) if checks else None
+    if prerequisites:
+        lines += ["## Prerequisites", ""] + [f"- **{k}**: {v}" for k, v in prerequisites.items()] + [""]
     if plan:
-        lines += (
-            ["## What the chapter does", ""]
-            + [f"{i}. {item}" for i, item in enumerate(plan, 1)]
-            + [""]
-        )
-    lines += [
-        "## Your assignment",
-        "",
-        "Open [`assignment.ipynb`](assignment.ipynb), read it top to bottom, and run every cell. "
-        "Each graded "
-        "exercise is a function whose body raises `NotImplementedError`: replace that line with "
-        "your code. "
-        f"Keep the function's name and signature: the grader calls it by name.",
-        "",
-    ]
+        lines += ["## What the chapter does", ""] + [f"{i}. {item}" for i, item in enumerate(plan, 1)] + [""]
     tasks = list(checks.TASKS) if checks else []
+    reading = getattr(checks, "READING_MINUTES", None) if checks else None
+    if reading or tasks:
+        work = sum(t.minutes for t in tasks)
+        lines += ["## Estimated time", "", f"About {reading or 0} minutes to read and run the chapter, and "
+                  f"{work} minutes for the graded tasks, plus the thinking exercises you are given.", ""]
+    lines += ["## Your assignment", "",
+              f"Open [`assignment.ipynb`](assignment.ipynb), read it top to bottom, and run every cell. Each graded "
+              f"exercise is a function whose body raises `NotImplementedError`: replace that line with your code. "
+              f"Keep the function's name and signature: the grader calls it by name.", ""]
     if tasks:
-        lines += ["## Graded tasks", ""]
+        lines += ["## Graded tasks", "", "| task | level | minutes |", "|---|---|---|"]
+        lines += [f"| `{t.name}` | {t.level} | {t.minutes} |" for t in tasks] + [""]
         for task in tasks:
-            lines += [
-                f"### `{task.name}{task.signature}`",
-                "",
-                textwrap.dedent(task.summary).strip(),
-                "",
-            ]
+            lines += [f"### `{task.name}{task.signature}` ({task.level})", "", textwrap.dedent(task.summary).strip(),
+                      ""]
+            allowed = textwrap.dedent(task.allowed).strip() or "torch and plain Python."
+            if task.forbidden:
+                allowed += (
+                    " A function that calls what the task asks you to write fails the task with a "
+                    "message saying so."
+                )
+            lines += ["Allowed calls: " + allowed, ""]
             if task.checked:
                 lines += ["The grader checks: " + textwrap.dedent(task.checked).strip(), ""]
-            if task.allowed:
-                lines += [
-                    "Allowed calls: "
-                    + textwrap.dedent(task.allowed).strip()
-                    + " A function that calls "
-                    "what the task asks you to write fails the task with a message saying so.",
-                    "",
-                ]
     else:
         lines += ["This chapter has no graded tasks: its exercises are for practice.", ""]
+    if exercises:
+        lines += ["## Thinking exercises", ""]
+        lines += ["Not graded automatically; your instructor may ask for written answers.", ""]
+        lines += [f"- {ex.label}: {ex.title}" for ex in exercises] + [""]
     lines += [
         "## Check your work",
         "",
@@ -387,6 +401,13 @@ runs the notebook in a fresh kernel with `MINISD_FAST=1` (small sizes; `--full-s
 every graded function on random inputs against minisd's own implementation. Exit status: 0 all tasks passed,
 1 otherwise, 2 usage error. `--exercises-only` runs only the imports, definitions and exercise cells (seconds instead
 of a whole chapter).
+
+## Numeric questions and the open-ended project
+
+`python -m minisd.course questions NN --student ID` prints your numeric questions for chapter NN (their inputs are
+drawn from your student id); `--answers FILE.json` checks your answers. The project, training the best tiny model
+you can in a fixed CPU budget, is described in `minisd/course/project.py` and scored with
+`python -m minisd.course project MODEL.safetensors --student ID` (JSON for the class leaderboard).
 
 {extra}
 """
@@ -507,14 +528,13 @@ def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str
         verify_tasks(notebook, source_name, checks)
         if warnings is not None:
             warnings.extend(working_folder_problems(notebook, source_name))
-        student = student_notebook(notebook, source_name, number, chapter_dir)
-        outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = (
-            nbformat.writes(student) + "\n"
-        )
+        student = student_notebook(notebook, source_name, number, chapter_dir, checks)
+        outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = nbformat.writes(student) + "\n"
         title = title_of(notebook, getattr(checks, "TITLE", slug.replace("_", " ")))
-        outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(
-            number, title, source_name, chapter_dir, checks, chapter_plan(notebook)
-        )
+        from .guide import thinking_exercises
+        outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(number, title, source_name, chapter_dir,
+                                                                          checks, chapter_plan(notebook),
+                                                                          thinking_exercises(notebook))
         entries.append((chapter_dir, title, [t.name for t in (checks.TASKS if checks else [])]))
     if entries:
         outputs[root / "chapters" / "README.md"] = _index(entries)

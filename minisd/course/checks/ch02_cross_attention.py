@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from minisd.transformer import GEGLU
+from minisd.transformer import GEGLU, TransformerBlock
 
 from . import Task
 
@@ -17,6 +17,11 @@ GOALS = [
     "pre-LayerNorm.",
     "Compute a gated linear unit by hand and match minisd's GEGLU.",
 ]
+PREREQUISITES = {
+    "Math": "chapter 1; the GELU function.",
+    "PyTorch": "nn.Module, nn.LayerNorm, nn.Linear, `chunk`.",
+}
+READING_MINUTES = 60
 
 
 def check_geglu(ctx):
@@ -62,18 +67,88 @@ def check_geglu(ctx):
             )
 
 
+
+# ------------------------------------------------------------------ warm-up: LayerNorm
+
+def check_layer_norm(ctx):
+    for label, shape in (("tokens [B, n, C]", (ctx.integer(1, 3), ctx.integer(1, 6), ctx.integer(3, 40))),
+                         ("one vector", (ctx.integer(3, 40),))):
+        x = ctx.randn(*shape, scale=3.0) + ctx.uniform(-2, 2)
+        weight, bias = 1 + 0.3 * ctx.randn(shape[-1]), 0.3 * ctx.randn(shape[-1])
+        eps = ctx.choice([1e-5, 1e-6])
+        expected = F.layer_norm(x, (shape[-1],), weight, bias, eps)
+        mean = x.mean(-1, keepdim=True)
+        mistakes = {
+            "your variance is the unbiased one (divides by C − 1); LayerNorm divides by C":
+                (x - mean) / (x.var(-1, keepdim=True, unbiased=True) + eps).sqrt() * weight + bias,
+            "your result leaves out the weight and bias": F.layer_norm(x, (shape[-1],), None, None, eps),
+            "your result normalises over the wrong axis": (x - x.mean(0, keepdim=True)) / (
+                x.var(0, keepdim=True, unbiased=False) + eps).sqrt() * weight + bias if x.dim() > 1 else None,
+        }
+        with ctx.case(f"{label} {tuple(shape)}, eps = {eps:g}"):
+            ctx.expect_close(ctx.call(x, weight, bias, eps), expected, what="output", atol=1e-5, rtol=1e-4,
+                             mistakes={k: v for k, v in mistakes.items() if v is not None})
+
+
+# ------------------------------------------------------------------ core: the transformer block
+
+def check_transformer_block(ctx):
+    heads, head_dim = ctx.integer(1, 3), ctx.choice([2, 4])
+    dim, context_dim = ctx.choice([8, 12]), ctx.integer(3, 10)
+    ref = ctx.seed_module(TransformerBlock(dim, heads, head_dim, context_dim))
+    x = ctx.randn(ctx.integer(1, 2), ctx.integer(2, 7), dim)
+    context = ctx.randn(x.shape[0], ctx.integer(2, 6), context_dim)
+    with torch.no_grad():
+        expected = ref(x, context)
+        h1 = x + ref.attn1(ref.norm1(x))
+        h2 = h1 + ref.attn2(ref.norm2(h1), context)
+        post = ref.norm1(x + ref.attn1(x))
+        post = ref.norm2(post + ref.attn2(post, context))
+        mistakes = {
+            "your block leaves out the last residual (x + ff(norm3 x))": ref.ff(ref.norm3(h2)),
+            "your block normalises after each residual (post-norm); SD normalises the input of each sub-layer "
+            "(pre-norm)": ref.norm3(post + ref.ff(post)),
+            "your block skips the cross-attention": h1 + ref.ff(ref.norm3(h1)),
+            "your block attends to x in attn2 instead of the context": None,
+        }
+        try:
+            wrong = h1 + ref.attn2(ref.norm2(h1), None) if dim == context_dim else None
+        except Exception:  # noqa: BLE001 - shapes do not allow this mistake
+            wrong = None
+        mistakes["your block attends to x in attn2 instead of the context"] = wrong
+    with ctx.case(f"dim {dim}, {heads} heads of {head_dim}, context width {context_dim}"):
+        got = ctx.call_module(dict(dim=dim, heads=heads, head_dim=head_dim, context_dim=context_dim),
+                              ref.state_dict(), x, context)
+        ctx.expect_close(got, expected, what="output", atol=1e-5, rtol=1e-4,
+                         mistakes={k: v for k, v in mistakes.items() if v is not None})
+
+
 TASKS = [
-    Task(
-        "geglu",
-        "(x, weight, bias)",
-        "The GEGLU activation of the transformer's feed-forward layer: project x [..., C] with "
-        "weight [2H, C] and "
-        "bias [2H], split the result along the last axis into two halves [value, gate] (value "
-        "first), and return "
-        "value · GELU(gate) with the exact GELU, shape [..., H].",
-        check_geglu,
-        "random sizes C ≠ H, inputs with zero to three leading axes.",
-        forbidden=("minisd.transformer.GEGLU.forward",),
-        allowed="F.linear (or @), chunk, F.gelu; not minisd.transformer.GEGLU.",
-    ),
+    Task("geglu", "(x, weight, bias)",
+         "The GEGLU activation of the transformer's feed-forward layer: project x [..., C] with weight [2H, C] and "
+         "bias [2H], split the result along the last axis into two halves [value, gate] (value first), and return "
+         "value · GELU(gate) with the exact GELU, shape [..., H].",
+         check_geglu,
+         "random sizes C ≠ H, inputs with zero to three leading axes.",
+         level="warm-up", minutes=10,
+             forbidden=("minisd.transformer.GEGLU.forward",),
+             allowed="F.linear (or @), chunk, F.gelu; not minisd.transformer.GEGLU."),
+    Task("layer_norm", "(x, weight, bias, eps=1e-05)",
+         "LayerNorm over the last axis of x: subtract the mean, divide by √(variance + eps) with the biased "
+         "variance (divide by C), then multiply by weight [C] and add bias [C].",
+         check_layer_norm,
+         "random shapes, offsets and scales, eps 1e-5 and 1e-6, against torch.nn.functional.layer_norm.",
+         level="warm-up", minutes=10, allowed="torch tensor arithmetic (not F.layer_norm or nn.LayerNorm)."),
+    Task("MyTransformerBlock", "(dim, heads, head_dim, context_dim)",
+         "SD's transformer block as an nn.Module whose submodules are named like minisd's (the grader loads "
+         "minisd's weights by name): norm1, attn1 (self-attention), norm2, attn2 (cross-attention to the "
+         "context), norm3 (LayerNorms, eps 1e-5) and ff, whose parameters are ff.geglu.proj (dim → 8·dim) and "
+         "ff.proj_out (4·dim → dim). forward(x, context) -> [B, n, dim]: three pre-norm residual sub-layers in "
+         "the order of the chapter.",
+         check_transformer_block,
+         "random small blocks loaded with minisd's TransformerBlock weights by name.",
+         level="core", minutes=35,
+         allowed="minisd.attention.Attention, nn.LayerNorm, nn.Linear, your geglu (or F.gelu). Not "
+                 "minisd.transformer's TransformerBlock, FeedForward or GEGLU."),
+
 ]

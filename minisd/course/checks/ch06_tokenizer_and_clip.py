@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from minisd.attention import causal_mask
 from minisd.tokenizer import END_OF_WORD, CLIPTokenizer, merge_pair
 
 from . import Task
@@ -13,6 +16,11 @@ GOALS = [
     "Write the BPE merge loop and reproduce CLIP's splits of real words.",
     "Run the CLIP text encoder and see what the UNet receives: one vector per token.",
 ]
+PREREQUISITES = {
+    "Math": "none beyond counting; the idea of a greedy algorithm.",
+    "PyTorch": "Python tuples, dicts and loops; nn.Embedding, nn.LayerNorm.",
+}
+READING_MINUTES = 60
 
 WORDS = [
     "astronaut",
@@ -120,23 +128,71 @@ def check_bpe_merge(ctx):
         )
 
 
+
+# ------------------------------------------------------------------ warm-ups: the 77 ids, and the causal mask
+
+def check_pad_ids(ctx):
+    import warnings
+    pad = ctx.choice([49407, 0])
+    tok = CLIPTokenizer(pad_token_id=pad)
+    for label, n_words, length in (("a short prompt", ctx.integer(1, 6), 77),
+                                   ("a prompt longer than the context", ctx.integer(12, 20), ctx.integer(8, 12))):
+        text = " ".join(ctx.choice(WORDS) for _ in range(n_words))
+        ids = tok.encode(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = tok(text, max_length=length)[0].tolist()   # minisd's tokenizer: the reference
+        with ctx.case(f"{label} ({len(ids)} ids), length {length}, pad id {pad}"):
+            got = ctx.call(list(ids), tok.bos_token_id, tok.eos_token_id, pad, length)
+            if isinstance(got, torch.Tensor):
+                got = got.tolist()
+            if not isinstance(got, (list, tuple)) or [int(i) for i in got] != expected:
+                hint = ""
+                if isinstance(got, (list, tuple)) and len(got) == length and got[-1] != expected[-1] \
+                        and len(ids) + 2 > length:
+                    hint = "; a cut prompt must still end with EOS"
+                elif isinstance(got, (list, tuple)) and len(got) != length:
+                    hint = f"; yours has {len(got)} ids"
+                ctx.fail(f"expected {expected}, got {got}{hint}")
+
+
+def check_causal_mask(ctx):
+    for n in (1, ctx.integer(2, 5), ctx.integer(6, 12)):
+        expected = causal_mask(n)
+        with ctx.case(f"n = {n}"):
+            got = ctx.expect_tensor(ctx.call(n), "the mask")
+            if got.dtype != torch.bool:
+                ctx.fail(f"expected a bool tensor (True = may attend), got dtype {got.dtype}")
+            if tuple(got.shape) == (n, n) and torch.equal(got, expected.T) and n > 1:
+                ctx.fail("your mask is transposed: query i (row) may see keys j ≤ i (columns), not j ≥ i")
+            if tuple(got.shape) == (n, n) and torch.equal(got, ~expected) and n > 1:
+                ctx.fail("your mask is inverted: True marks the keys a query MAY attend to")
+            ctx.expect_close(got.float(), expected.float(), what="mask")
+
+
 TASKS = [
-    Task(
-        "bpe_merge",
-        "(symbols, ranks)",
-        "Byte-pair encoding of one word: given its symbols (a list of strings) and `ranks` (a dict "
-        "from a pair of "
-        "symbols to its merge rank, lowest merged first), repeatedly find the adjacent pair with "
-        "the lowest rank "
-        "and merge every occurrence of it, left to right; stop when no adjacent pair has a rank. "
-        "Return the final "
-        "list of symbols.",
-        check_bpe_merge,
-        "random words over small alphabets with random ranks (repeated pairs, chains of merges), "
-        "and real words "
-        "with CLIP's 48,894 merges against minisd's tokenizer.",
-        forbidden=("minisd.tokenizer.CLIPTokenizer.bpe", "minisd.tokenizer.merge_steps"),
-        allowed="plain Python (lists, zip, min, dict lookups) and minisd.tokenizer.merge_pair; not "
-        "CLIPTokenizer.bpe or minisd.tokenizer.merge_steps.",
-    ),
+    Task("bpe_merge", "(symbols, ranks)",
+         "Byte-pair encoding of one word: given its symbols (a list of strings) and `ranks` (a dict from a pair of "
+         "symbols to its merge rank, lowest merged first), repeatedly find the adjacent pair with the lowest rank "
+         "and merge every occurrence of it, left to right; stop when no adjacent pair has a rank. Return the final "
+         "list of symbols.",
+         check_bpe_merge,
+         "random words over small alphabets with random ranks (repeated pairs, chains of merges), and real words "
+         "with CLIP's 48,894 merges against minisd's tokenizer.",
+         level="core", minutes=40,
+         allowed="plain Python (tuples, dicts, min).",
+             forbidden=("minisd.tokenizer.CLIPTokenizer.bpe", "minisd.tokenizer.merge_steps")),
+    Task("pad_ids", "(ids, bos, eos, pad, length=77)",
+         "The row of token ids the text encoder reads, as a list of `length` ints: BOS, the prompt's ids, EOS, "
+         "then `pad` up to the length. A prompt too long keeps its first length − 2 ids and still ends with EOS.",
+         check_pad_ids,
+         "short and over-long prompts, SD 1's (EOS) and SD 2's (0) padding, against minisd's CLIPTokenizer.",
+         level="warm-up", minutes=10, allowed="plain Python."),
+    Task("causal_mask", "(n)",
+         "The causal mask of CLIP's text encoder: a bool tensor [n, n] that is True where query i may attend "
+         "to key j, i.e. j ≤ i.",
+         check_causal_mask,
+         "n = 1 and random n, against minisd.attention.causal_mask.",
+         level="warm-up", minutes=5, allowed="torch."),
+
 ]
