@@ -1,4 +1,4 @@
-"""python -m minisd.course build|grade|execute (see --help of each)."""
+"""python -m minisd.course build|grade|execute|site (see --help of each)."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +12,14 @@ The minisd course: chapters/ for students, generated from notebooks/, and the au
   build    notebooks/NN_name.ipynb -> chapters/NN_name/{assignment.ipynb, README.md} (+ chapters/README.md)
   grade    run a student's notebook in a fresh kernel and check each graded function
   execute  re-run notebooks in place in fresh kernels, saving their outputs
+  site     notebooks/ -> OUT/*.html: the book as a static website (outputs, math, navigation)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute}")
+    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,site}")
 
     build = commands.add_parser("build", help="generate chapters/ from notebooks/",
                                 description="Generate chapters/ from notebooks/ (deterministic: same notebooks, "
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)")
     execute.add_argument("--fast", action="store_true", help="set MINISD_FAST=1 (small sizes, few steps)")
     execute.add_argument("--cell-timeout", type=float, default=600.0, metavar="S", help="per cell (default 600 s)")
+
+    site = commands.add_parser(
+        "site", help="build the book's static website",
+        description="Write the chapters, with their committed outputs, as static HTML pages that "
+                    "work offline (MathJax bundled). Needs nbconvert and django-static-mathjax.")
+    site.add_argument("out", help="the folder to write (created if needed), e.g. site/")
+    site.add_argument("--notebooks", default="notebooks",
+                      help="the chapters' folder (default notebooks/)")
     return parser
 
 
@@ -66,6 +75,9 @@ def main(argv=None) -> int:
     if args.command == "execute":
         from .execute import main as execute_main
         return execute_main(args)
+    if args.command == "site":
+        from .site import main as site_main
+        return site_main(args)
     parser.print_help()
     return 2
 
