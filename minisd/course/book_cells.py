@@ -1,4 +1,4 @@
-"""Give the book's inserted cells (diagrams, figures, controls) their outputs, touching nothing else.
+"""Give the book's inserted cells (diagrams, figures, controls) their outputs, and nothing else.
 
     python -m minisd.course.book_cells notebooks/07_ddpm.ipynb [more notebooks]
 

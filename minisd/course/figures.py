@@ -200,9 +200,9 @@ def guidance_toy(scales=(0.0, 1.0, 3.0, 7.5), component: int = 2, n: int = 400, 
 def model_schedule(sd) -> NoiseSchedule:
     """The noise schedule a model was trained with (from its config)."""
     c = sd.config
-    return NoiseSchedule(ScheduleConfig(kind=c.beta_schedule, num_train_timesteps=c.num_train_timesteps,
-                                        beta_start=c.beta_start, beta_end=c.beta_end,
-                                        prediction_type=c.prediction_type))
+    return NoiseSchedule(ScheduleConfig(
+        kind=c.beta_schedule, num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start,
+        beta_end=c.beta_end, prediction_type=c.prediction_type))
 
 
 def _context(sd, prompts):
@@ -274,7 +274,7 @@ def attention_per_head(sd, prompt="a large red circle on the left and a small bl
 def self_attention_maps(sd, prompt="a large red circle on the left and a small blue square on "
                         "the right", queries=((4, 2), (4, 6), (1, 4)), seed=0,
                         layer="down_levels.0.attentions.0.blocks.0.attn1"):
-    """Where a few query pixels (on an 8×8 grid) look, in one self-attention layer (mean of heads)."""
+    """Where a few query pixels (8×8 grid) look, in one self-attention layer (mean of heads)."""
     image, probs, _ = capture_attention(sd, prompt, seed, which="attn1")
     p = probs[layer].mean(0)                                 # [n, n]
     side = int(round(p.shape[0] ** 0.5))
@@ -298,7 +298,7 @@ def self_attention_maps(sd, prompt="a large red circle on the left and a small b
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
-    """Spherical interpolation: keeps the norm of Gaussian noise (a straight line would shrink it)."""
+    """Spherical interpolation: keeps the norm of Gaussian noise (a straight line shrinks it)."""
     cos = (a * b).sum() / (a.norm() * b.norm())
     angle = torch.arccos(cos.clamp(-1, 1))
     if float(angle) < 1e-6:
@@ -328,7 +328,7 @@ def latent_interpolation(sd, prompt="a large magenta triangle at the top", seeds
 
 
 def photograph(size: int = 128):
-    """scikit-image's astronaut (Eileen Collins, NASA; public domain) as [1, 3, size, size] in [-1, 1]."""
+    """scikit-image's astronaut (Eileen Collins, NASA; public domain): [1, 3, size, size], ±1."""
     from skimage import data
 
     image = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
