@@ -20,9 +20,9 @@ import torch
 
 matplotlib.use("Agg")
 
-import minisd  # noqa: E402
-from minisd.course import diagrams, figures, widgets  # noqa: E402
-from minisd.tools.cli_generate import BUNDLED_MODEL  # noqa: E402
+import minisd
+from minisd.course import diagrams, figures, widgets
+from minisd.tools.cli_generate import BUNDLED_MODEL
 
 nbformat = pytest.importorskip("nbformat")
 ROOT = Path(__file__).resolve().parents[1]

@@ -73,7 +73,7 @@ def flowchart(boxes, arrows, width: float, height: float, title: str = "", note:
             dx, dy = x1 - x0, y1 - y0
             mx, my = mx + arrow.bend * dy / 2, my - arrow.bend * dx / 2
             ax.text(mx, my + 0.12, arrow.label, ha="center", va="bottom", fontsize=7.5,
-                    color="#333333", bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+                    color="#333333", bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     if title:
         ax.set_title(title, fontsize=10)
     if note:

@@ -126,7 +126,7 @@ def score_field(timesteps=(20, 200, 500, 900)):
     """−ε*(x, t) as arrows over the noised density pₜ, at a few timesteps."""
     toy, schedule = Toy2D(), NoiseSchedule()
     fig, axes = plt.subplots(1, len(timesteps), figsize=(3 * len(timesteps), 3.2))
-    xx, yy, points = _grid(2.4, 15)
+    _, _, points = _grid(2.4, 15)
     spacing = 4.8 / 14
     for ax, t in zip(axes, timesteps):
         a = float(schedule.alphas_cumprod[t])

@@ -14,7 +14,7 @@ an `Explorer`'s widgets (tests/test_widgets.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import torch
