@@ -219,12 +219,12 @@ def generate_view(sd, prompts: Sequence[str]):
 
 
 def img2img_view(sd, prompt: str = "a large blue square on the right",
-                 start: str = "a large red circle on the left"):
+                 start: str = "a large red circle on the left", steps: int = 20):
     """A view of image-to-image: strength, guidance scale, seed -> the edited picture."""
-    init = sd.generate(start, seed=0, steps=20, guidance_scale=1.5, output_type="tensor")
+    init = sd.generate(start, seed=0, steps=steps, guidance_scale=1.5, output_type="tensor")
 
     def view(strength: float = 0.6, guidance_scale: float = 1.5, seed: int = 0):
-        image = sd.generate(prompt, init_image=init, strength=float(strength), steps=20,
+        image = sd.generate(prompt, init_image=init, strength=float(strength), steps=steps,
                             guidance_scale=float(guidance_scale), seed=int(seed),
                             output_type="tensor")[0]
         fig, axes = plt.subplots(1, 2, figsize=(4.6, 2.6))
