@@ -1,5 +1,5 @@
-"""python -m minisd.course build|grade|execute (see --help of each)."""
-
+"""python -m minisd.course build|grade|execute|site|handout|guide|project|questions (see --help of
+each)."""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +18,16 @@ The minisd course: chapters/ for students, generated from notebooks/, and the au
   guide    OUT/: the instructor's guide (solutions, reference answers, rubrics, time per task): never hand it out
   project  score a submission of the open-ended project (see minisd/course/project.py)
   questions  a student's numeric questions (inputs drawn from the student id), and checking the answers
+  site     notebooks/ -> OUT/*.html: the book as a static website (outputs, math, navigation)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisd.course", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{build,grade,execute,handout,guide,project,questions}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="{build,grade,execute,site,handout,guide,project,questions}"
+    )
 
     build = commands.add_parser(
         "build",
@@ -151,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     questions.add_argument("--student", required=True, help="the student's id (seeds the question inputs)")
     questions.add_argument("--answers", default=None, help="a JSON file {question id: number} to check")
     questions.add_argument("--json", action="store_true", help="print the check as JSON")
+
+    site = commands.add_parser(
+        "site", help="build the book's static website",
+        description="Write the chapters, with their committed outputs, as static HTML pages that "
+                    "work offline (MathJax bundled). Needs nbconvert and django-static-mathjax.")
+    site.add_argument("out", help="the folder to write (created if needed), e.g. site/")
+    site.add_argument("--notebooks", default="notebooks",
+                      help="the chapters' folder (default notebooks/)")
     return parser
 
 
@@ -206,6 +217,9 @@ def main(argv=None) -> int:
     if args.command == "project":
         from .project import main as project_main
         return project_main(args)
+    if args.command == "site":
+        from .site import main as site_main
+        return site_main(args)
     parser.print_help()
     return 2
 
