@@ -335,3 +335,46 @@ def test_score_reads_prompts_and_image_types():
     assert not result.full and not result.colour_shape
     rates = scene_detector.evaluate([item.image, item.image], [caption(item.spec), spec])
     assert rates["full"] == 0.5 and rates["count"] == 2
+
+
+# ---------------------------------------------------------------- training readiness
+
+
+def test_trainers_run_a_few_steps_on_the_scenes_world(tmp_path):
+    from minisd.__main__ import main as cli
+    from minisd.train import training as T
+
+    quiet = ["--no-progress", "--log-every", "1", "--sample-every", "0", "--checkpoint-every", "9"]
+    small = ["--batch-size", "4", "--pool-size", "8", "--dataset", "scenes", *quiet]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # the default preset with --dataset scenes is bundled-v2: 64 px, 16×16 latents
+        assert cli(["train-vae", "--out", str(tmp_path / "vae"), "--steps", "2", *small]) == 0
+        vae = tmp_path / "vae" / "vae.safetensors"
+        assert cli(["train", "--vae", str(vae), "--out", str(tmp_path / "ldm"), "--steps", "2",
+                    "--save-dtype", "float16", *small]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for run in ("vae", "ldm"):
+        log = T.read_loss_log(tmp_path / run / "loss.jsonl")
+        assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+        state = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+        assert state["args"]["dataset"] == "scenes"  # a resumed run keeps the dataset
+    import minisd
+
+    sd = minisd.load(tmp_path / "ldm" / "model.safetensors")
+    assert sd.config.name == "bundled-v2" and sd.config.image_size == 64
+    latents = sd.vae.encode(torch.zeros(1, 3, 64, 64)).mean
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_pool_renders_the_scenes_world_and_bad_sizes_are_refused():
+    from minisd.train import training as T
+
+    images, captions = T.render_pool(64, 6, seed=0, dataset="scenes")
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
+    dataset = ScenesDataset(ScenesConfig(seed=0, length=6))
+    assert captions == [dataset.item(i).caption for i in range(6)]
+    with pytest.raises(T.UsageError, match="image_size must be an int >= 32"):
+        T.check_dataset("scenes", 24)

@@ -45,6 +45,7 @@ RECIPE = (
     "pool_size",
     "weight_decay",
     "snr_gamma",
+    "dataset",
 )
 SAMPLE_PROMPTS = (
     "a large red circle in the center",
@@ -60,6 +61,20 @@ SAMPLE_PROMPTS = (
     "a large blue circle on the left",
     "a small yellow square at the top",
     "a large magenta triangle on the right",
+)
+SAMPLE_PROMPTS_V2 = (  # --dataset scenes; the last four state held-out elements (scenes.py)
+    "a green circle",
+    "two red stars",
+    "a large blue ring in the top left corner",
+    "a small yellow square at the bottom on a black background",
+    "a purple cross left of a cyan triangle",
+    "an orange star above a pink circle on stripes",
+    "three green squares on a gradient",
+    "a red circle, a blue square and a yellow star",
+    "a large red ring in the center",
+    "three yellow stars",
+    "a pink circle above a green square",
+    "two blue rings on a white background",
 )
 
 
@@ -156,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight the loss by Min-SNR-γ (e.g. 5; faster convergence); default: plain MSE",
     )
     p.add_argument("--seed", type=int, default=0)
+    T.add_dataset_argument(p)
     p.add_argument(
         "--pool-size",
         type=int,
@@ -222,6 +238,7 @@ def setup(args, dist: T.Distributed):
         if args.prediction_type:
             config.prediction_type = args.prediction_type
     T.check_model_fits(config, config.image_size)
+    T.check_dataset(args.dataset, config.image_size)
     if not 0.0 <= args.cfg_dropout < 1.0:
         raise T.UsageError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
@@ -282,7 +299,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     # captions).
     began_setup = time.time()
     pool, captions = T.render_pool(
-        config.image_size, args.pool_size, args.seed, "train", args.workers
+        config.image_size, args.pool_size, args.seed, "train", args.workers, dataset=args.dataset
     )
     pool_mean, pool_std = encode_pool(sd, pool, device)
     distinct = sorted(set(captions))
@@ -317,20 +334,22 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
                 ),
             )
 
+    prompts = SAMPLE_PROMPTS_V2 if args.dataset == "scenes" else SAMPLE_PROMPTS
+
     def sample_grid(step):
         if dist.is_main and args.sample_every > 0:
             with ema.swapped_in(denoiser):
                 denoiser.eval()
                 images = sd.generate(
-                    list(SAMPLE_PROMPTS),
+                    list(prompts),
                     steps=args.sample_steps,
                     guidance_scale=args.guidance,
-                    seed=list(range(len(SAMPLE_PROMPTS))),
+                    seed=list(range(len(prompts))),
                     output_type="tensor",
                 )
                 denoiser.train()
             T.save_image_grid(
-                images * 2 - 1, out / f"samples_{step:06d}.png", columns=len(SAMPLE_PROMPTS) // 2
+                images * 2 - 1, out / f"samples_{step:06d}.png", columns=len(prompts) // 2
             )
 
     progress = T.progress_bar(args, dist, start, "train")
