@@ -378,3 +378,20 @@ def test_pool_renders_the_scenes_world_and_bad_sizes_are_refused():
     assert captions == [dataset.item(i).caption for i in range(6)]
     with pytest.raises(T.UsageError, match="image_size must be an int >= 32"):
         T.check_dataset("scenes", 24)
+
+
+def test_v2_presets_fit_the_budget(tmp_path):
+    import minisd
+    from minisd.model import StableDiffusion, save
+    from minisd.train.presets_v2 import PRESETS_V2
+
+    for name, preset in PRESETS_V2.items():
+        config = preset()
+        sd = StableDiffusion(config)
+        # f = 4: 64×64 images, 16×16×4 latents, so the first UNet level's attention maps are 16×16
+        assert config.image_size == 64 and sd.vae.downscale == 4
+        assert config.vae.latent_channels == 4 and config.unet.attention_levels[0]
+        path = tmp_path / f"{name}.safetensors"
+        save(sd, path, dtype=torch.float16)  # as `train --save-dtype float16` writes it
+        assert path.stat().st_size <= 25e6, f"{name}: {path.stat().st_size / 1e6:.1f} MB"
+        assert minisd.load(path).config.name == name
