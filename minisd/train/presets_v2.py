@@ -9,8 +9,18 @@ The same three networks as Stable Diffusion, shrunk to the world:
 
 Budget (issue #16): the file ≤ 25 MB, a 50-step guided 64×64 image ≤ 2 s on 2 CPU cores. The token
 embedding dominates the file (49,408 × width numbers), so the text encoder stays narrow and the
-file is written in float16 (`python -m minisd train --save-dtype float16`). Measured figures are
-in `tests/test_scenes.py::test_v2_preset_budget` and the report of the commit that chose them.
+file is written in float16 (`python -m minisd train --save-dtype float16`;
+`tests/test_scenes.py::test_v2_presets_fit_the_budget` checks the size).
+
+Measured with random weights, torch 2.11, fp32, `torch.set_num_threads(2)` under `taskset -c 0,1`
+on an otherwise idle 16-core Intel Xeon (the GPU machine's host CPU), 50 DDIM steps with guidance,
+median of 5 (2026-11-27):
+    UNet width    file (fp16)   s / image    parameters (UNet + VAE + text)
+    64 (1,2,2)    24.1 MB       2.03         5.88 M + 0.95 M + 5.20 M     over the time budget
+    48 (1,2,2)    19.0 MB       1.49         3.34 M + 0.95 M + 5.20 M     bundled-v2
+    32 (1,2,4)    18.8 MB       1.18         3.19 M + 0.95 M + 5.20 M
+    32 (1,2,2)    15.4 MB       1.00         1.51 M + 0.95 M + 5.20 M     bundled-v2-cpu
+    v1 bundled    17.0 MB       0.77         (32×32 images, for comparison)
 
 These live in the training wing, not in `minisd/config.py`: `training.resolve_config` merges them
 into the presets that `--preset` accepts.
@@ -30,12 +40,13 @@ def bundled_v2(**overrides) -> SDConfig:
     """The bundled model v2: 64×64 scenes, 16×16×4 latents, attention at 16×16 and 8×8."""
     values = dict(
         unet=UNetConfig(
-            channels=64,
+            channels=48,
             channel_mult=(1, 2, 2),
             num_res_blocks=1,
             attention_levels=(True, True, False),
             num_heads=4,
             context_dim=96,
+            groups=16,  # 48 channels: GroupNorm of 16 groups of 3 (32 does not divide 48)
         ),
         vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
         text=TextEncoderConfig(width=96, layers=4, heads=4),
