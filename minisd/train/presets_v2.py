@@ -21,6 +21,21 @@ median of 5 (2026-11-27):
     32 (1,2,4)    18.8 MB       1.18         3.19 M + 0.95 M + 5.20 M
     32 (1,2,2)    15.4 MB       1.00         1.51 M + 0.95 M + 5.20 M     bundled-v2-cpu
     v1 bundled    17.0 MB       0.77         (32×32 images, for comparison)
+(those rows have a VAE of width 32; bundled-v2's VAE of width 48 adds 1.18 M parameters, 2.4 MB,
+and 1.6 GFLOP to the one decode per image, against 50 × 1.0 GFLOP of UNet work: 21.4 MB, and
+about 1.55 s by that count, not yet timed on an idle machine.)
+
+The VAE's width was chosen by its round trip: decode(encode(x)) of 300 validation scenes scored
+by `scene_detector` against their full descriptions (`python -m minisd.train.evaluate_scenes
+vae.safetensors --vae-only --count 300`), each VAE trained from scratch on an H100 with
+`train-vae --dataset scenes --batch-size 128 --pool-size 20000`, three runs sharing the GPU:
+    width 32    2,500 steps (100 s alone)   41% (150 scenes)
+    width 32    5,000 steps (385 s)         74.3%
+    width 48    4,000 steps (391 s)         95.7%     bundled-v2
+    width 64    3,000 steps (364 s)         91.0%
+A first LDM run on the width-32 VAE (2,200 steps of batch 256, 237 s, --snr-gamma 5) drew the
+right backgrounds and roughly the right counts, but colour+shape fidelity stayed ≤ 12% at every
+guidance scale: the model needs the better VAE and a much longer run (next session).
 
 These live in the training wing, not in `minisd/config.py`: `training.resolve_config` merges them
 into the presets that `--preset` accepts.
@@ -48,7 +63,8 @@ def bundled_v2(**overrides) -> SDConfig:
             context_dim=96,
             groups=16,  # 48 channels: GroupNorm of 16 groups of 3 (32 does not divide 48)
         ),
-        vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
+        # width 48, not v1's 32: at 64 px the 32-wide VAE blurs small stars and crosses (below)
+        vae=VAEConfig(channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, groups=16),
         text=TextEncoderConfig(width=96, layers=4, heads=4),
         prediction_type="v_prediction",
         image_size=IMAGE_SIZE,
