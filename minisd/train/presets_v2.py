@@ -33,7 +33,7 @@ vae.safetensors --vae-only --count 300`), each VAE trained from scratch on an H1
     width 32    5,000 steps (385 s)         74.3%
     width 48    4,000 steps (391 s)         95.7%     bundled-v2
     width 64    3,000 steps (364 s)         91.0%
-12 of the 13 scenes the width-48 VAE fails hold a small star (side 10 px) that comes back as a
+All 13 scenes the width-48 VAE fails hold a small star (side 10 px) that comes back as a
 pentagon-like blob, which the detector reads as a circle: train longer, or make "small" larger.
 A first LDM run on the width-32 VAE (2,200 steps of batch 256, 237 s, --snr-gamma 5) drew the
 right backgrounds and roughly the right counts, but colour+shape fidelity stayed ≤ 12% at every
