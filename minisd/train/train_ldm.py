@@ -36,6 +36,7 @@ from ..model import StableDiffusion
 from ..pipeline import noise_schedule
 from ..weights.minisd_file import save
 from . import training as T
+from .scene_language import caption_vocabulary as scene_vocabulary
 from .shapes_dataset import caption_vocabulary
 from .train_vae import load_vae
 
@@ -50,6 +51,7 @@ RECIPE = (
     "pool_size",
     "weight_decay",
     "snr_gamma",
+    "dataset",
 )
 SAMPLE_PROMPTS = (
     "a large red circle in the center",
@@ -65,6 +67,20 @@ SAMPLE_PROMPTS = (
     "a large blue circle on the left",
     "a small yellow square at the top",
     "a large magenta triangle on the right",
+)
+SAMPLE_PROMPTS_V2 = (  # --dataset scenes; the last four state held-out elements (scenes.py)
+    "a green circle",
+    "two red stars",
+    "a large blue ring in the top left corner",
+    "a small yellow square at the bottom on a black background",
+    "a purple cross left of a cyan triangle",
+    "an orange star above a pink circle on stripes",
+    "three green squares on a gradient",
+    "a red circle, a blue square and a yellow star",
+    "a large red ring in the center",
+    "three yellow stars",
+    "a pink circle above a green square",
+    "two blue rings on a white background",
 )
 
 
@@ -161,6 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight the loss by Min-SNR-γ (e.g. 5; faster convergence); default: plain MSE",
     )
     p.add_argument("--seed", type=int, default=0)
+    T.add_dataset_argument(p)
     p.add_argument(
         "--pool-size",
         type=int,
@@ -227,8 +244,10 @@ def setup(args, dist: T.Distributed):
         if args.prediction_type:
             config.prediction_type = args.prediction_type
     T.check_model_fits(config, config.image_size)
+    T.check_dataset(args.dataset, config.image_size)
     # the saved model's card names the words of its captions (card.py: unknown words are reported)
-    config.card = dataclasses.replace(config.card, vocabulary=caption_vocabulary())
+    vocabulary = scene_vocabulary() if args.dataset == "scenes" else caption_vocabulary()
+    config.card = dataclasses.replace(config.card, vocabulary=vocabulary)
     if not 0.0 <= args.cfg_dropout < 1.0:
         raise T.UsageError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
@@ -289,7 +308,7 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     # captions).
     began_setup = time.time()
     pool, captions = T.render_pool(
-        config.image_size, args.pool_size, args.seed, "train", args.workers
+        config.image_size, args.pool_size, args.seed, "train", args.workers, dataset=args.dataset
     )
     pool_mean, pool_std = encode_pool(sd, pool, device)
     distinct = sorted(set(captions))
@@ -327,20 +346,22 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
                 ),
             )
 
+    prompts = SAMPLE_PROMPTS_V2 if args.dataset == "scenes" else SAMPLE_PROMPTS
+
     def sample_grid(step):
         if dist.is_main and args.sample_every > 0:
             with ema.swapped_in(denoiser):
                 denoiser.eval()
                 images = sd.generate(
-                    list(SAMPLE_PROMPTS),
+                    list(prompts),
                     steps=args.sample_steps,
                     guidance_scale=args.guidance,
-                    seed=list(range(len(SAMPLE_PROMPTS))),
+                    seed=list(range(len(prompts))),
                     output_type="tensor",
                 )
                 denoiser.train()
             T.save_image_grid(
-                images * 2 - 1, out / f"samples_{step:06d}.png", columns=len(SAMPLE_PROMPTS) // 2
+                images * 2 - 1, out / f"samples_{step:06d}.png", columns=len(prompts) // 2
             )
 
     progress = T.progress_bar(args, dist, start, "train")

@@ -45,6 +45,7 @@ RECIPE = (
     "pool_size",
     "warmup",
     "image_size",
+    "dataset",
 )
 
 
@@ -55,7 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="folder for checkpoint.pt, vae.safetensors, loss.jsonl, samples",
     )
-    p.add_argument("--preset", default=None, help="architecture preset (default: bundled)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="architecture preset (default: bundled, or bundled-v2 with --dataset scenes)",
+    )
     p.add_argument(
         "--config", default=None, help="an SDConfig as a JSON file (instead of --preset)"
     )
@@ -72,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mse-weight", type=float, default=1.0)
     p.add_argument("--edge-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    T.add_dataset_argument(p)
     p.add_argument(
         "--pool-size", type=int, default=20000, help="images rendered once and drawn from"
     )
@@ -189,9 +195,11 @@ def setup(args, dist):
                     f"({config.vae}) than the one asked for ({asked.vae})"
                 )
     else:
-        config = T.resolve_config(args.preset or "bundled", args.config)
+        default = "bundled-v2" if args.dataset == "scenes" else "bundled"
+        config = T.resolve_config(args.preset or default, args.config)
     args.image_size = args.image_size or config.image_size
     T.check_model_fits(config, args.image_size)
+    T.check_dataset(args.dataset, args.image_size)
     T.check_run_settings(args, dist)
     return config, state
 
@@ -214,7 +222,9 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    pool, _ = T.render_pool(args.image_size, args.pool_size, args.seed, "train", args.workers)
+    pool, _ = T.render_pool(
+        args.image_size, args.pool_size, args.seed, "train", args.workers, dataset=args.dataset
+    )
     pool = pool.to(device)
     preview = T.to_model_range(pool[:16])
     latent_size = args.image_size // vae.downscale

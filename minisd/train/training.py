@@ -154,9 +154,12 @@ def resolve_config(preset: Optional[str], config_file: Optional[str]):
             return config_from_json_or_error(text, f"config file {config_file}")
         except json.JSONDecodeError as error:
             raise UsageError(f"config file {config_file} is not JSON: {error}") from None
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]()
+    from .presets_v2 import PRESETS_V2  # the v2 world's presets live in the training wing
+
+    presets = {**PRESETS, **PRESETS_V2}
+    if preset not in presets:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    return presets[preset]()
 
 
 def pick_device(name: str) -> torch.device:
@@ -479,6 +482,39 @@ def save_image_grid(images: torch.Tensor, path, columns: int = 8, scale: int = 2
 # ---------------------------------------------------------------- data
 
 
+DATASETS = ("shapes", "scenes")  # v1: one or two shapes on grey; v2: the scenes world
+
+
+def add_dataset_argument(p) -> None:
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="shapes",
+        help="shapes: v1 coloured shapes (32 px); scenes: the v2 world (64 px, train/scenes.py)",
+    )
+
+
+def open_dataset(kind: str, image_size: int, seed: int, length: int, split: str = "train"):
+    """The training set `kind` of DATASETS; item i is a pure function of (seed, split, i)."""
+    if kind == "scenes":
+        from .scenes import ScenesConfig, ScenesDataset
+
+        return ScenesDataset(ScenesConfig(image_size=image_size, seed=seed, length=length), split)
+    if kind != "shapes":
+        raise UsageError(f"unknown dataset {kind!r}; choose one of {DATASETS}")
+    from .shapes_dataset import ShapesConfig, ShapesDataset
+
+    return ShapesDataset(ShapesConfig(image_size=image_size, seed=seed, length=length), split)
+
+
+def check_dataset(kind: str, image_size: int) -> None:
+    """UsageError unless `kind` can be rendered at `image_size` (before any work is done)."""
+    try:
+        open_dataset(kind, image_size, seed=0, length=1)
+    except ValueError as error:
+        raise UsageError(f"--dataset {kind} at image size {image_size}: {error}") from None
+
+
 def render_pool(
     image_size: int,
     count: int,
@@ -486,8 +522,9 @@ def render_pool(
     split: str = "train",
     workers: int = 0,
     shard: tuple[int, int] = (0, 1),
+    dataset: str = "shapes",
 ) -> tuple[torch.Tensor, list[str]]:
-    """Items i ≡ shard[0] (mod shard[1]) of the first `count` of a shapes split: (uint8 [n, 3, H,
+    """Items i ≡ shard[0] (mod shard[1]) of the first `count` of a dataset split: (uint8 [n, 3, H,
     W], captions).
 
     Rendering costs ~2 ms per image on one core, so training steps draw from this fixed pool instead
@@ -495,9 +532,7 @@ def render_pool(
     little repetition.
     """
     indices = list(range(shard[0], count, shard[1]))
-    dataset = ShapesDataset(
-        ShapesConfig(image_size=image_size, seed=seed, length=max(count, 1)), split
-    )
+    dataset = open_dataset(dataset, image_size, seed, max(count, 1), split)
     if workers > 1 and len(indices) > 1000:
         chunks = [indices[i::workers] for i in range(workers)]
         with mp.get_context("fork").Pool(workers) as pool:
@@ -516,9 +551,13 @@ def render_pool(
 def _render_items(dataset, indices):
     images, captions = [], []
     for index in indices:
-        image, spec = dataset.image_at(index)
+        if hasattr(dataset, "image_and_caption"):  # the v2 scenes world
+            image, text = dataset.image_and_caption(index)
+        else:
+            image, spec = dataset.image_at(index)
+            text = caption(spec)
         images.append(image)
-        captions.append(caption(spec))
+        captions.append(text)
     return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8), captions
 
 
