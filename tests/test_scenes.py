@@ -382,7 +382,7 @@ def test_pool_renders_the_scenes_world_and_bad_sizes_are_refused():
 
 def test_v2_presets_fit_the_budget(tmp_path):
     import minisd
-    from minisd.model import StableDiffusion, save
+    from minisd import StableDiffusion, save
     from minisd.train.presets_v2 import PRESETS_V2
 
     for name, preset in PRESETS_V2.items():
