@@ -369,11 +369,13 @@ def test_bad_input_is_refused_with_status_2(small_config, tmp_path, capsys):
 # ---------------------------------------------------------------- the bundled weights
 
 
-@pytest.mark.skipif(not BUNDLED_CLIP.exists(), reason="no bundled tiny CLIP yet")
-def test_bundled_tiny_clip_classifies_colour_and_shape_zero_shot():
+def test_bundled_tiny_clip_classifies_zero_shot():
     clip = load_tiny_clip()
+    assert clip.config == TinyCLIPConfig()
     images, specs = clip_eval.render_split("val", 120, 32, seed=99, two_object_prob=0.0)
-    report = clip_eval.zero_shot_report(clip, images, specs, ("colour", "shape"))
-    # measured ≥ 0.95 on 500 images (README model card); 120 fixed images at that rate miss
-    # more than 12% (15 images) with a probability below 1e-5 (binomial tail)
-    assert report["colour"] >= 0.88 and report["shape"] >= 0.88, report
+    report = clip_eval.zero_shot_report(clip, images, specs)
+    # Measured on these 120 fixed images: colour 97.5%, shape 97.5%, size and position 100% (and on
+    # 1,000 images: the README's model card). Chance is 17% / 33% / 50% / 20%: a broken tower,
+    # pooling or tokenizer falls far below 90%, while another CPU's rounding can only flip the few
+    # images whose two best classes nearly tie (well under the 9 that 90% leaves room for).
+    assert min(report.values()) >= 0.9, report
