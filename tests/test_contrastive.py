@@ -15,7 +15,6 @@ import torch
 from minisd.__main__ import main as cli
 from minisd.clip import TextEncoderConfig
 from minisd.contrastive import (
-    BUNDLED_CLIP,
     ImageTowerConfig,
     TinyCLIP,
     TinyCLIPConfig,
@@ -379,3 +378,82 @@ def test_bundled_tiny_clip_classifies_zero_shot():
     # pooling or tokenizer falls far below 90%, while another CPU's rounding can only flip the few
     # images whose two best classes nearly tie (well under the 9 that 90% leaves room for).
     assert min(report.values()) >= 0.9, report
+
+
+# ---------------------------------------------------------------- the chapter's graded tasks
+
+
+def reference_infonce(image_embeddings, text_embeddings, logit_scale):
+    u = torch.nn.functional.normalize(image_embeddings, dim=-1)
+    v = torch.nn.functional.normalize(text_embeddings, dim=-1)
+    logits = logit_scale * u @ v.T
+    targets = torch.arange(len(logits))
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, targets) + ce(logits.T, targets)) / 2
+
+
+def rows_only_infonce(image_embeddings, text_embeddings, logit_scale):
+    u = torch.nn.functional.normalize(image_embeddings, dim=-1)
+    v = torch.nn.functional.normalize(text_embeddings, dim=-1)
+    logits = logit_scale * u @ v.T
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits)))
+
+
+def no_temperature_infonce(image_embeddings, text_embeddings, logit_scale):
+    return reference_infonce(image_embeddings, text_embeddings, torch.tensor(1.0))
+
+
+def detached_infonce(image_embeddings, text_embeddings, logit_scale):
+    return reference_infonce(image_embeddings, text_embeddings, logit_scale).detach()
+
+
+def reference_zero_shot(image_embeddings, prompt_embeddings, prompt_class, num_classes):
+    sums = torch.zeros(num_classes, prompt_embeddings.shape[1])
+    sums = sums.index_add(0, prompt_class, prompt_embeddings)
+    return (image_embeddings @ torch.nn.functional.normalize(sums, dim=-1).T).argmax(dim=1)
+
+
+def nearest_prompt_zero_shot(image_embeddings, prompt_embeddings, prompt_class, num_classes):
+    return prompt_class[(image_embeddings @ prompt_embeddings.T).argmax(dim=1)]
+
+
+def unnormalized_mean_zero_shot(image_embeddings, prompt_embeddings, prompt_class, num_classes):
+    sums = torch.zeros(num_classes, prompt_embeddings.shape[1])
+    sums = sums.index_add(0, prompt_class, prompt_embeddings)
+    means = sums / torch.bincount(prompt_class, minlength=num_classes)[:, None]
+    return (image_embeddings @ means.T).argmax(dim=1)
+
+
+def grade_in_process(task_name, fn, seed):
+    """Run one chapter-13 check on `fn` as the grader does (same Context), without a kernel."""
+    from minisd.course.checks import CheckFailed, Context
+    from minisd.course.checks.ch13_contrastive import TASKS
+
+    task = next(t for t in TASKS if t.name == task_name)
+    try:
+        task.check(Context(task_name, fn, seed))
+    except CheckFailed as failure:
+        return str(failure)
+    return None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_chapter_tasks_pass_with_the_reference(seed):
+    assert grade_in_process("symmetric_infonce", reference_infonce, seed) is None
+    assert grade_in_process("zero_shot_predict", reference_zero_shot, seed) is None
+
+
+@pytest.mark.parametrize(
+    "task, wrong, message",
+    [
+        ("symmetric_infonce", rows_only_infonce, "only asks each image to find its caption"),
+        ("symmetric_infonce", no_temperature_infonce, "miss the temperature"),
+        ("symmetric_infonce", detached_infonce, "not connected to its inputs"),
+        ("zero_shot_predict", nearest_prompt_zero_shot, "nearest single prompt"),
+        ("zero_shot_predict", unnormalized_mean_zero_shot, "not renormalized to unit length"),
+    ],
+)
+def test_chapter_tasks_fail_wrong_variants_with_a_useful_message(task, wrong, message):
+    for seed in range(4):
+        failure = grade_in_process(task, wrong, seed)
+        assert failure is not None and message in failure, (seed, failure)
