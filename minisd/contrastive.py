@@ -29,9 +29,9 @@ tokens 0 … i, so EOS, the last token of every caption, is the only position th
 it.
 
 The default sizes fit 32×32 images: a 4-layer ViT of width 128 on 8×8 patches (a 4×4 grid of
-them: 4×4 patches cost 4× the compute and did no better in a 165-second GPU run), the bundled
-diffusion model's 3-layer text tower of width 64, and a 64-dimensional shared space. The weights in
-minisd/assets/tiny_clip.safetensors (float16, 8.3 MB) load with `load_tiny_clip()`.
+them: 4×4 patches cost 4× the compute and did no better overall; see the README's model card), the
+bundled diffusion model's 3-layer text tower of width 64, and a 64-dimensional shared space. The
+weights in minisd/assets/tiny_clip.safetensors (float16, 8.3 MB) load with `load_tiny_clip()`.
 """
 
 from __future__ import annotations
