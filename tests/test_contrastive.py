@@ -351,6 +351,59 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(small_config, tmp_pa
     assert loaded.config == SMALL
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_ddp_two_processes_match_one_process_on_the_full_batch(small_config, tmp_path):
+    """2 gloo processes × 4 pairs gather their embeddings into one 8×8 loss: the same step as one
+    process with batch 8 (all_gather sums the gradient over processes, DDP averages it)."""
+    import os
+    import subprocess
+    import sys
+
+    import minisd
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(minisd.__file__).parents[1]),
+    }
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "minisd",
+            *train_args(small_config, tmp_path / "two", 2),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    assert cli(train_args(small_config, tmp_path / "one", 2)) == 0  # one thread (fixture)
+    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    # The same sums split over two processes: float32 reassociation only, ~1e-7 relative, and
+    # AdamW's first steps move each weight by about lr whatever the gradient's size: 1e-5 / 1e-6.
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    two_log = T.read_loss_log(tmp_path / "two" / "loss.jsonl")
+    one_log = T.read_loss_log(tmp_path / "one" / "loss.jsonl")
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5)
+
+
 def test_bad_input_is_refused_with_status_2(small_config, tmp_path, capsys):
     assert cli(train_args(small_config, tmp_path / "a", 2, "--batch-size", "1")) == 2
     assert "--batch-size must be >= 2" in capsys.readouterr().err
