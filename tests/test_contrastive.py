@@ -312,23 +312,11 @@ def small_config(tmp_path_factory) -> Path:
 
 
 def train_args(config, out, steps, *extra):
-    return [
-        "train-clip",
-        "--out",
-        str(out),
-        "--config",
-        str(config),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "8",
-        "--pool-size",
-        "200",
-        "--warmup",
-        "2",
-        *QUIET,
-        *extra,
-    ]
+    """A tiny run; a resumed run takes its config from the checkpoint, so it passes no --config."""
+    architecture = [] if "--resume" in extra else ["--config", str(config)]
+    recipe = ["--batch-size", "8", "--pool-size", "200", "--warmup", "2"]
+    return ["train-clip", "--out", str(out), *architecture, "--steps", str(steps), *recipe,
+            *QUIET, *extra]
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(small_config, tmp_path):
@@ -415,6 +403,10 @@ def test_bad_input_is_refused_with_status_2(small_config, tmp_path, capsys):
     torch.save({"kind": "ldm"}, other)
     assert cli(train_args(small_config, tmp_path / "c", 2, "--resume", str(other))) == 2
     assert "not a clip training checkpoint" in capsys.readouterr().err
+    # with --resume, --config is refused (the checkpoint holds the config)
+    with_config = ["--config", str(small_config), "--resume", str(other)]
+    assert cli(train_args(small_config, tmp_path / "d", 2, *with_config)) == 2
+    assert "drop --config" in capsys.readouterr().err
     assert not (tmp_path / "c" / "checkpoint.pt").exists()
 
 

@@ -136,6 +136,8 @@ def setup(args, dist: T.Distributed):
     """Every check that can fail, before any work: returns (config, checkpoint state or None)."""
     state = None
     if args.resume:
+        if args.config:
+            raise T.UsageError("--resume continues with the checkpoint's own config: drop --config")
         state = T.load_checkpoint(args.resume, KIND)
         config = TinyCLIPConfig.from_json(state["config"])
         for key in RECIPE:
