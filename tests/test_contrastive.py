@@ -24,6 +24,7 @@ from minisd.contrastive import (
 )
 from minisd.train import clip_eval
 from minisd.train import training as T
+from minisd.train.shapes_dataset import COLOURS
 from minisd.train.train_clip import distinct_caption_batch
 from minisd.weights.keymap import TRANSFORMERS_CLIP, rename_state_dict
 
@@ -502,3 +503,31 @@ def test_chapter_tasks_fail_wrong_variants_with_a_useful_message(task, wrong, me
     for seed in range(4):
         failure = grade_in_process(task, wrong, seed)
         assert failure is not None and message in failure, (seed, failure)
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def test_recall_at_k_counts_ranks_by_hand():
+    # rows: image i; columns: captions. Row 0's match ranks 1st, row 1's 2nd, row 2's 3rd.
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.7, 0.6, 0.2]])
+    found = clip_eval.recall_at_k(similarity, ks=(1, 2, 3))
+    assert found == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0}, rel=1e-6)  # float32 means
+    # a tie with another column counts against the match
+    assert clip_eval.recall_at_k(torch.ones(2, 2), ks=(1,)) == {1: 0.0}
+
+
+def test_zero_shot_classes_are_prompt_ensembles():
+    prompts = clip_eval.attribute_prompts("colour")
+    assert list(prompts) == list(COLOURS)
+    # every single-object caption with that colour: 3 shapes × 2 sizes × 5 positions
+    for colour, texts in prompts.items():
+        assert len(texts) == 30 and all(f" {colour} " in text for text in texts)
+    assert len(clip_eval.two_object_captions()) == len(set(clip_eval.two_object_captions())) == 5184
+
+
+def test_evaluation_command_refuses_bad_input(tmp_path, capsys):
+    assert clip_eval.main(["--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no tiny CLIP file" in capsys.readouterr().err
+    assert clip_eval.main(["--count", "0"]) == 2
+    assert "--count must be >= 1" in capsys.readouterr().err

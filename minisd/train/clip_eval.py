@@ -88,7 +88,7 @@ def recall_at_k(similarity: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """similarity [N, N], row i's match in column i: fraction of rows whose match ranks in the top
     K. Ties count against the match (it must beat every other column strictly)."""
     own = similarity.diagonal().unsqueeze(1)
-    rank = (similarity > own).sum(dim=1)  # how many columns beat the match
+    rank = (similarity >= own).sum(dim=1) - 1  # columns that beat or tie the match (itself aside)
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
