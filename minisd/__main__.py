@@ -38,6 +38,7 @@ COMMANDS = {
         "measure prompt fidelity of a model on the coloured-shapes prompts",
     ),
     "finetune": ("minisd.train.finetune", "teach a model a new concept with a LoRA adapter"),
+    "train-clip": ("minisd.train.train_clip", "pretrain a tiny CLIP contrastively on shapes"),
 }
 
 

@@ -1,0 +1,183 @@
+"""Chapter 13 (contrastive pretraining): the symmetric InfoNCE loss and a zero-shot classifier."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from minisd.contrastive import contrastive_loss
+
+from . import Task
+
+TITLE = "Contrastive pretraining (a tiny CLIP)"
+GOALS = [
+    "Derive CLIP's symmetric InfoNCE loss as two N-way classifications over a batch of pairs.",
+    "Say what the learned temperature does, and why CLIP starts it at 0.07 and caps 1/T at 100.",
+    "Explain why the [EOS] token's final state is the sentence embedding of a causal text encoder.",
+    "Train a tiny CLIP on a CPU, and classify images zero-shot with prompt ensembles.",
+]
+
+
+def _loss_of(u, v, scale):
+    return contrastive_loss(scale * F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).T)
+
+
+def check_infonce(ctx):
+    def run(label, n, d, scale):
+        u, v = ctx.randn(n, d, scale=ctx.uniform(0.5, 3.0)), ctx.randn(n, d)
+        if ctx.integer(0, 1):
+            v = v + 2 * u  # partly aligned pairs: the loss is then well below ln N
+        scale_tensor = torch.tensor(scale)
+        expected = _loss_of(u, v, scale)
+        un, vn = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
+        targets = torch.arange(n)
+        one_way = (
+            "your loss only asks each {} to find its {} ({}); the symmetric loss averages the "
+        )
+        one_way += "two directions"
+        mistakes = {
+            one_way.format("image", "caption", "rows"): F.cross_entropy(scale * un @ vn.T, targets),
+            one_way.format("caption", "image", "columns"): F.cross_entropy(
+                scale * vn @ un.T, targets
+            ),
+            "your logits miss the temperature: multiply the cosine similarities by logit_scale": (
+                _loss_of(u, v, 1.0)
+            ),
+            "your logits divide by logit_scale: it is 1/T already, so multiply": (
+                _loss_of(u, v, 1.0 / scale)
+            ),
+            "your logits use unnormalized embeddings: CLIP's logits are cosine similarities": (
+                contrastive_loss(scale * u @ v.T)
+            ),
+            "your loss adds the two cross-entropies: take their mean": 2 * expected,
+        }
+        with ctx.case(label):
+            got = ctx.expect_tensor(ctx.call(u, v, scale_tensor), "the loss")
+            if got.numel() != 1:
+                ctx.fail(f"the loss should be a single number, got shape {tuple(got.shape)}")
+            ctx.expect_close(
+                got.reshape(()).float(),
+                expected,
+                what="loss",
+                atol=1e-5,
+                rtol=1e-4,
+                mistakes=mistakes,
+            )
+
+    n = ctx.integer(3, 12)
+    run(f"{n} pairs of 8-dim embeddings, logit_scale 1/0.07", n, 8, 1 / 0.07)
+    n, d = ctx.integer(2, 16), ctx.choice([4, 16, 32])
+    scale = ctx.uniform(5.0, 100.0)
+    run(f"{n} pairs of {d}-dim embeddings, logit_scale {scale:.3g}", n, d, scale)
+
+    # The loss must stay differentiable: the towers and the temperature learn through it.
+    with ctx.case("gradients reach the embeddings and the temperature"):
+        n = ctx.integer(3, 8)
+        u, v = ctx.randn(n, 8), ctx.randn(n, 8)
+        log_scale = torch.tensor(2.659)
+        for tensor in (u, v, log_scale):
+            tensor.requires_grad_(True)
+        got = ctx.expect_tensor(ctx.call(u, v, log_scale.exp()), "the loss")
+        if not got.requires_grad:
+            ctx.fail(
+                "the loss is not connected to its inputs: no .item(), .detach() or torch.no_grad()"
+            )
+        got.reshape(()).backward()
+        expected_grads = torch.autograd.grad(_loss_of(u, v, log_scale.exp()), (u, v, log_scale))
+        for name, tensor, expected in zip(
+            ("image embeddings", "text embeddings", "log scale"), (u, v, log_scale), expected_grads
+        ):
+            if tensor.grad is None:
+                ctx.fail(f"the loss has no gradient with respect to the {name}")
+            ctx.expect_close(
+                tensor.grad, expected, what=f"gradient of the {name}", atol=1e-5, rtol=1e-3
+            )
+
+
+def _predict(u, v, prompt_class, classes, ensemble="normalized_sum"):
+    weights = torch.zeros(classes, v.shape[1]).index_add_(0, prompt_class, v)
+    if ensemble == "normalized_sum":
+        weights = F.normalize(weights, dim=-1)
+    elif ensemble == "mean":
+        counts = torch.bincount(prompt_class, minlength=classes).clamp(min=1)
+        weights = weights / counts[:, None]
+    return (u @ weights.T).argmax(dim=1)
+
+
+def check_zero_shot(ctx):
+    unequal, equal = "some classes with more prompts than others", "two prompts per class"
+    for label_kind in (unequal, equal, unequal):
+        classes, d, n = ctx.integer(3, 6), ctx.choice([8, 16]), ctx.integer(40, 80)
+        if label_kind == equal:
+            prompt_class = torch.arange(classes).repeat_interleave(2)
+        else:
+            counts = [ctx.integer(1, 6) for _ in range(classes)]
+            prompt_class = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
+        prompt_class = prompt_class[torch.randperm(len(prompt_class), generator=ctx.generator)]
+        # Prompts scatter around a per-class direction (like the captions of one colour), some
+        # classes tightly, some loosely: then a forgotten renormalization changes predictions.
+        centres = ctx.randn(classes, d)
+        spread = torch.tensor([ctx.uniform(0.2, 2.0) for _ in range(classes)])
+        noise = spread[prompt_class, None] * ctx.randn(len(prompt_class), d)
+        v = F.normalize(centres[prompt_class] + noise, dim=-1)
+        u = F.normalize(
+            centres[torch.randint(classes, (n,), generator=ctx.generator)] + 1.2 * ctx.randn(n, d),
+            dim=-1,
+        )
+        expected = _predict(u, v, prompt_class, classes)
+        nearest_prompt = prompt_class[(u @ v.T).argmax(dim=1)]
+        wrong = {
+            "you pick the class of the nearest single prompt; average each class's prompts first "
+            "(prompt ensembling), then pick the nearest class": nearest_prompt,
+            "your class embeddings are means of the prompts, not renormalized to unit length: "
+            "classes whose prompts disagree get shorter vectors and lose unfairly": _predict(
+                u, v, prompt_class, classes, ensemble="mean"
+            ),
+            "your class embeddings are sums of the prompts, not renormalized: classes with more "
+            "prompts win more often": _predict(u, v, prompt_class, classes, ensemble="sum"),
+        }
+        with ctx.case(f"{n} images, {classes} classes, {len(prompt_class)} prompts ({label_kind})"):
+            got = ctx.expect_tensor(ctx.call(u, v, prompt_class, classes), "the predictions")
+            if tuple(got.shape) != (n,):
+                ctx.fail(
+                    f"expected one class index per image, shape ({n},), got {tuple(got.shape)}"
+                )
+            if got.dtype not in (torch.int64, torch.int32):
+                ctx.fail(f"expected integer class indices (argmax), got dtype {got.dtype}")
+            bad = (got.long() != expected).nonzero().flatten().tolist()
+            if bad:
+                notes = [text for text, answer in wrong.items() if torch.equal(got.long(), answer)]
+                i = bad[0]
+                ctx.fail(
+                    f"{len(bad)} of {n} predictions differ (image {i}: predicted class "
+                    f"{int(got[i])}, expected {int(expected[i])})"
+                    + (f"; {notes[0]}" if notes else "")
+                )
+
+
+TASKS = [
+    Task(
+        "symmetric_infonce",
+        "(image_embeddings, text_embeddings, logit_scale)",
+        "CLIP's loss for a batch of N pairs: image_embeddings and text_embeddings are [N, D] "
+        "(row i of each is a pair, not necessarily unit length), logit_scale a 0-dim tensor "
+        "s = 1/T. Normalize both, form the [N, N] logits s·u·vᵀ, and return the mean of the two "
+        "cross-entropies (images choosing captions, captions choosing images), a 0-dim tensor that "
+        "gradients flow through.",
+        check_infonce,
+        "random batch sizes, embedding widths, logit scales from 5 to 100, unaligned and partly "
+        "aligned pairs; the gradients with respect to both embeddings and the scale.",
+    ),
+    Task(
+        "zero_shot_predict",
+        "(image_embeddings, prompt_embeddings, prompt_class, num_classes)",
+        "Zero-shot classification with prompt ensembles: image_embeddings [N, D] and "
+        "prompt_embeddings [P, D] are unit vectors, prompt_class [P] says which of num_classes "
+        "classes each prompt describes. Each class's embedding is the normalized sum of its "
+        "prompts' embeddings; return the LongTensor [N] of the class whose embedding has the "
+        "largest dot product with each image.",
+        check_zero_shot,
+        "random class counts (3 to 6), prompts per class equal and unequal, 40 to 80 images; "
+        "predictions compared one by one.",
+    ),
+]
