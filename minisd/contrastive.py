@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from .checks import check_tensor
 from .clip import CLIPTextEncoder, TextEncoderConfig, TextEncoderLayer
-from .model import atomic_write
+from .files import atomic_write
 
 BUNDLED_CLIP = Path(__file__).with_name("assets") / "tiny_clip.safetensors"
 FORMAT_KEY = "minisd_tiny_clip_config"

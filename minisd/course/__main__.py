@@ -204,7 +204,9 @@ def main(argv=None) -> int:
             parser.error(f"--chapter must be two digits like 01, got {args.chapter!r}")
         if args.jobs < 1 or args.memory_mb < 256:
             parser.error("--jobs must be at least 1 and --memory-mb at least 256")
-        return grading.main(args)
+        from .batch import main as grade_main
+
+        return grade_main(args)
     if args.command == "execute":
         from .execute import main as execute_main
 

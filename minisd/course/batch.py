@@ -9,11 +9,14 @@ grades N notebooks at once, each through its own Grader (its own sandboxes; unde
 so a hostile or broken submission costs at most its own time limits and cannot touch another's. One
 CSV row per student × task (hidden checks included); a summary at the end. The exit status is 0 when
 every student passed every task.
+
+`main` is the `grade` command itself: one notebook (grade.py) or a folder of them (here).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import queue
 import sys
 import time
@@ -21,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .build import chapter_number
-from .grade import Grader, Report, UsageError
+from .grade import Grader, Report, UsageError, format_report
+from .grade import grade as grade_one
+from .sandbox import Limits
 
 FIELDS = ["student", "notebook", "chapter", "task", "check", "status", "message", "seconds"]
 
@@ -177,3 +182,41 @@ def summary(results: list, seconds: float, jobs: int, isolation: str) -> str:
 
 if __name__ == "__main__":
     sys.exit("run: python -m minisd.course grade FOLDER --csv FILE")
+
+def main(args) -> int:
+    try:
+        limits = Limits(memory_mb=args.memory_mb)
+        if Path(args.notebook).is_dir():
+            return grade_folder(args, limits)
+        if args.csv or args.jobs != 1:
+            raise UsageError("--csv and --jobs are for grading a folder of notebooks")
+        report = grade_one(
+            args.notebook,
+            seed=args.seed,
+            timeout=args.timeout,
+            cell_timeout=args.cell_timeout,
+            extra_dir=args.extra_checks,
+            exercises_only=args.exercises_only,
+            fast=not args.full_size,
+            chapter=args.chapter,
+            isolation=args.isolation,
+            limits=limits,
+            notebook_timeout=args.notebook_timeout,
+        )
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - the grader reports, it does not crash
+        report = Report(
+            notebook=str(args.notebook),
+            fatal=True,
+            problems=[f"internal grader error, please report it: {type(error).__name__}: {error}"],
+        )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1

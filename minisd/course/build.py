@@ -414,14 +414,14 @@ you can in a fixed CPU budget, is described in `minisd/course/project.py` and sc
 
 
 def _index(entries: list[tuple[str, str, list]]) -> str:
-    from . import grade
+    from .checks import EXTRA_CHECKS_HELP
 
     rows = "\n".join(
         f"| [{d}]({d}/README.md) | {title} | {', '.join(f'`{t}`' for t in tasks) or '(none)'} |"
         for d, title, tasks in entries
     )
     text = INDEX_TEXT.format(
-        generator=GENERATOR, rows=rows, extra=grade.EXTRA_CHECKS_HELP.strip() + "\n"
+        generator=GENERATOR, rows=rows, extra=EXTRA_CHECKS_HELP.strip() + "\n"
     )
     return text.rstrip() + "\n"
 
@@ -531,7 +531,7 @@ def build_outputs(root: Path, warnings: Optional[list] = None) -> dict[Path, str
         student = student_notebook(notebook, source_name, number, chapter_dir, checks)
         outputs[root / "chapters" / chapter_dir / "assignment.ipynb"] = nbformat.writes(student) + "\n"
         title = title_of(notebook, getattr(checks, "TITLE", slug.replace("_", " ")))
-        from .guide import thinking_exercises
+        from .exercises import thinking_exercises
         outputs[root / "chapters" / chapter_dir / "README.md"] = _readme(number, title, source_name, chapter_dir,
                                                                           checks, chapter_plan(notebook),
                                                                           thinking_exercises(notebook))

@@ -37,34 +37,9 @@ from .build import chapter_number
 from .plan import plan_cells
 from .sandbox import Isolation, Limits, Sandbox, SandboxError
 
-EXTRA_CHECKS_HELP = """\
-## Hidden checks (instructors)
+# the help text lives beside the `extra_check` decorator it documents
+from .checks import EXTRA_CHECKS_HELP  # noqa: E402,F401
 
-`grade --extra-checks DIR` also runs every `*.py` file in DIR (sorted by name), in the grader's own
-process: never where the student's code runs, so a notebook cannot read, patch or skip them. A file
-registers checks for graded tasks with a decorator; each check receives the same context as the
-built-in ones:
-
-    # hidden/ch01_more.py
-    import torch
-    from minisd.attention import attention_math
-    from minisd.course.checks import extra_check
-
-    @extra_check("scaled_dot_product_attention")
-    def long_sequences(ctx):
-        q, k, v = (ctx.randn(1, 2, 300, 8) for _ in range(3))
-        got = ctx.call(q, k, v)                   # the student's function, run in the sandbox
-        ctx.expect_close(got, attention_math(q, k, v)[0], what="output for 300 tokens")
-
-Each hidden check is reported as its own line (`task [file.py::function]`) and counts towards the
-score. One folder may hold checks for every chapter: only those for the graded notebook's tasks run.
-A task name that no chapter has (a typo) makes the file fail to load, reported as a grader error.
-`ctx` offers `randn(*shape)`, `rand`, `randint(low, high, shape)`, `integer(low, high)`,
-`choice(options)`, `call(*args, **kwargs)`, `expect_close(got, expected, what=, atol=, rtol=,
-mistakes={explanation: tensor})`, `fail(message)` and `case(label)` (a context manager that prefixes
-failure messages). Compute expected values from minisd at grading time; never write them into the
-file. Build modules you pass to `call` with `ctx.module(cls, *args)` (the sandbox rebuilds them from
-the class, its arguments and the state_dict). Failure messages you write appear in the report."""
 
 # a cell's reply may lag its own alarm this long (a busy machine) before the sandbox is killed
 GRACE_SECONDS = 5.0
@@ -627,44 +602,3 @@ def format_report(report: Report) -> str:
     else:
         lines.append("Not graded.")
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    try:
-        limits = Limits(memory_mb=args.memory_mb)
-        if Path(args.notebook).is_dir():
-            from .batch import grade_folder
-
-            return grade_folder(args, limits)
-        if args.csv or args.jobs != 1:
-            raise UsageError("--csv and --jobs are for grading a folder of notebooks")
-        report = grade(
-            args.notebook,
-            seed=args.seed,
-            timeout=args.timeout,
-            cell_timeout=args.cell_timeout,
-            extra_dir=args.extra_checks,
-            exercises_only=args.exercises_only,
-            fast=not args.full_size,
-            chapter=args.chapter,
-            isolation=args.isolation,
-            limits=limits,
-            notebook_timeout=args.notebook_timeout,
-        )
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 1
-    except Exception as error:  # noqa: BLE001 - the grader reports, it does not crash
-        report = Report(
-            notebook=str(args.notebook),
-            fatal=True,
-            problems=[f"internal grader error, please report it: {type(error).__name__}: {error}"],
-        )
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
-    else:
-        print(format_report(report))
-    return 0 if report.ok else 1

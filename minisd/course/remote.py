@@ -23,26 +23,19 @@ from typing import Optional
 import torch
 
 from . import wire
-from .checks import CheckFailed, NotAttempted, StudentError, _clean
+from .outcomes import (  # noqa: F401 (re-exported)
+    CheckFailed,
+    NotAttempted,
+    SandboxLost,
+    StudentError,
+    TaskTimeout,
+    _clean,
+)
 from .sandbox import SandboxDied, SandboxError, SandboxTimeout
 
 # after the worker's own alarm: time for it to unwind and send "timed out" on a busy machine
 GRACE_SECONDS = 3.0
 DESCRIBE_SECONDS = 15.0
-
-
-class TaskTimeout(BaseException):
-    """The student's code ran past the check's time budget (a BaseException, so no check swallows
-    it)."""
-
-    def __init__(self, seconds: float):
-        super().__init__(f"{seconds:g} s")
-        self.seconds = seconds
-
-
-class SandboxLost(Exception):
-    """The sandbox died, broke the protocol or stopped answering during a check: this check is
-    'crashed'."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..contrastive import TinyCLIP, load_tiny_clip
-from ..model import atomic_write
+from ..files import atomic_write
 from .shapes_dataset import (
     COLOURS,
     POSITIONS,

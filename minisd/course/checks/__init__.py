@@ -14,7 +14,7 @@ inputs to the sandbox that ran the notebook and gets back plain values (remote.p
     | grader error
 
 Instructors' hidden checks (`grade --extra-checks DIR`) use the same toolkit; see `extra_check` and
-EXTRA_CHECKS_HELP in grade.py. They are loaded in the grader too: their source and expected values
+EXTRA_CHECKS_HELP below. They are loaded in the grader too: their source and expected values
 never reach a sandbox.
 """
 
@@ -34,7 +34,45 @@ from typing import Callable, Optional
 
 import torch
 
+from ..outcomes import (  # noqa: F401 (re-exported: checks raise them)
+    CheckFailed,
+    NotAttempted,
+    SandboxLost,
+    StudentError,
+    TaskTimeout,
+    _clean,
+)
 from ..wire import Unsupported
+
+
+EXTRA_CHECKS_HELP = """\
+## Hidden checks (instructors)
+
+`grade --extra-checks DIR` also runs every `*.py` file in DIR (sorted by name), in the grader's own
+process: never where the student's code runs, so a notebook cannot read, patch or skip them. A file
+registers checks for graded tasks with a decorator; each check receives the same context as the
+built-in ones:
+
+    # hidden/ch01_more.py
+    import torch
+    from minisd.attention import attention_math
+    from minisd.course.checks import extra_check
+
+    @extra_check("scaled_dot_product_attention")
+    def long_sequences(ctx):
+        q, k, v = (ctx.randn(1, 2, 300, 8) for _ in range(3))
+        got = ctx.call(q, k, v)                   # the student's function, run in the sandbox
+        ctx.expect_close(got, attention_math(q, k, v)[0], what="output for 300 tokens")
+
+Each hidden check is reported as its own line (`task [file.py::function]`) and counts towards the
+score. One folder may hold checks for every chapter: only those for the graded notebook's tasks run.
+A task name that no chapter has (a typo) makes the file fail to load, reported as a grader error.
+`ctx` offers `randn(*shape)`, `rand`, `randint(low, high, shape)`, `integer(low, high)`,
+`choice(options)`, `call(*args, **kwargs)`, `expect_close(got, expected, what=, atol=, rtol=,
+mistakes={explanation: tensor})`, `fail(message)` and `case(label)` (a context manager that prefixes
+failure messages). Compute expected values from minisd at grading time; never write them into the
+file. Build modules you pass to `call` with `ctx.module(cls, *args)` (the sandbox rebuilds them from
+the class, its arguments and the state_dict). Failure messages you write appear in the report."""
 
 
 @dataclass
@@ -63,26 +101,6 @@ class Task:
         }
 
 
-class CheckFailed(Exception):
-    """The student's function returned a wrong result; the message says how."""
-
-
-class NotAttempted(Exception):
-    """The student's function still raises NotImplementedError."""
-
-
-class StudentError(Exception):
-    """The student's function raised: the exception's type and text and the line of the student's
-    code, as the sandbox described them (text only; the exception object never leaves the sandbox).
-    """
-
-    def __init__(self, ename: str, evalue: str, where: str):
-        where = f" ({where})" if where else ""
-        super().__init__(
-            f"{_clean(ename, 80)}: {_clean(evalue)}{_clean(where, 200)}"
-            if evalue
-            else f"{_clean(ename, 80)}{_clean(where, 200)}"
-        )
 
 
 # ------------------------------------------------------------------ numbers and messages
@@ -530,7 +548,6 @@ def _standard_torch_state():
 def evaluate(name: str, signature: str, check: Callable, remote, seed: int) -> dict:
     """Run one check against the student's function behind `remote` and describe the outcome. Never
     raises (except KeyboardInterrupt): whatever the sandbox does ends as one result."""
-    from ..remote import SandboxLost, TaskTimeout
 
     result = {"task": name, "seed": seed}
     start = time.perf_counter()
@@ -583,10 +600,3 @@ def evaluate(name: str, signature: str, check: Callable, remote, seed: int) -> d
     finally:
         result["seconds"] = round(time.perf_counter() - start, 3)
     return result
-
-
-def _clean(text, limit: int = 400) -> str:
-    """One printable line: text from the sandbox ends up in reports, CSV files and terminals."""
-    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + " …"
