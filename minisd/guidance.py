@@ -50,7 +50,7 @@ class Conditioning:
     def part_rows(self) -> torch.Tensor:
         """Indices (into the UNet batch) of the part rows."""
         start = self.num_images if self.has_uncond else 0
-        return torch.arange(start, len(self.row_image))
+        return torch.arange(start, len(self.row_image), device=self.row_image.device)
 
 
 def needs_uncond(parts: Sequence[Sequence[tuple[str, float]]], guidance_scale: float) -> bool:
@@ -77,8 +77,9 @@ def build_conditioning(
     context, ids = encode_prompts(sd, texts, weighting)
     return Conditioning(
         context,
-        torch.tensor(row_image),
-        torch.tensor(weights, dtype=torch.float32),
+        # on the model's device once, so that no step copies them from the host again
+        torch.tensor(row_image, device=context.device),
+        torch.tensor(weights, dtype=torch.float32, device=context.device),
         ids,
         len(parts),
         has_uncond,
@@ -117,7 +118,8 @@ def guided_prediction(
     unet_input = latents[rows]
     if extra_channels is not None:
         unet_input = torch.cat([unet_input, extra_channels[rows]], dim=1)
-    timestep = torch.tensor([t], dtype=torch.long, device=latents.device)
+    # made on the device (a fill, not a copy from host memory, which would wait for the GPU)
+    timestep = torch.full((1,), t, dtype=torch.long, device=latents.device)
     output = sd.unet(unet_input.to(sd.dtype), timestep, cond.context).float()
     return combine(output, cond, guidance_scale)
 
