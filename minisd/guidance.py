@@ -48,7 +48,7 @@ class Conditioning:
     def part_rows(self) -> torch.Tensor:
         """Indices (into the UNet batch) of the part rows."""
         start = self.num_images if self.has_uncond else 0
-        return torch.arange(start, len(self.row_image))
+        return torch.arange(start, len(self.row_image), device=self.row_image.device)
 
 
 def needs_uncond(parts: Sequence[Sequence[tuple[str, float]]], guidance_scale: float) -> bool:
@@ -75,8 +75,9 @@ def build_conditioning(
     context, ids = encode_prompts(sd, texts, weighting)
     return Conditioning(
         context,
-        torch.tensor(row_image),
-        torch.tensor(weights, dtype=torch.float32),
+        # on the model's device once, so that no step copies them from the host again
+        torch.tensor(row_image, device=context.device),
+        torch.tensor(weights, dtype=torch.float32, device=context.device),
         ids,
         len(parts),
         has_uncond,
@@ -115,8 +116,9 @@ def guided_prediction(
     unet_input = latents[rows]
     if extra_channels is not None:
         unet_input = torch.cat([unet_input, extra_channels[rows]], dim=1)
-    # σ-based samplers visit fractional timesteps (e.g. Karras sigmas): keep them fractional
+    # made on the device (a fill, not a copy from host memory, which would wait for the GPU);
+    # σ-based samplers visit fractional timesteps (e.g. Karras sigmas): those stay fractional
     dtype = torch.long if isinstance(t, int) else torch.float32
-    timestep = torch.tensor([t], dtype=dtype, device=latents.device)
+    timestep = torch.full((1,), t, dtype=dtype, device=latents.device)
     output = sd.unet(unet_input.to(sd.dtype), timestep, cond.context).float()
     return combine(output, cond, guidance_scale)

@@ -127,8 +127,8 @@ class NoiseSchedule:
         return self.config.prediction_type
 
     def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
-        """ᾱₜ in the dtype and device of `like`, shaped to broadcast against it ([B, 1, 1, …] for a
-        per-item t)."""
+        """ᾱₜ in the dtype of `like`, shaped to broadcast against it: [B, 1, 1, …] on `like`'s
+        device for a per-item t, a 0-dim CPU tensor for one t (it broadcasts against any device)."""
         if isinstance(t, torch.Tensor):
             if t.is_floating_point() or t.is_complex():
                 raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
@@ -149,6 +149,10 @@ class NoiseSchedule:
                     f"t has {t.shape[0]} entries but the batch has shape {tuple(like.shape)}"
                 )
             value = value.reshape(-1, *([1] * (like.ndim - 1)))
+        if t.ndim == 0:
+            # One number: kept as a CPU scalar, which PyTorch hands to GPU kernels by value. A copy
+            # to the GPU here would make every sampler step wait for the GPU to finish.
+            return value.to(dtype=like.dtype)
         return value.to(device=like.device, dtype=like.dtype)
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
@@ -374,7 +378,8 @@ class TimestepSampler:
         elif self.final_alpha_bar is None:
             a_prev = self.schedule.alpha_bar(0, like)
         else:
-            a_prev = torch.tensor(self.final_alpha_bar, dtype=like.dtype, device=like.device)
+            # a CPU scalar, as alpha_bar gives for one t
+            a_prev = torch.tensor(self.final_alpha_bar, dtype=like.dtype)
         return a_t, a_prev
 
     def timesteps_for_strength(self, strength: float) -> torch.Tensor:
