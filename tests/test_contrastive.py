@@ -4,6 +4,7 @@ zero-shot accuracy."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -470,23 +471,39 @@ def unnormalized_mean_zero_shot(image_embeddings, prompt_embeddings, prompt_clas
     return (image_embeddings @ means.T).argmax(dim=1)
 
 
-def grade_in_process(task_name, fn, seed):
-    """Run one chapter-13 check on `fn` as the grader does (same Context), without a kernel."""
-    from minisd.course.checks import CheckFailed, Context
-    from minisd.course.checks.ch13_contrastive import TASKS
+def grade_with_the_grader(functions: dict, seeds, tmp_path) -> dict:
+    """Grade a notebook defining `functions` {task name: function} with the course grader (the
+    sandboxed kernel, as a teacher's batch does), once per seed: -> {seed: {task: (status,
+    message)}}."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    from minisd.course.grade import Grader
 
-    task = next(t for t in TASKS if t.name == task_name)
-    try:
-        task.check(Context(task_name, fn, seed))
-    except CheckFailed as failure:
-        return str(failure)
-    return None
+    cells = ["import torch"]
+    for task, fn in functions.items():
+        source = inspect.getsource(fn).replace(f"def {fn.__name__}(", f"def {task}(", 1)
+        # a wrong variant may call the reference: ship it under its own name too
+        cells.append(inspect.getsource(reference_infonce) + "\n" + source)
+    nb = nbformat.v4.new_notebook()
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = kernel
+    nb.metadata["minisd"] = {"chapter": "13"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    path = tmp_path / "assignment.ipynb"
+    nbformat.write(nb, path)
+    results = {}
+    with Grader(fast=True) as grader:
+        for seed in seeds:
+            report = grader.grade(path, seed=seed, chapter="13")
+            results[seed] = {t["task"]: (t["status"], t["message"]) for t in report.tasks}
+    return results
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_chapter_tasks_pass_with_the_reference(seed):
-    assert grade_in_process("symmetric_infonce", reference_infonce, seed) is None
-    assert grade_in_process("zero_shot_predict", reference_zero_shot, seed) is None
+def test_chapter_tasks_pass_with_the_reference(tmp_path):
+    functions = {"symmetric_infonce": reference_infonce, "zero_shot_predict": reference_zero_shot}
+    for seed, tasks in grade_with_the_grader(functions, (0, 1, 2), tmp_path).items():
+        for task in functions:
+            assert tasks[task][0] == "passed", (seed, task, tasks[task])
 
 
 @pytest.mark.parametrize(
@@ -499,10 +516,10 @@ def test_chapter_tasks_pass_with_the_reference(seed):
         ("zero_shot_predict", unnormalized_mean_zero_shot, "not renormalized to unit length"),
     ],
 )
-def test_chapter_tasks_fail_wrong_variants_with_a_useful_message(task, wrong, message):
-    for seed in range(4):
-        failure = grade_in_process(task, wrong, seed)
-        assert failure is not None and message in failure, (seed, failure)
+def test_chapter_tasks_fail_wrong_variants_with_a_useful_message(task, wrong, message, tmp_path):
+    for seed, tasks in grade_with_the_grader({task: wrong}, (0, 1), tmp_path).items():
+        status, said = tasks[task]
+        assert status == "failed" and message in said, (seed, status, said)
 
 
 # ---------------------------------------------------------------- the evaluation

@@ -99,6 +99,7 @@ class RemoteTask:
         backward: bool = False,
         handle: Optional[RemoteObject] = None,
         method: Optional[str] = None,
+        grad_args: tuple = (),
     ) -> CallReply:
         encoder = wire.Encoder(hook=lambda value, enc: _encode_for_sandbox(ctx, value, enc))
         header = {
@@ -108,6 +109,7 @@ class RemoteTask:
             "forbid": list(self.forbidden),
             "grad_enabled": torch.is_grad_enabled(),
             "backward": backward,
+            "grad_args": [int(i) for i in grad_args],
         }
         header["target"] = (
             {"handle": handle.handle, "method": method} if handle else {"task": self.name}
@@ -216,15 +218,23 @@ class RemoteTask:
 
 
 def _checked_grads(grads) -> dict:
-    """{module position: {parameter name: tensor}}, anything else dropped (then reported as a
-    missing grad)."""
+    """{module position: {parameter name: tensor}} and {"arg<position>": tensor} for inputs the
+    check asked gradients of; anything else dropped (then reported as a missing grad)."""
     if not isinstance(grads, dict):
         return {}
-    return {
+    checked = {
         str(k): {str(n): g for n, g in v.items() if type(g) is torch.Tensor}
         for k, v in grads.items()
         if isinstance(v, dict)
     }
+    checked.update(
+        {
+            k: g
+            for k, g in grads.items()
+            if isinstance(k, str) and k.startswith("arg") and type(g) is torch.Tensor
+        }
+    )
+    return checked
 
 
 def _encode_for_sandbox(ctx, value, encoder):

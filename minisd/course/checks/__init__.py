@@ -93,14 +93,12 @@ class Task:
     def forbidden_calls(self) -> dict:
         return {
             path: "your function calls "
-                  f"{path.rsplit('.', 2)[-2] + '.' if path.count('.') > 1 else ''}"
+            f"{path.rsplit('.', 2)[-2] + '.' if path.count('.') > 1 else ''}"
             f"{path.rsplit('.', 1)[-1]} ({path}), which computes the answer for you: this task "
             "asks "
             f"you to write it yourself (the chapter README lists what you may use)"
             for path in self.forbidden
         }
-
-
 
 
 # ------------------------------------------------------------------ numbers and messages
@@ -293,6 +291,16 @@ class Context:
             module: reply.grads.get(str(i), {}) for i, module in enumerate(modules)
         }
 
+    def call_with_input_grads(self, *args, wrt: tuple = ()):
+        """The student's fn(*args) run in the sandbox with the positional tensor arguments at
+        positions `wrt` made leaves that require grad, then backward() from the (scalar) result:
+        -> (value, grads) with grads {position: gradient or None}, or None when the result is not
+        connected to any input (no requires_grad)."""
+        reply = self.remote.call(self, args, {}, backward=True, grad_args=tuple(wrt))
+        if not reply.requires_grad:
+            return reply.value, None
+        return reply.value, {i: reply.grads.get(f"arg{i}") for i in wrt}
+
     def construct(self, *args, **kwargs):
         """An instance of the student's class (the task's name), built in the sandbox: a handle to
         pass to `call` arguments, `load_state` and `call_method`. (For tasks where the student
@@ -370,8 +378,10 @@ class Context:
         if _shape(got) != _shape(expected):
             message = f"{what}: expected shape {_shape(expected)}, got {_shape(got)}"
             if sorted(_shape(got)) == sorted(_shape(expected)):
-                message += (" (the same sizes in another order: transposed, or a rearrange in the "
-                            "wrong order?)")
+                message += (
+                    " (the same sizes in another order: transposed, or a rearrange in the "
+                    "wrong order?)"
+                )
             elif got.numel() == expected.numel():
                 message += " (the same number of elements: reshaped the wrong way?)"
             else:
