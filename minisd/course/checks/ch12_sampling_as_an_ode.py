@@ -11,6 +11,7 @@ from minisd.schedule import NoiseSchedule, ScheduleConfig
 from . import Task
 
 TITLE = "Sampling as solving an ODE"
+READING_MINUTES = 60
 GOALS = [
     "Write sampling as integrating the probability-flow ODE dx/dσ = (x − D(x; σ))/σ, and see "
     "DDIM as its Euler step.",

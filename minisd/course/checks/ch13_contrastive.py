@@ -11,6 +11,7 @@ from minisd.contrastive import contrastive_loss, eos_positions
 from . import Task
 
 TITLE = "Contrastive pretraining (a tiny CLIP)"
+READING_MINUTES = 60
 GOALS = [
     "Derive CLIP's symmetric InfoNCE loss as two N-way classifications over a batch of pairs.",
     "Say what the learned temperature does, and why CLIP starts it at 0.07 and caps 1/T at 100.",
