@@ -719,6 +719,50 @@ NEW_WRONG = {
             "predict x₀",
         ),
     },
+    "12": {
+        "euler_step": (
+            "def euler_step(x, denoised, sigma, sigma_next):\n"
+            "    return x + (sigma - sigma_next) * (x - denoised) / sigma\n",
+            "sign of the step is flipped",
+        ),
+        "dpmpp_2m_step": (
+            "def dpmpp_2m_step(x, denoised, denoised_prev, sigma, sigma_next, sigma_prev=None):\n"
+            "    ratio = sigma_next / sigma\n"
+            "    return ratio * x - (ratio - 1) * denoised\n",
+            "first order",
+        ),
+        "karras_sigmas": (
+            "import torch\ndef karras_sigmas(sigma_min, sigma_max, n, rho=7.0):\n"
+            "    ramp = torch.linspace(0, 1, n, dtype=torch.float64)\n"
+            "    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)\n"
+            "    return (lo + ramp * (hi - lo)) ** rho\n",
+            "must descend",
+        ),
+    },
+    "13": {
+        "symmetric_infonce": (
+            "import torch\nimport torch.nn.functional as F\n"
+            "def symmetric_infonce(image_embeddings, text_embeddings, logit_scale):\n"
+            "    u = F.normalize(image_embeddings, dim=-1)\n"
+            "    v = F.normalize(text_embeddings, dim=-1)\n"
+            "    logits = logit_scale * u @ v.T\n"
+            "    return F.cross_entropy(logits, torch.arange(len(logits)))\n",
+            "only asks each image to find its caption",
+        ),
+        "zero_shot_predict": (
+            "def zero_shot_predict(image_embeddings, prompt_embeddings, prompt_class,\n"
+            "                      num_classes):\n"
+            "    return prompt_class[(image_embeddings @ prompt_embeddings.T).argmax(dim=1)]\n",
+            "nearest single prompt",
+        ),
+        "eos_pooling": (
+            "import torch.nn.functional as F\n"
+            "def eos_pooling(states, ids, eos_token_id, projection):\n"
+            "    sentence = states[range(len(ids)), ids.argmax(dim=1)]\n"
+            "    return F.normalize(sentence @ projection.T, dim=-1)\n",
+            "largest id of the vocabulary",
+        ),
+    },
 }
 
 
@@ -734,6 +778,37 @@ def test_new_tasks_wrong_variants_fail_naming_the_mistake(grader, tmp_path, numb
     for name, (_, expected_message) in variants.items():
         assert statuses(report)[name] == "failed", format_report(report)
         assert re.search(expected_message, messages(report)[name]), format_report(report)
+
+
+EOS_POOLING_WRONG = {
+    "last position": (
+        "states[:, -1]",
+        "after the caption come padding tokens",
+    ),
+    "start-of-text": (
+        "states[:, 0]",
+        "has read nothing but itself",
+    ),
+    "not normalized": (
+        "states[torch.arange(len(ids)), (ids == eos_token_id).int().argmax(dim=1)]",
+        "not unit length",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EOS_POOLING_WRONG))
+def test_eos_pooling_names_the_position_or_normalization_mistake(grader, tmp_path, variant):
+    picked, expected_message = EOS_POOLING_WRONG[variant]
+    finish = "out" if variant == "not normalized" else "F.normalize(out, dim=-1)"
+    source = (
+        "import torch\nimport torch.nn.functional as F\n"
+        "def eos_pooling(states, ids, eos_token_id, projection):\n"
+        f"    out = {picked} @ projection.T\n    return {finish}\n"
+    )
+    path = with_function(assignment("13"), tmp_path / "wrong.ipynb", {"eos_pooling": source})
+    report = grader.grade(path, exercises_only=True, seed=5, chapter="13")
+    assert statuses(report)["eos_pooling"] == "failed", format_report(report)
+    assert expected_message in messages(report)["eos_pooling"], format_report(report)
 
 
 def test_module_tasks_report_parameter_names_that_differ(grader, tmp_path):

@@ -47,6 +47,9 @@ ALLOWED = {
     # √(1−ᾱ)·noise is chapter 7's q_sample, given in chapter 11; seeding a generator is not an
     # answer.
     "11": ["(1 - a).sqrt() * noise", "torch.Generator().manual_seed(seed)"],
+    # §2 derives the loss in code from logits s·u·vᵀ of unit vectors; the task is the symmetric
+    # mean of the two cross-entropies around them.
+    "13": ["logit_scale * u @ v.T"],
 }
 
 

@@ -175,6 +175,10 @@ def test_each_chapter_opens_with_its_diagram(path):
     assert any("image/png" in o.get("data", {}) for o in cells[0].outputs)
 
 
+def test_every_chapter_has_a_diagram_and_every_diagram_a_chapter():
+    assert {path.name[:2] for path in NOTEBOOKS} == set(diagrams.CHAPTER_DIAGRAMS)
+
+
 @pytest.mark.parametrize("chapter", sorted(diagrams.CHAPTER_DIAGRAMS))
 def test_every_diagram_draws(chapter):
     figure = diagrams.draw(chapter)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 # One colour per kind of thing, the same in every diagram.
 COLOURS = {
@@ -311,15 +311,75 @@ def training():
                      "One training step: noise a latent, predict the noise")
 
 
+def ode_samplers():
+    """Chapter 12: the sampler family as solvers of one ODE, dx/dσ = (x − D(x; σ))/σ."""
+    boxes = [
+        Box("unet", "UNet → denoiser\n$D(x;\\sigma) = x - \\sigma\\hat\\varepsilon$", 1.6, 4.3,
+            "net", w=2.6),
+        Box("ode", "probability-flow ODE\n$dx/d\\sigma = (x - D(x;\\sigma))/\\sigma$", 6.0, 4.3,
+            "op", w=3.0),
+        Box("sde", "reverse SDE\nthe ODE + fresh noise", 11.4, 4.3, "op", w=2.6),
+        Box("euler", "Euler\n= DDIM ($\\eta = 0$)", 2.6, 2.4, "sampler", w=2.0),
+        Box("heun", "Heun\n2 calls per step", 5.0, 2.4, "sampler", w=2.0),
+        Box("dpm", "DPM-Solver++ 2M\n1 call, reuses $\\hat x_0$", 7.6, 2.4, "sampler", w=2.5),
+        Box("anc", "Euler ancestral\n(and DDPM)", 10.3, 2.4, "sampler", w=2.0),
+        Box("dpmsde", "DPM-Solver++\n2M SDE", 12.7, 2.4, "sampler", w=2.0),
+        Box("karras", "Karras $\\sigma$: $\\sigma^{1/\\rho}$ evenly spaced ($\\rho = 7$)\n"
+            "where the steps go, for any solver", 5.0, 0.7, "op", w=4.6),
+    ]
+    arrows = [Arrow("unet", "ode", "slope $(x - D)/\\sigma$"),
+              Arrow("ode", "euler", "1st order"), Arrow("ode", "heun", "2nd"),
+              Arrow("ode", "dpm", "2nd"), Arrow("ode", "sde", "+ noise each step"),
+              Arrow("sde", "anc"), Arrow("sde", "dpmsde"),
+              Arrow("karras", "euler", dashed=True), Arrow("karras", "heun", dashed=True),
+              Arrow("karras", "dpm", dashed=True)]
+    return flowchart(boxes, arrows, 14.0, 5.2,
+                     "Samplers are ODE (or SDE) solvers: integrate from $\\sigma_{\\max}$ "
+                     "(noise) down to $\\sigma = 0$ (image)")
+
+
+def two_towers():
+    """Chapter 13: CLIP's two towers, the N × N similarity matrix, the loss both ways."""
+    boxes = [
+        Box("img", "N images\n3×32×32", 1.0, 3.9, "latent", w=1.6),
+        Box("vit", "image tower\n(ViT, class token)", 3.3, 3.9, "net", w=2.0),
+        Box("u", "$W_{img}$, normalize\n→ $u_i$", 5.6, 3.9, "net", w=1.9),
+        Box("cap", "N captions\n77 ids each", 1.0, 1.1, "text", w=1.6),
+        Box("txt", "text tower\n(causal, [EOS] state)", 3.3, 1.1, "net", w=2.0),
+        Box("v", "$W_{txt}$, normalize\n→ $v_j$", 5.6, 1.1, "net", w=1.9),
+        Box("scale", "$s = e^{\\tau}$, learned, ≤ 100", 8.6, 4.4, "op", w=2.6),
+        Box("sim", "logits $s\\,u_i^\\top v_j$\nN × N", 8.6, 2.5, "op", w=2.0, h=0.9),
+        Box("loss", "cross-entropy, targets = diagonal\nover rows (image → caption)\n"
+            "and columns (caption → image), ÷ 2", 11.6, 2.5, "op", w=3.2, h=1.1),
+    ]
+    arrows = [Arrow("img", "vit"), Arrow("vit", "u"), Arrow("cap", "txt"), Arrow("txt", "v"),
+              Arrow("u", "sim", "$u$"), Arrow("v", "sim", "$v$"), Arrow("scale", "sim"),
+              Arrow("sim", "loss")]
+    figure = flowchart(boxes, arrows, 13.4, 5.0,
+                       "Contrastive pretraining: in a batch of N pairs, each image picks its "
+                       "caption and each caption its image")
+    # the similarity matrix itself: the pairs (the targets) on the diagonal
+    ax, n, cell = figure.axes[0], 4, 0.26
+    left, bottom = 8.6 - n * cell / 2, 0.35
+    for i in range(n):
+        for j in range(n):
+            ax.add_patch(Rectangle((left + j * cell, bottom + (n - 1 - i) * cell), cell, cell,
+                                   facecolor=COLOURS["sampler"] if i == j else "white",
+                                   edgecolor="#555555", linewidth=0.6))
+    ax.text(left + n * cell + 0.15, bottom + n * cell / 2, "matching pairs\non the diagonal",
+            ha="left", va="center", fontsize=7.5, color="#333333")
+    return figure
+
+
 CHAPTER_DIAGRAMS = {
     "00": latent_diffusion, "01": attention, "02": transformer_block, "03": resnet_block,
     "04": unet, "05": vae, "06": text_encoder, "07": markov_chains, "08": ddim_jumps,
-    "09": guidance, "10": conversion, "11": training,
+    "09": guidance, "10": conversion, "11": training, "12": ode_samplers, "13": two_towers,
 }
 
 
 def draw(chapter: str):
-    """The opening diagram of chapter `chapter` ("00" … "11"), as a matplotlib Figure."""
+    """The opening diagram of chapter `chapter` ("00" … "13"), as a matplotlib Figure."""
     if chapter not in CHAPTER_DIAGRAMS:
         raise ValueError(f"no diagram for chapter {chapter!r}; "
                          f"chapters: {sorted(CHAPTER_DIAGRAMS)}")

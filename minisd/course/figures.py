@@ -201,8 +201,8 @@ def model_schedule(sd) -> NoiseSchedule:
     """The noise schedule a model was trained with (from its config)."""
     c = sd.config
     return NoiseSchedule(ScheduleConfig(
-        kind=c.beta_schedule, num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start,
-        beta_end=c.beta_end, prediction_type=c.prediction_type))
+        beta_schedule=c.beta_schedule, num_train_timesteps=c.num_train_timesteps,
+        beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type))
 
 
 def _context(sd, prompts):

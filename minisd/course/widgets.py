@@ -160,7 +160,7 @@ def snr_view(kind: str = "scaled_linear", beta_start: float = 0.00085, beta_end:
     from ..schedule import NoiseSchedule, ScheduleConfig
 
     low, high = sorted((float(beta_start), float(beta_end)))
-    mine = NoiseSchedule(ScheduleConfig(kind=kind, beta_start=low, beta_end=high))
+    mine = NoiseSchedule(ScheduleConfig(beta_schedule=kind, beta_start=low, beta_end=high))
     sd_default = NoiseSchedule()
     t = torch.arange(mine.num_train_timesteps)
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))

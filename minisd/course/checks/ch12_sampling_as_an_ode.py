@@ -1,5 +1,4 @@
-"""Chapter 12 (sampling as solving an ODE): an Euler step, a DPM-Solver++(2M) step, Karras
-sigmas."""
+"""Chapter 12 (sampling as solving an ODE): Euler and DPM-Solver++(2M) steps, Karras sigmas."""
 
 from __future__ import annotations
 
@@ -12,14 +11,13 @@ from minisd.schedule import NoiseSchedule, ScheduleConfig
 from . import Task
 
 TITLE = "Sampling as solving an ODE"
+READING_MINUTES = 60
 GOALS = [
-    "Write sampling as integrating the probability-flow ODE dx/dσ = (x − D(x; σ))/σ, "
-    "and see DDIM as its "
-    "Euler step.",
+    "Write sampling as integrating the probability-flow ODE dx/dσ = (x − D(x; σ))/σ, and see "
+    "DDIM as its Euler step.",
     "Place the noise levels with Karras et al.'s σ^(1/ρ) spacing.",
-    "Build the second-order solvers (Heun, DPM-Solver++ 2M) and the ancestral/SDE "
-    "variants, and measure their "
-    "error against the number of steps.",
+    "Build the second-order solvers (Heun, DPM-Solver++ 2M) and the ancestral/SDE variants, "
+    "and measure their error against the number of steps.",
 ]
 
 # minisd's samplers driven with prediction_type="sample": the "model output" is the denoised D
@@ -62,8 +60,7 @@ def check_euler_step(ctx):
 
 
 def _dpm_reference(x, denoised, denoised_prev, sampler, i):
-    """minisd's DPMSolverPlusPlus2MSampler at step i, moved to x = x_t/α (the σ variable) and
-    back."""
+    """minisd's DPMSolverPlusPlus2MSampler at step i, run on x_t = α·x and divided back by α."""
     alpha = 1 / (1 + sampler.sigmas.double() ** 2).sqrt()
     sampler._index, sampler._previous_x0 = i, denoised_prev
     out = sampler.step(denoised, sampler.timesteps[i].item(), x * alpha[i].float()).prev_sample
@@ -136,24 +133,22 @@ TASKS = [
     Task(
         "euler_step",
         "(x, denoised, sigma, sigma_next)",
-        "One Euler step of the probability-flow ODE in the σ variable: from x at noise "
-        "level σ and the "
-        "denoiser's output D, move along the slope d = (x − D)/σ to σ_next.",
+        "One Euler step of the probability-flow ODE in the σ variable: from x at noise level σ "
+        "and the denoiser's output D, move along the slope d = (x − D)/σ to σ_next.",
         check_euler_step,
-        "first, middle and last steps (σ_next = 0) of default and Karras schedules, σ "
-        "as floats and as 0-dim "
-        "tensors, random shapes, against minisd's EulerSampler.",
+        "first, middle and last steps (σ_next = 0) of default and Karras schedules, σ as floats "
+        "and as 0-dim tensors, random shapes, against minisd's EulerSampler.",
     ),
     Task(
         "dpmpp_2m_step",
         "(x, denoised, denoised_prev, sigma, sigma_next, sigma_prev=None)",
-        "One DPM-Solver++(2M) step in the σ variable (λ = −log σ): first order without "
-        "a previous denoised "
-        "sample, otherwise with D extrapolated linearly in λ from the previous step's.",
+        "One DPM-Solver++(2M) step in the σ variable (λ = −log σ): first order without a "
+        "previous denoised sample, otherwise with D extrapolated linearly in λ from the previous "
+        "step's.",
         check_dpmpp_2m_step,
         "the first step, middle steps and the last step (to σ = 0), default and Karras "
-        "schedules, against "
-        "minisd's DPMSolverPlusPlus2MSampler (moved from x_t to the σ variable).",
+        "schedules, against minisd's DPMSolverPlusPlus2MSampler (moved from x_t to the σ "
+        "variable).",
     ),
     Task(
         "karras_sigmas",

@@ -1,15 +1,17 @@
-"""Chapter 13 (contrastive pretraining): the symmetric InfoNCE loss and a zero-shot classifier."""
+"""Chapter 13 (contrastive pretraining): the symmetric InfoNCE loss, a zero-shot classifier, and the
+[EOS] pooling that turns a causal text encoder's states into a sentence embedding."""
 
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
 
-from minisd.contrastive import contrastive_loss
+from minisd.contrastive import contrastive_loss, eos_positions
 
 from . import Task
 
 TITLE = "Contrastive pretraining (a tiny CLIP)"
+READING_MINUTES = 60
 GOALS = [
     "Derive CLIP's symmetric InfoNCE loss as two N-way classifications over a batch of pairs.",
     "Say what the learned temperature does, and why CLIP starts it at 0.07 and caps 1/T at 100.",
@@ -153,6 +155,85 @@ def check_zero_shot(ctx):
                 )
 
 
+# Token-id conventions the pooling must handle: (label, BOS, EOS, pad, caption ids drawn from).
+# OpenAI's CLIP (SD 1) pads with EOS itself; OpenCLIP (SD 2) pads with 0; the third is a made-up
+# vocabulary whose EOS is not its largest id, where `ids.argmax()` stops finding the EOS.
+ID_CONVENTIONS = [
+    ("SD 1's convention: EOS 49407, padding with EOS", 49406, 49407, 49407, (256, 49406)),
+    ("SD 2's convention: EOS 49407, padding with 0", 49406, 49407, 0, (256, 49406)),
+    ("another vocabulary: EOS 2 is not the largest id, padding with 0", 1, 2, 0, (3, 1000)),
+]
+
+
+def _caption_ids(ctx, rows: int, n: int, bos: int, eos: int, pad: int, vocab) -> torch.Tensor:
+    """rows × n ids: BOS, a caption of random length (one row fills the whole context), EOS,
+    padding."""
+    lengths = [ctx.integer(0, n // 2) for _ in range(rows)]
+    lengths[ctx.integer(0, rows - 1)] = n - 2  # EOS in the last position: no padding at all
+    ids = torch.full((rows, n), pad, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        words = ctx.randint(vocab[0], vocab[1], (length,))
+        ids[row, : length + 2] = torch.cat([torch.tensor([bos]), words, torch.tensor([eos])])
+    return ids
+
+
+def check_eos_pooling(ctx):
+    for label, bos, eos, pad, vocab in ID_CONVENTIONS:
+        rows, n = ctx.integer(3, 6), ctx.choice([16, 24, 77])
+        width = ctx.choice([8, 16, 32])
+        dim = width if eos == 2 else ctx.choice([6, 12])  # square once: catches a missing ᵀ
+        states, projection = ctx.randn(rows, n, width), ctx.randn(dim, width, scale=0.5)
+        ids = _caption_ids(ctx, rows, n, bos, eos, pad, vocab)
+        first = eos_positions(ids, eos)
+        rows_index = torch.arange(rows)
+
+        def pooled(positions, project=True, normalize=True, weights=projection):
+            picked = states[rows_index, positions]
+            out = picked @ weights.T if project else picked
+            return F.normalize(out, dim=-1) if normalize else out
+
+        last_eos = n - 1 - (ids == eos).flip(1).int().argmax(dim=1)
+        upto_eos = torch.arange(n)[None, :] <= first[:, None]
+        mean_upto = (states * upto_eos[..., None]).sum(1) / upto_eos.sum(1, keepdim=True)
+        expected = pooled(first)
+        mistakes = {
+            "you take the state at the last position: after the caption come padding tokens; "
+            "take the state of each row's first end-of-text token": lambda: pooled(
+                torch.full((rows,), n - 1)
+            ),
+            "you take the last end-of-text token of each row: where the padding is EOS itself "
+            "(SD 1), that is the end of the padding; take the first": lambda: pooled(last_eos),
+            "you take the argmax of the ids: that finds the end-of-text token only where it is "
+            "the largest id of the vocabulary (OpenAI's 49407); look for eos_token_id itself": (
+                lambda: pooled(ids.argmax(dim=1))
+            ),
+            "you take the first token's state (start-of-text): under the causal mask it has read "
+            "nothing but itself, the same for every caption": lambda: pooled(
+                torch.zeros(rows, dtype=torch.long)
+            ),
+            "you take the state just before the end-of-text token (the caption's last word); "
+            "CLIP takes the end-of-text state itself": lambda: pooled(first - 1),
+            "you average the states up to the end-of-text token; CLIP takes that one state "
+            "alone": lambda: F.normalize(mean_upto @ projection.T, dim=-1),
+            "you average the states over all positions; CLIP takes the end-of-text state "
+            "alone": lambda: F.normalize(states.mean(1) @ projection.T, dim=-1),
+            "your embeddings are not unit length: normalize after the projection": lambda: (
+                pooled(first, normalize=False)
+            ),
+            "you normalize before the projection only: project the state, then normalize": (
+                lambda: F.normalize(states[rows_index, first], dim=-1) @ projection.T
+            ),
+            "you multiply by the projection untransposed: it is stored as nn.Linear's weight, "
+            "[D, width], so the embedding is state · projectionᵀ": lambda: pooled(
+                first, weights=projection.T
+            ),
+        }
+        with ctx.case(f"{label}: {rows} captions of {n} ids, states of width {width} → {dim}"):
+            got = ctx.call(states, ids, eos, projection)
+            ctx.expect_close(got, expected, what="the sentence embeddings", atol=1e-5,
+                             mistakes=mistakes)
+
+
 TASKS = [
     Task(
         "symmetric_infonce",
@@ -177,5 +258,21 @@ TASKS = [
         check_zero_shot,
         "random class counts (3 to 6), prompts per class equal and unequal, 40 to 80 images; "
         "predictions compared one by one.",
+    ),
+    Task(
+        "eos_pooling",
+        "(states, ids, eos_token_id, projection)",
+        "The sentence embedding of a causal text encoder, as CLIP takes it: states [B, n, width] "
+        "are the encoder's final hidden states for token ids [B, n] (BOS, caption, EOS, padding); "
+        "projection [D, width] is stored as nn.Linear's weight (no bias). Take each row's state "
+        "at its first eos_token_id, project it and return the [B, D] unit vectors.",
+        check_eos_pooling,
+        "OpenAI's ids padded with EOS (SD 1) and with 0 (SD 2), a vocabulary whose EOS is not "
+        "its largest id, captions of random lengths (one filling the whole context), against "
+        "minisd.contrastive's eos_positions.",
+        forbidden=("minisd.contrastive.eos_positions",),
+        allowed="torch.",
+        level="warm-up",
+        minutes=10,
     ),
 ]
