@@ -237,16 +237,26 @@ def graded(tmp_path_factory):
     }
 
 
+TASK = "classifier_free_guidance"  # the task every attack goes for (chapter 09 has others)
+
+
 def rows_of(graded, student):
-    return [r for r in graded["rows"] if r["student"] == student]
+    """The CSV rows of `student`'s attacked task (chapter 09's other tasks are just missing)."""
+    rows = [r for r in graded["rows"] if r["student"] == student]
+    assert rows, graded["batch"].stdout + graded["batch"].stderr
+    return [r for r in rows if r["task"] == TASK]
+
+
+def attacked_task(report):
+    """The entries of a --json report for the attacked task (the public and the hidden check)."""
+    return [t for t in report["tasks"] if t["task"] == TASK]
 
 
 @pytest.mark.parametrize("attack", [p.stem for p in ATTACKS if p.stem != "shortcut_fused"])
 def test_no_attack_passes(graded, attack):
+    # graded as chapter 09, whatever it claims
+    assert all(r["chapter"] == "09" for r in graded["rows"] if r["student"] == attack)
     rows = rows_of(graded, attack)
-    assert rows, graded["batch"].stdout + graded["batch"].stderr
-    # chapter 09, whatever it claims
-    assert {r["task"] for r in rows} == {"classifier_free_guidance"}, rows
     assert len(rows) == 2, rows  # the public check and the hidden one, each reported
     assert not all(r["status"] == "passed" for r in rows), rows
     # that one computes the public answer honestly, then kills the hidden check
@@ -300,9 +310,10 @@ def test_no_secret_and_no_fake_result_in_any_report(graded):
 
 def test_later_submissions_in_the_same_folder_are_graded_normally(graded):
     wrong, correct = graded["later"]["zz_wrong"], graded["later"]["zz_correct"]
-    assert [t["status"] for t in wrong["tasks"]] == ["failed", "failed"], wrong
-    assert "swapped" in wrong["tasks"][0]["message"]
-    assert correct["ok"] and correct["passed"] == 2, correct
+    assert [t["status"] for t in attacked_task(wrong)] == ["failed", "failed"], wrong
+    assert "swapped" in attacked_task(wrong)[0]["message"]
+    assert [t["status"] for t in attacked_task(correct)] == ["passed", "passed"], correct
+    assert correct["passed"] == 2, correct  # the public and the hidden check, nothing else
     assert "bubblewrap" in correct["isolation"]
     classmate = rows_of(graded, "classmate")
     assert [r["status"] for r in classmate] == ["passed", "passed"], classmate
@@ -335,7 +346,11 @@ def test_no_file_changed_outside_the_submissions(graded):
 
 def test_json_report_is_not_rewritten_after_the_grader_exits(graded):
     report = json.loads(graded["report_file"].read_text())
-    assert report["chapter"] == "09" and not report["ok"] and report["total"] == 1
+    from minisd.course.checks import chapter_module
+
+    # one entry per chapter-09 task (no --extra-checks in this run)
+    total = len(chapter_module("09").TASKS)
+    assert report["chapter"] == "09" and not report["ok"] and report["total"] == total
     assert graded["report_file"].read_text() == graded["daemons"].stdout
 
 
@@ -368,6 +383,6 @@ def test_shortcuts_fail_with_a_message(tmp_path):
     with Grader(prewarm=True) as grader:
         for path, name in ((fused, "scaled_dot_product_attention"), (own, "attention_math")):
             report = grader.grade(path, chapter="01", timeout=30)
-            task = report.tasks[0]
+            task = next(t for t in report.tasks if t["task"] == "scaled_dot_product_attention")
             assert task["status"] == "failed" and name in task["message"], task
             assert "write it yourself" in task["message"]
