@@ -79,9 +79,9 @@ def random_tensors(keys: dict, dtype=torch.float16, seed: int = 0) -> dict[str, 
     return out
 
 
-def with_ema_and_extras(state: dict, seed: int = 1) -> dict:
+def with_ema_and_extras(state: dict, seed: int = 1, dtype=torch.float16) -> dict:
     """A 'full' SD 1.x file as CompVis released them: text under text_model., float position_ids,
-    EMA copies (names with the dots removed), model_ema.decay/num_updates and logvar."""
+    EMA copies (names with the dots removed, in `dtype`), model_ema.decay/num_updates and logvar."""
     out = {}
     for key, value in state.items():
         if key.startswith(TEXT_FLAT) and not key.startswith(TEXT_NESTED):
@@ -89,7 +89,7 @@ def with_ema_and_extras(state: dict, seed: int = 1) -> dict:
         out[key] = value.float() if key.endswith("position_ids") else value
     unet = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
     ema = random_tensors(
-        {k: (list(v.shape), "float32") for k, v in unet.items()}, dtype=torch.float16, seed=seed
+        {k: (list(v.shape), "float32") for k, v in unet.items()}, dtype=dtype, seed=seed
     )
     out.update({"model_ema." + k[len("model.") :].replace(".", ""): v for k, v in ema.items()})
     out.update(

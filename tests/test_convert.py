@@ -1,9 +1,10 @@
 """The weights converter: official checkpoints and diffusers folders in, minisd and official files
 out.
 
-Full-size random-weight checkpoints in the exact official layouts (tests/data/*_manifest.json; fp16
-to keep the files small) are read by minisd and by diffusers' own single-file conversion functions;
-the text encoder, UNet and VAE must agree in fp32. Official -> minisd -> official must return every
+Full-size random-weight checkpoints in the exact official layouts (tests/data/*_manifest.json; fp16,
+or fp8 where only names and bits matter, to keep the files small; one on disk at a time) are read
+by minisd and by diffusers' own single-file conversion functions; the text encoder, UNet and VAE
+must agree in fp32. Official -> minisd -> official must return every
 tensor bit for bit. Every failure must be one paragraph on stderr, exit status 2, and no output
 file.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import hashlib
 import os
 import re
 import shutil
@@ -78,60 +81,111 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def assert_same_files(original: Path, converted: Path):
-    a, a_info = read_checkpoint(original)
-    b, b_info = read_checkpoint(converted)
-    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
-    different = [k for k in a if not same_bits(a[k], b[k])]
-    assert not different, different[:10]
-    return a_info, b_info
+
+# ── the checkpoints: one full-size file on disk at a time
+# ──────────────────────────────────────────────────────────
+# Disk (decimal GB; tests/data/*_manifest.json: SD 1.x 1,066,247,385 values, SD 2.x 1,303,609,229,
+# the SD 1.x UNet 859,520,964): fp16 SD 1.x 2.13, SD 2.x 2.61; the fp8 copies that only pass names
+# and bits through 1.07 and 1.30; the fp8 full .ckpt (+ EMA UNet) 1.93. The largest moment is one
+# SD 2.x file (2.61), or an fp8 SD 2.x file and its converted copy (2.61), or a diffusers folder
+# saved in fp16 (2.58). Written all at once, as before, they took 13-19 GB.
+
+FP8 = torch.float8_e4m3fn  # 1 byte a value: for the tests whose property is names and bits only
 
 
-# ── the checkpoints, shared by the whole module and deleted at its end
-# ───────────────────────────────────────────
+def sd1_state(dtype=torch.float16) -> dict:
+    return random_tensors(layout("sd1"), dtype=dtype, seed=1)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("convert")
-    yield folder
-    # ~15 GB: pytest would otherwise keep it for three runs
-    shutil.rmtree(folder, ignore_errors=True)
+def sd2_state(dtype=torch.float16) -> dict:
+    return random_tensors(layout("sd2"), dtype=dtype, seed=2)
 
 
-@pytest.fixture(scope="module")
-def files(workdir):
-    """sd1.safetensors: the SD 1.x manifest as is (text without text_model., int64 position_ids).
-    sd1-full.ckpt: the same weights as CompVis released v1-5-pruned.ckpt: text_model., float
-    position_ids, EMA copies, logvar, wrapped in {"state_dict", "global_step"}. sd2.ckpt /
-    sd2.safetensors: the SD 2.x manifest. sd1-inpainting.safetensors: the SD 1.x manifest with a
-    9-channel conv_in."""
-    paths = {
-        name: workdir / name
-        for name in (
-            "sd1.safetensors",
-            "sd1-full.ckpt",
-            "sd2.ckpt",
-            "sd2.safetensors",
-            "sd1-inpainting.safetensors",
-        )
-    }
-    state = random_tensors(layout("sd1"), seed=1)
-    save_file(state, str(paths["sd1.safetensors"]))
-    with fast_torch_save():
-        torch.save(
-            {"state_dict": with_ema_and_extras(state), "global_step": 840000},
-            paths["sd1-full.ckpt"],
-        )
+def inpainting_state() -> dict:
+    """The SD 1.x weights with a 9-channel conv_in, as sd-v1-5-inpainting.ckpt has."""
+    state = sd1_state()
     state["model.diffusion_model.input_blocks.0.0.weight"] = random_tensors(
         {"w": ([320, 9, 3, 3], "float32")}, seed=3
     )["w"]
-    save_file(state, str(paths["sd1-inpainting.safetensors"]))
-    state = random_tensors(layout("sd2"), seed=2)
-    save_file(state, str(paths["sd2.safetensors"]))
+    return state
+
+
+def save_ckpt(checkpoint: dict, path: Path) -> None:
     with fast_torch_save():
-        torch.save({"state_dict": state}, paths["sd2.ckpt"])
-    return paths
+        torch.save(checkpoint, path)
+
+
+# sd1.safetensors: the SD 1.x manifest as is (text without text_model., int64 position_ids).
+# sd1-full.ckpt: the same weights as CompVis released v1-5-pruned.ckpt: text_model., float
+# position_ids, EMA copies, logvar, wrapped in {"state_dict", "global_step"} (fp8, so that it and
+# sd1-fp8.safetensors, its safetensors twin, stay small). sd2.ckpt / sd2.safetensors: the SD 2.x
+# manifest. sd1-inpainting.safetensors: the SD 1.x manifest with a 9-channel conv_in.
+BUILDERS = {
+    "sd1.safetensors": lambda path: save_file(sd1_state(), str(path)),
+    "sd1-inpainting.safetensors": lambda path: save_file(inpainting_state(), str(path)),
+    "sd2.ckpt": lambda path: save_ckpt({"state_dict": sd2_state()}, path),
+    "sd2.safetensors": lambda path: save_file(sd2_state(), str(path)),
+    "sd1-full.ckpt": lambda path: save_ckpt(
+        {"state_dict": with_ema_and_extras(sd1_state(FP8), dtype=FP8), "global_step": 840000},
+        path,
+    ),
+    "sd1-fp8.safetensors": lambda path: save_file(sd1_state(FP8), str(path)),
+    "sd2-fp8.safetensors": lambda path: save_file(sd2_state(FP8), str(path)),
+}
+
+
+def digests(tensors: dict) -> dict:
+    """{name: (dtype, shape, SHA-256 of the bytes)}: equal digests mean equal bits, so two files can
+    be compared without both being on disk."""
+    out = {}
+    for name, tensor in tensors.items():
+        data = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+        out[name] = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest())
+    return out
+
+
+def differences(a: dict, b: dict) -> list:
+    return sorted(set(a) ^ set(b)) + [k for k in a if k in b and a[k] != b[k]]
+
+
+class Checkpoints:
+    """The full-size checkpoints, written when a test first asks for one. Asking for another deletes
+    the one before, so one is on disk at a time however the tests are ordered or selected; the tests
+    below come grouped by file, so each file is written once."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.current, self.minisd_digests = folder, None, {}
+
+    def path(self, name: str) -> Path:
+        if self.current != name:
+            self.drop()
+            BUILDERS[name](self.folder / name)
+            self.current = name
+        return self.folder / name
+
+    def minisd_tensors_digests(self, name: str) -> dict:
+        """Digests of what read_as_minisd gives for `name`, kept after the file is gone."""
+        if name not in self.minisd_digests:
+            _, tensors = read_as_minisd(self.path(name), report=quiet)
+            self.minisd_digests[name] = digests(tensors)
+        return self.minisd_digests[name]
+
+    def drop(self) -> None:
+        if self.current is not None:
+            (self.folder / self.current).unlink(missing_ok=True)
+            self.current = None
+        # a tensor memory-mapped from a deleted file keeps its blocks allocated until it is freed
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Built once for the session (only this module uses it) and deleted with its last test."""
+    folder = tmp_path_factory.mktemp("convert")
+    store = Checkpoints(folder)
+    yield store
+    store.drop()
+    shutil.rmtree(folder, ignore_errors=True)  # pytest would otherwise keep it for three runs
 
 
 def original_config(family: str) -> dict:
@@ -217,129 +271,220 @@ def parity(path: Path, family: str, folder: Path | None, parts=("text", "unet", 
     models = {part: builders[part]() for part in parts}
     del checkpoint, builders
     reference = diffusers_outputs(models, inputs)
-    errors = {f"{part}": rel_err(ours[part], reference[part]) for part in ours}
-    # a diffusers pipeline folder: the same fp16 values, so the same reference outputs
-    if folder is not None:
-        from diffusers import DDIMScheduler
 
-        for part, name in (("text_encoder", "text"), ("unet", "unet"), ("vae", "vae")):
-            models.pop(name).half().save_pretrained(folder / part)
-        DDIMScheduler(
-            beta_schedule="scaled_linear",
-            prediction_type="v_prediction" if family == "sd2" else "epsilon",
-        ).save_pretrained(folder / "scheduler")
-        sd = minisd.load(folder)
-        errors.update(
-            {
-                f"folder {part}": rel_err(value, reference[part])
-                for part, value in minisd_outputs(sd, inputs, parts).items()
-            }
-        )
-        errors["folder prediction_type"] = sd.config.prediction_type
-        del sd
-        shutil.rmtree(folder)
-    print(
-        f"\n{family} relative errors vs diffusers:",
-        {k: f"{v:.2e}" if isinstance(v, float) else v for k, v in errors.items()},
-    )
+
+def reference(checkpoint: dict, family: str, parts, inputs) -> tuple[dict, dict]:
+    """diffusers' models, built by its own single-file conversion functions from `checkpoint` (in
+    fp32), and their outputs."""
+    checkpoint = {k: v.float() for k, v in checkpoint.items()}
+    config = original_config(family)
+    builders = {
+        "text": lambda: diffusers_text(checkpoint),
+        "unet": lambda: diffusers_unet(checkpoint, config),
+        "vae": lambda: diffusers_vae(checkpoint, config),
+    }
+    models = {part: builders[part]() for part in parts}
+    return models, diffusers_outputs(models, inputs)
+
+
+def report_errors(title: str, errors: dict) -> dict:
+    shown = {k: f"{v:.2e}" if isinstance(v, float) else v for k, v in errors.items()}
+    print(f"\n{title} relative errors vs diffusers:", shown)
     return errors
 
 
-@pytest.fixture(scope="module")
-def sd1_errors(files, workdir):
-    return parity(files["sd1.safetensors"], "sd1", workdir / "sd1-diffusers")
+def parity(path: Path, family: str, parts=("text", "unet", "vae")) -> dict:
+    """Relative errors of minisd loading `path` vs diffusers reading the same file."""
+    sd = minisd.load(path)
+    inputs = make_inputs(sd.config)
+    ours = minisd_outputs(sd, inputs, parts)
+    del sd
+    _, theirs = reference(read_checkpoint(path)[0], family, parts, inputs)
+    return report_errors(family, {part: rel_err(ours[part], theirs[part]) for part in ours})
 
 
-@pytest.fixture(scope="module")
-def sd2_errors(files, workdir):
-    return parity(files["sd2.ckpt"], "sd2", workdir / "sd2-diffusers")
+def folder_parity(family: str, folder: Path) -> dict:
+    """Relative errors of minisd loading a diffusers pipeline folder vs the diffusers models it was
+    saved from (in fp16: the random weights are fp16 values, so saving loses nothing)."""
+    from diffusers import DDIMScheduler
+
+    state, preset = (sd2_state(), minisd.sd2()) if family == "sd2" else (sd1_state(), minisd.sd1())
+    inputs = make_inputs(preset)
+    models, theirs = reference(state, family, ("text", "unet", "vae"), inputs)
+    del state
+    for part, name in (("text_encoder", "text"), ("unet", "unet"), ("vae", "vae")):
+        models.pop(name).half().save_pretrained(folder / part)
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+    ).save_pretrained(folder / "scheduler")
+    sd = minisd.load(folder)
+    ours = minisd_outputs(sd, inputs, ("text", "unet", "vae"))
+    errors = {part: rel_err(ours[part], theirs[part]) for part in ours}
+    errors["prediction_type"] = sd.config.prediction_type  # from scheduler/scheduler_config.json
+    del sd
+    shutil.rmtree(folder)
+    return report_errors(f"{family} diffusers folder", errors)
 
 
-@pytest.fixture(scope="module")
-def inpainting_errors(files):
-    """Only the UNet differs from SD 1.x (9 input channels), so only the UNet is compared."""
-    return parity(files["sd1-inpainting.safetensors"], "sd1-inpainting", None, parts=("unet",))
-
-
-# ── parity with diffusers
-# ────────────────────────────────────────────────────────────────────────────────────────
-
-
-@pytest.mark.parametrize("family", ["sd1", "sd2", "inpainting"])
-def test_outputs_match_diffusers_single_file_conversion(family, request):
-    errors = request.getfixturevalue(f"{family}_errors")
+def assert_close_to_diffusers(errors: dict, count: int) -> None:
     numeric = {part: error for part, error in errors.items() if isinstance(error, float)}
-    assert len(numeric) == (10 if family != "inpainting" else 1)
+    assert len(numeric) == count
     assert all(error <= TOLERANCE for error in numeric.values()), numeric
-    if "folder prediction_type" in errors:  # read from scheduler/scheduler_config.json
-        assert errors["folder prediction_type"] == (
-            "v_prediction" if family == "sd2" else "epsilon"
-        )
 
 
-@pytest.mark.parametrize(
-    "first, second", [("sd1.safetensors", "sd1-full.ckpt"), ("sd2.ckpt", "sd2.safetensors")]
-)
-def test_ckpt_and_safetensors_give_the_same_weights(files, first, second):
-    """The parity test reads one format; the other must give the very same minisd tensors, so the
-    same outputs."""
-    _, a = read_as_minisd(files[first], report=quiet)
-    _, b = read_as_minisd(files[second], report=quiet)
-    model_keys = [k for k in a if not k.startswith("extra.")]
-    assert model_keys and set(model_keys) == {k for k in b if not k.startswith("extra.")}
-    assert all(same_bits(a[k], b[k]) for k in model_keys)
-    assert a["unet.conv_in.weight"].dtype == torch.float16  # file to file, the dtype is kept
+def assert_preset(config: minisd.SDConfig, preset: minisd.SDConfig, name: str) -> None:
+    fields = ("unet", "vae", "text", "prediction_type", "latent_scale", "beta_start", "beta_end")
+    for field in fields + ("image_size",):
+        assert getattr(config, field) == getattr(preset, field), (name, field)
 
 
-def test_detected_configs_are_the_presets(files):
-    for name, preset in (
-        ("sd1.safetensors", minisd.sd1()),
-        ("sd2.safetensors", minisd.sd2()),
-        ("sd1-inpainting.safetensors", minisd.sd1_inpaint()),
-    ):
-        config, _ = read_as_minisd(files[name], report=quiet)
-        for field in (
-            "unet",
-            "vae",
-            "text",
-            "prediction_type",
-            "latent_scale",
-            "beta_start",
-            "beta_end",
-            "image_size",
-        ):
-            assert getattr(config, field) == getattr(preset, field), (name, field)
+def assert_same_minisd_tensors(checkpoints, first: str, second: str, dtype) -> None:
+    """The parity tests read one format; the other must give the very same minisd tensors, so the
+    same outputs (compared by digest: the two files are not on disk together)."""
+    a, b = (
+        {k: v for k, v in checkpoints.minisd_tensors_digests(name).items()
+         if not k.startswith("extra.")}
+        for name in (first, second)
+    )
+    assert a and not differences(a, b), differences(a, b)[:10]
+    assert a["unet.conv_in.weight"][0] == dtype  # file to file, the dtype is kept
+
+
+# ── SD 1.x, sd1.safetensors
+# ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_sd1_outputs_match_diffusers_single_file_conversion(checkpoints):
+    assert_close_to_diffusers(parity(checkpoints.path("sd1.safetensors"), "sd1"), 5)
+
+
+def test_sd1_detected_config_and_printout(checkpoints):
+    lines = []
+    config, _ = read_as_minisd(checkpoints.path("sd1.safetensors"), report=lines.append)
+    assert_preset(config, minisd.sd1(), "sd1.safetensors")
+    assert config.prediction_type == "epsilon" and not config.is_inpainting
+    assert "SD 1.x" in lines[0] and "8 heads" in lines[0] and "1×1-conv" in lines[0]
+
+
+def test_usage_errors(checkpoints, tmp_path, capsys, monkeypatch):
+    source = checkpoints.path("sd1.safetensors")
+    assert "does not exist" in run_cli(
+        capsys, source, "-o", tmp_path / "absent" / "x.safetensors"
+    )
+    assert "*.safetensors" in run_cli(capsys, source, "-o", tmp_path / "x.ckpt")
+    assert "no EMA weights" in run_cli(capsys, source, "-o", tmp_path / "x.safetensors", "--ema")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML is not a runtime dependency
+    assert "pip install pyyaml" in run_cli(
+        capsys,
+        source,
+        "-o",
+        tmp_path / "x.safetensors",
+        "--config",
+        tmp_path / "v1-inference.yaml",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_file(checkpoints, tmp_path, capsys, monkeypatch):
+    from minisd.weights import minisd_file
+
+    source = checkpoints.path("sd1.safetensors")
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    # where the writers look it up: both import save_file by name (patching safetensors.torch
+    # itself would let the real one write the whole 2.13 GB file)
+    for module in (minisd_file, convert):
+        monkeypatch.setattr(module, "save_file", broken_save)
+    assert "No space left" in run_cli(capsys, source, "-o", tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ── SD 1.x inpainting, sd1-inpainting.safetensors
+# ─────────────────────────────────────────────────────────────────
+
+
+def test_inpainting_unet_matches_diffusers_and_is_detected(checkpoints):
+    """Only the UNet differs from SD 1.x (9 input channels), so only the UNet is compared."""
+    path = checkpoints.path("sd1-inpainting.safetensors")
+    assert_close_to_diffusers(parity(path, "sd1-inpainting", parts=("unet",)), 1)
+    config, _ = read_as_minisd(path, report=quiet)
+    assert_preset(config, minisd.sd1_inpaint(), path.name)
     assert config.is_inpainting
 
 
-# ── round trips
-# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# ── SD 2.x, sd2.ckpt then sd2.safetensors
+# ─────────────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("name", ["sd1.safetensors", "sd2.safetensors"])
-def test_round_trip_through_files_bit_for_bit(files, workdir, name):
-    """The CLI both ways. SD 1.x in the manifest's spelling (no text_model., int64 position_ids); SD
-    2.x with its fused OpenCLIP q/k/v, text_projection, logit_scale and the 24th text layer. The
-    dtype (fp16) is kept."""
-    middle, back = workdir / f"minisd-{name}", workdir / f"back-{name}"
-    assert weights_convert.main([str(files[name]), "-o", str(middle)]) == 0
-    assert {v.dtype for v in read_checkpoint(middle)[0].values() if v.is_floating_point()} == {
-        torch.float16
-    }
-    assert weights_convert.main([str(middle), "-o", str(back), "--to", "official"]) == 0
-    assert_same_files(files[name], back)
-    middle.unlink(), back.unlink()
+def test_sd2_outputs_match_diffusers_single_file_conversion(checkpoints):
+    assert_close_to_diffusers(parity(checkpoints.path("sd2.ckpt"), "sd2"), 5)
+
+
+def test_sd2_ckpt_and_safetensors_give_the_same_weights(checkpoints):
+    assert_same_minisd_tensors(checkpoints, "sd2.ckpt", "sd2.safetensors", torch.float16)
+
+
+def test_sd2_detection_printout_and_prediction_type(checkpoints, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = checkpoints.path("sd2.safetensors")
+    lines = []
+    config, _ = read_as_minisd(path, report=lines.append)
+    assert_preset(config, minisd.sd2(), path.name)
+    text = "\n".join(lines)
+    assert config.prediction_type == "v_prediction"
+    assert (
+        "SD 2.x" in text
+        and "OpenCLIP" in text
+        and "--prediction-type epsilon" in text
+        and "--config" in text
+    )
+    v_yaml, eps_yaml = tmp_path / "v2-inference-v.yaml", tmp_path / "v2-inference.yaml"
+    v_yaml.write_text(yaml.safe_dump(manifest("sd2")["config"]))
+    base = copy.deepcopy(manifest("sd2")["config"])
+    del base["model"]["params"]["parameterization"]  # v2-inference.yaml: the 512-base model, ε
+    eps_yaml.write_text(yaml.safe_dump(base))
+    assert read_as_minisd(path, config=v_yaml, report=quiet)[0].prediction_type == "v_prediction"
+    config, _ = read_as_minisd(path, config=eps_yaml, report=quiet)
+    assert (config.prediction_type, config.name) == ("epsilon", "sd2-base")
+    config, _ = read_as_minisd(path, prediction_type="epsilon", report=quiet)
+    assert config.prediction_type == "epsilon"
+    v1_yaml = tmp_path / "v1-inference.yaml"
+    v1_yaml.write_text(yaml.safe_dump(manifest("sd1")["config"]))
+    with pytest.raises(ConversionError, match="describes another model: its context_dim is 768"):
+        # its 8 heads would be silently wrong
+        read_as_minisd(path, config=v1_yaml, report=quiet)
+
+
+# ── diffusers pipeline folders (no single file on disk meanwhile)
+# ─────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_diffusers_folder_matches_diffusers(checkpoints, family):
+    checkpoints.drop()  # the folder (2.13 / 2.58 GB) is then the only large thing on disk
+    errors = folder_parity(family, checkpoints.folder / f"{family}-diffusers")
+    assert_close_to_diffusers(errors, 5)
+    assert errors["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+
+
+# ── the full SD 1.x .ckpt (EMA copies and extras), sd1-full.ckpt
+# ──────────────────────────────────────────────
 
 
 @pytest.mark.parametrize("ema", [False, True])
-def test_round_trip_of_a_full_ckpt_bit_for_bit(files, monkeypatch, ema):
+def test_round_trip_of_a_full_ckpt_bit_for_bit(checkpoints, monkeypatch, ema):
     """EMA copies, model_ema.decay/num_updates, logvar, float position_ids, text_model. and
     global_step come back, also when the UNet was taken from the EMA copies. In memory: the file is
     read once (memory-mapped), so tensors that pass through untouched are recognised as the very
     same memory instead of being read twice."""
-    original, info = read_checkpoint(files["sd1-full.ckpt"])
+    path = checkpoints.path("sd1-full.ckpt")
+    original, info = read_checkpoint(path)
     monkeypatch.setattr(convert, "read_checkpoint", lambda path: (original, info))
-    config, tensors = read_as_minisd(files["sd1-full.ckpt"], ema=ema, report=quiet)
+    config, tensors = read_as_minisd(path, ema=ema, report=quiet)
     official, back_info = minisd_to_official(config, tensors, quiet)
     assert set(official) == set(original)
     assert all(same_bits(official[k], original[k]) for k in original)
@@ -350,13 +495,14 @@ def test_round_trip_of_a_full_ckpt_bit_for_bit(files, monkeypatch, ema):
     )
 
 
-def test_ema_selection(files):
-    original, _ = read_checkpoint(files["sd1-full.ckpt"])
+def test_ema_selection(checkpoints):
+    path = checkpoints.path("sd1-full.ckpt")
+    original, _ = read_checkpoint(path)
     lines = []
-    _, plain = read_as_minisd(files["sd1-full.ckpt"], report=lines.append)
+    _, plain = read_as_minisd(path, report=lines.append)
     assert any("plain" in line and "--ema" in line for line in lines)
     lines.clear()
-    _, ema = read_as_minisd(files["sd1-full.ckpt"], ema=True, report=lines.append)
+    _, ema = read_as_minisd(path, ema=True, report=lines.append)
     assert any("EMA copies (model_ema.*)" in line for line in lines)
     for official_key, minisd_key in (
         ("input_blocks.0.0.weight", "conv_in.weight"),
@@ -374,6 +520,39 @@ def test_ema_selection(files):
         plain_key = "model.diffusion_model." + official_key
         assert same_bits(ema["extra." + plain_key], original[plain_key])  # kept for the round trip
     assert same_bits(ema["vae.decoder.conv_out.weight"], plain["vae.decoder.conv_out.weight"])
+
+
+def test_sd1_ckpt_and_safetensors_give_the_same_weights(checkpoints):
+    """The full .ckpt (text_model., float position_ids, EMA copies) and the plain safetensors file
+    of the same weights."""
+    assert_same_minisd_tensors(checkpoints, "sd1-full.ckpt", "sd1-fp8.safetensors", FP8)
+
+
+# ── round trips through the command line, sd1-fp8.safetensors and sd2-fp8.safetensors
+# ─────────────────────
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_round_trip_through_files_bit_for_bit(checkpoints, family):
+    """The CLI both ways. SD 1.x in the manifest's spelling (no text_model., int64 position_ids); SD
+    2.x with its fused OpenCLIP q/k/v, text_projection, logit_scale and the 24th text layer. The
+    dtype is kept (fp8 here: names and bits are the property, and two SD 2.x copies stay at 2.6
+    GB)."""
+    name = f"{family}-fp8.safetensors"
+    original = checkpoints.path(name)
+    middle, back = checkpoints.folder / f"minisd-{name}", checkpoints.folder / f"back-{name}"
+    assert weights_convert.main([str(original), "-o", str(middle)]) == 0
+    expected = digests(read_checkpoint(original)[0])
+    checkpoints.drop()  # its last user: the original's space is freed before the copy back
+    floats = {v.dtype for v in read_checkpoint(middle)[0].values() if v.is_floating_point()}
+    assert floats == {FP8}
+    assert weights_convert.main([str(middle), "-o", str(back), "--to", "official"]) == 0
+    middle.unlink()
+    found = digests(read_checkpoint(back)[0])
+    back.unlink()
+    assert not differences(expected, found), differences(expected, found)[:10]
+
+
 
 
 def test_export_of_a_minisd_trained_model(tmp_path):
@@ -505,47 +684,6 @@ def test_small_diffusers_folder_with_bin_files_and_legacy_names(tmp_path):
         part: rel_err(ours[part], reference[part]) for part in ours
     }
 
-
-# ── what was detected, and what --config settles
-# ─────────────────────────────────────────────────────────────────
-
-
-def test_detection_printout_and_prediction_type(files, tmp_path):
-    yaml = pytest.importorskip("yaml")
-    lines = []
-    config, _ = read_as_minisd(files["sd2.safetensors"], report=lines.append)
-    text = "\n".join(lines)
-    assert config.prediction_type == "v_prediction"
-    assert (
-        "SD 2.x" in text
-        and "OpenCLIP" in text
-        and "--prediction-type epsilon" in text
-        and "--config" in text
-    )
-    v_yaml, eps_yaml = tmp_path / "v2-inference-v.yaml", tmp_path / "v2-inference.yaml"
-    v_yaml.write_text(yaml.safe_dump(manifest("sd2")["config"]))
-    base = copy.deepcopy(manifest("sd2")["config"])
-    del base["model"]["params"]["parameterization"]  # v2-inference.yaml: the 512-base model, ε
-    eps_yaml.write_text(yaml.safe_dump(base))
-    assert (
-        read_as_minisd(files["sd2.safetensors"], config=v_yaml, report=quiet)[0].prediction_type
-        == "v_prediction"
-    )
-    config, _ = read_as_minisd(files["sd2.safetensors"], config=eps_yaml, report=quiet)
-    assert (config.prediction_type, config.name) == ("epsilon", "sd2-base")
-    config, _ = read_as_minisd(files["sd2.safetensors"], prediction_type="epsilon", report=quiet)
-    assert config.prediction_type == "epsilon"
-    v1_yaml = tmp_path / "v1-inference.yaml"
-    v1_yaml.write_text(yaml.safe_dump(manifest("sd1")["config"]))
-    with pytest.raises(ConversionError, match="describes another model: its context_dim is 768"):
-        # its 8 heads would be silently wrong
-        read_as_minisd(files["sd2.safetensors"], config=v1_yaml, report=quiet)
-    lines.clear()
-    assert (
-        read_as_minisd(files["sd1.safetensors"], report=lines.append)[0].prediction_type
-        == "epsilon"
-    )
-    assert "SD 1.x" in lines[0] and "8 heads" in lines[0] and "1×1-conv" in lines[0]
 
 
 def test_explain_key_follows_diffusers_naming(capsys):
@@ -743,38 +881,6 @@ def test_other_dtypes_are_kept(dtype, monkeypatch):
     assert tensors["unet.conv_in.weight"].dtype == dtype
 
 
-def test_usage_errors(files, tmp_path, capsys, monkeypatch):
-    assert "does not exist" in run_cli(
-        capsys, files["sd1.safetensors"], "-o", tmp_path / "absent" / "x.safetensors"
-    )
-    assert "*.safetensors" in run_cli(capsys, files["sd1.safetensors"], "-o", tmp_path / "x.ckpt")
-    assert "no EMA weights" in run_cli(
-        capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors", "--ema"
-    )
-    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML is not a runtime dependency
-    assert "pip install pyyaml" in run_cli(
-        capsys,
-        files["sd1.safetensors"],
-        "-o",
-        tmp_path / "x.safetensors",
-        "--config",
-        tmp_path / "v1-inference.yaml",
-    )
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_failed_write_leaves_no_file(files, tmp_path, capsys, monkeypatch):
-    import safetensors.torch
-
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    assert "No space left" in run_cli(
-        capsys, files["sd1.safetensors"], "-o", tmp_path / "x.safetensors"
-    )
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_conversion_error_is_a_value_error():
