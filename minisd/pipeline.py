@@ -146,7 +146,7 @@ class SamplingSettings:
         images are checked where those are read)."""
         check_number("num_images", self.num_images, 1, integer=True)
         check_number("guidance_scale", self.guidance_scale, 0)
-        check_number("guidance_rescale", self.guidance_rescale, 0, 1, "0: plain guidance")
+        check_number("guidance_rescale", self.guidance_rescale, 0, 1, message="0: plain guidance")
         if isinstance(self.sampler, str):
             check_number("steps", self.steps, 1, num_train_timesteps - 1, integer=True)
             if self.sampler not in SAMPLERS:
