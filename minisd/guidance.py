@@ -29,10 +29,11 @@ diffusers' `rescale_noise_cfg`. As there, x is the raw UNet output: v for v-pred
 setting the paper proposes it for), ε otherwise. Why it is needed: with a zero-terminal-SNR
 schedule the first step sees pure noise, and for v-prediction x̂₀ = −v there, so whatever CFG's
 extrapolation adds to v lands in x̂₀ unscaled. The guided prediction's norm grows with s and the
-image comes out over-exposed (washed-out, saturated colours); eq. 15 pins its std to the
+image comes out over-exposed (too bright, over-saturated); eq. 15 pins its std to the
 conditional one's, and eq. 16 keeps a share (1 − φ) of the unrescaled result because rescaling
 alone looks plain (the paper uses φ = 0.7). φ = 0 is plain CFG. For composition, x_c is the
-prediction at s = 1, ε_u + Σᵢ wᵢ (εᵢ − ε_u) (= ε_c for one part of weight 1).
+prediction at s = 1, ε_u + Σᵢ wᵢ (εᵢ − ε_u) (= ε_c for one part of weight 1). At s = 1 it is a
+no-op (x_cfg = x_c); for s < 1 diffusers runs no guidance at all, minisd applies the equation.
 
 Ensembles (ensemble.py) mix such predictions of several models per step: ε = Σₖ λₖ ε⁽ᵏ⁾.
 """
