@@ -41,6 +41,7 @@ UNet's skips line up.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -96,9 +97,16 @@ class SamplingSettings:
     `s = SamplingSettings(steps=20)`.
 
     steps, sampler (one of SAMPLERS), eta (DDIM only, in [0, 1]), karras (σ-based samplers);
-    guidance_scale ≥ 0 (0: unconditional, 1: no guidance). seed: an int (one random stream for
-    the batch, as diffusers), a list of one int per image (each image its own stream: image i is
-    the same whatever the batch), or None; or `generator` (a torch.Generator or a list).
+    guidance_scale ≥ 0 (0: unconditional, 1: no guidance); guidance_rescale φ in [0, 1] (Lin et
+    al. 2024 eq. 15-16, guidance.py; 0.7 suggested with zero-terminal-SNR models, 0: plain CFG).
+    sampler may also be a sampler object (samplers/__init__.py), built with the options a name
+    cannot carry: DDIMSampler(NoiseSchedule(ScheduleConfig(..., rescale_betas_zero_snr=True)), 10,
+    spacing="trailing", limits=X0Limits(clip_sample=True), set_alpha_to_one=True) or custom
+    `timesteps=[...]`; its schedule must be the model's (prediction type, T), steps, eta and
+    karras are then its own (leave them out), and each run uses a fresh copy of it.
+    seed: an int (one random stream for the batch, as diffusers), a list of one int per image
+    (each image its own stream: image i is the same whatever the batch), or None; or `generator`
+    (a torch.Generator or a list).
     latents: the starting noise ε [B, 4, H/f, W/f] (with an init image: the noise added to it).
     init_image, strength in [0, 1] (the fraction of the steps run from the noised image; default
     0.8, 1.0 when inpainting; 0 returns the encoded image), mask (1 / white = repaint;
@@ -113,7 +121,8 @@ class SamplingSettings:
     # model's own (the bundled model: 1.5)
     steps: Optional[int] = None
     guidance_scale: Optional[float] = None
-    sampler: Optional[str] = None
+    guidance_rescale: float = 0.0
+    sampler: Union[str, object, None] = None  # a name, or a sampler object
     eta: float = 0.0
     karras: bool = False
     seed: Union[int, Sequence[int], None] = None
@@ -136,15 +145,23 @@ class SamplingSettings:
         """Raise ValueError for a setting that cannot work (the ones needing the model or the
         images are checked where those are read)."""
         check_number("num_images", self.num_images, 1, integer=True)
-        check_number("steps", self.steps, 1, num_train_timesteps - 1, integer=True)
         check_number("guidance_scale", self.guidance_scale, 0)
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {tuple(SAMPLERS)}")
-        check_number("eta", self.eta, 0, 1)
-        if self.sampler != "ddim" and self.eta != 0:
-            raise ValueError(f"eta applies to the DDIM sampler only, not {self.sampler!r}")
-        if self.karras and self.sampler in ("ddim", "ddpm"):
-            raise ValueError(f"karras sigmas apply to the σ-based samplers, not {self.sampler!r}")
+        check_number("guidance_rescale", self.guidance_rescale, 0, 1, message="0: plain guidance")
+        if isinstance(self.sampler, str):
+            check_number("steps", self.steps, 1, num_train_timesteps - 1, integer=True)
+            if self.sampler not in SAMPLERS:
+                raise ValueError(
+                    f"unknown sampler {self.sampler!r}; choose one of {tuple(SAMPLERS)}"
+                )
+            check_number("eta", self.eta, 0, 1)
+            if self.sampler != "ddim" and self.eta != 0:
+                raise ValueError(f"eta applies to the DDIM sampler only, not {self.sampler!r}")
+            if self.karras and self.sampler in ("ddim", "ddpm"):
+                raise ValueError(
+                    f"karras sigmas apply to the σ-based samplers, not {self.sampler!r}"
+                )
+        else:
+            check_sampler_object(self.sampler, self.eta, self.karras)
         if self.strength is not None:
             check_number("strength", self.strength, 0, 1)
         if self.output_type not in OUTPUT_TYPES:
@@ -155,6 +172,38 @@ class SamplingSettings:
             raise ValueError(f"callback must be callable, got {type(self.callback).__name__}")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs the image it applies to: pass init_image too")
+
+
+def check_sampler_object(sampler, eta, karras) -> None:
+    """A sampler object has the samplers' interface and carries its own η and spacing."""
+    needed = ("timesteps", "step", "scale_model_input", "add_noise", "timesteps_for_strength")
+    if not all(hasattr(sampler, name) for name in needed):
+        raise ValueError(
+            f"sampler must be one of {tuple(SAMPLERS)} or a sampler object (minisd.samplers), "
+            f"got {sampler!r:.80}"
+        )
+    if eta != 0 or karras:
+        raise ValueError("eta and karras belong to the sampler object: set them when building it")
+
+
+def fresh_sampler(sd, s: SamplingSettings, steps_given: bool):
+    """The sampler of a run: made from its name, or a copy of the given object (σ-based samplers
+    keep state between steps, and the caller's object stays as it was for the next run)."""
+    if isinstance(s.sampler, str):
+        return make_sampler(sd, s.sampler, s.steps, s.eta, s.karras)
+    if steps_given:
+        raise ValueError("steps belong to the sampler object: leave steps out beside it")
+    schedule, config = getattr(s.sampler, "schedule", None), sd.config
+    if schedule is not None and (
+        schedule.prediction_type != config.prediction_type
+        or schedule.num_train_timesteps != config.num_train_timesteps
+    ):
+        raise ValueError(
+            f"the sampler's schedule (prediction_type {schedule.prediction_type!r}, "
+            f"{schedule.num_train_timesteps} timesteps) is not the model's "
+            f"({config.prediction_type!r}, {config.num_train_timesteps})"
+        )
+    return copy.deepcopy(s.sampler)
 
 
 def settings_from(settings: Optional[SamplingSettings], options: dict) -> SamplingSettings:
@@ -370,15 +419,20 @@ def make_predictor(
     conditionings: list[Conditioning],
     guidance_scale: float,
     extra_channels: Optional[torch.Tensor] = None,
+    guidance_rescale: float = 0.0,
 ) -> Callable:
-    """predict(x, t) = Σₖ λₖ · guided ε̂⁽ᵏ⁾(x, t): classifier-free guidance (and composition) per
-    model, mixed over the ensemble; `extra_channels` are what inpainting models read beside x."""
+    """predict(x, t) = Σₖ λₖ · guided ε̂⁽ᵏ⁾(x, t): classifier-free guidance (and composition,
+    and rescale φ) per model, mixed over the ensemble; `extra_channels` are what inpainting models
+    read beside x."""
 
     @torch.no_grad()
     def predict(x: torch.Tensor, t: int) -> torch.Tensor:
         with plain_convolutions_for_small_latents(x):
             return sum(
-                weight * guided_prediction(model, x, t, cond, guidance_scale, extra_channels)
+                weight
+                * guided_prediction(
+                    model, x, t, cond, guidance_scale, extra_channels, guidance_rescale
+                )
                 for (model, weight), cond in zip(members, conditionings)
             )
 
@@ -459,6 +513,7 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
     s = settings_from(settings, options)
     members = ensemble_of(sd_or_ensemble)
     sd, cfg = members[0][0], members[0][0].config
+    steps_given = s.steps is not None
     s.steps, s.guidance_scale, s.sampler = sampling_defaults(
         cfg.card, s.steps, s.guidance_scale, s.sampler
     )
@@ -470,7 +525,7 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
     shape = (batch, cfg.vae.latent_channels, height // f, width // f)
     inpainting = mask is not None
     strength = (1.0 if inpainting else 0.8) if s.strength is None else s.strength
-    sampler = make_sampler(sd, s.sampler, s.steps, s.eta, s.karras)
+    sampler = fresh_sampler(sd, s, steps_given)
     timesteps = sampler.timesteps if image is None else sampler.timesteps_for_strength(strength)
     conditionings = [
         build_conditioning(model, parts, negatives, s.guidance_scale, s.prompt_weighting)
@@ -504,7 +559,7 @@ def prepare(sd_or_ensemble, prompt, negative_prompt="", settings=None, **options
         extra = torch.cat([m.expand(batch, -1, -1, -1), masked], dim=1)
     elif inpainting:
         sampler = KeepKnownRegion(sampler, timesteps.tolist(), mask_latent, x0_known, noise)
-    predict = make_predictor(members, conditionings, s.guidance_scale, extra)
+    predict = make_predictor(members, conditionings, s.guidance_scale, extra, s.guidance_rescale)
     return Run(sd, s, predict, sampler, timesteps.tolist(), start, streams, image, mask)
 
 

@@ -117,6 +117,42 @@ def test_generate_writes_pngs_with_their_settings_and_from_png_regenerates(
         assert json.loads(image.text["minisd"])["seed"] == 3
 
 
+def test_guidance_rescale_is_applied_stored_and_read_back(model_file, tmp_path, capsys):
+    """--guidance-rescale reaches generate (the PNG equals the library's image with the same φ and
+    differs from φ = 0), is stored in the PNG and comes back with --from-png; PNGs written before
+    the setting existed read as 0."""
+    # the random model's conditional and unconditional predictions differ little: at s = 7.5 the
+    # rescale moves pixels by one level, at s = 100 by ~18, well clear of the ±1 of fused attention
+    common = ["--model", model_file, "--steps", 3, "--seed", 4, "--guidance-scale", 100, "--quiet"]
+    out = tmp_path / "rescaled.png"
+    assert run(["generate", "a red circle", *common, "--guidance-rescale", 0.7, "--out", out]) == 0
+    with Image.open(out) as image:
+        assert json.loads(image.text["minisd"])["guidance_rescale"] == 0.7
+        pixels = np.asarray(image).astype(int)[::8, ::8]
+    sd = minisd.load(model_file)
+    kwargs = dict(steps=3, seed=[4], guidance_scale=100.0)
+    expected = np.asarray(sd.generate("a red circle", guidance_rescale=0.7, **kwargs)[0])
+    plain = np.asarray(sd.generate("a red circle", **kwargs)[0]).astype(int)
+    # ±1 level: the command line runs fused attention (tests/test_fastpath.py), the library math
+    assert np.abs(pixels - expected.astype(int)).max() <= 1
+    assert np.abs(pixels - plain).max() > 5
+    again = tmp_path / "again.png"
+    assert run(["generate", "--from-png", out, "--out", again, "--quiet"]) == 0
+    with Image.open(again) as image:
+        assert json.loads(image.text["minisd"])["guidance_rescale"] == 0.7
+        assert np.abs(np.asarray(image).astype(int)[::8, ::8] - pixels).max() <= 1
+    # a PNG without the setting (an older minisd): plain guidance
+    from minisd.images import read_png_settings, save_png
+
+    stored = read_png_settings(out)
+    del stored["guidance_rescale"]
+    save_png(Image.open(out).convert("RGB"), tmp_path / "old.png", stored)
+    assert run(["generate", "--from-png", tmp_path / "old.png", "--out", again, "--quiet"]) == 0
+    with Image.open(again) as image:
+        assert json.loads(image.text["minisd"])["guidance_rescale"] == 0.0
+        assert np.abs(np.asarray(image).astype(int)[::8, ::8] - plain).max() <= 1
+
+
 def test_img2img_and_inpainting_from_files(model_file, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
         tmp_path / "in.png"
@@ -268,6 +304,9 @@ def test_lora_adapter_from_the_command_line(model_file, tmp_path, capsys):
         (["--height", 30], "height must be a multiple of 8"),
         (["--guidance-scale", -2], "guidance_scale must be >= 0"),
         (["--eta", 3], "eta must be in"),
+        (["--guidance-rescale", 1.5], "guidance_rescale must be in [0, 1]"),
+        (["--guidance-rescale", "nan"], "guidance_rescale must be a number in [0, 1]"),
+        (["--guidance-rescale", "much"], "invalid float value"),
         (["--sampler", "lms"], "invalid choice: 'lms'"),
         (["--steps", "many"], "invalid int value"),
         (["--init-image", "{tmp}/missing.png"], "does not exist"),

@@ -45,6 +45,7 @@ DEFAULTS = dict(
     negative_prompt="",
     steps=None,  # None: the model card's
     guidance_scale=None,
+    guidance_rescale=0.0,
     sampler=None,
     eta=0.0,
     karras=False,
@@ -68,6 +69,7 @@ STORED = (
     "negative_prompt",
     "steps",
     "guidance_scale",
+    "guidance_rescale",
     "sampler",
     "eta",
     "karras",
@@ -100,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="classifier-free guidance scale s >= 0, 1 = no guidance "
         "(default: the model card's; SD: 7.5, the bundled model: 1.5)",
+    )
+    a(
+        "--guidance-rescale",
+        type=float,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024 eq. 15-16; 0.7 for zero-terminal-SNR "
+        "models; default 0: plain guidance)",
     )
     a("--sampler", choices=SAMPLER_NAMES, help="default: the model card's (ddim)")
     a(
@@ -182,6 +190,7 @@ STORED_TYPES = dict(
     negative_prompt=_STR,
     steps=_INT,
     guidance_scale=_NUMBER,
+    guidance_rescale=_NUMBER,
     sampler=_STR,
     eta=_NUMBER,
     karras=_BOOL,
@@ -371,6 +380,7 @@ def main(args: argparse.Namespace) -> int:
             negative_prompt=s["negative_prompt"],
             steps=s["steps"],
             guidance_scale=s["guidance_scale"],
+            guidance_rescale=s["guidance_rescale"],
             sampler=s["sampler"],
             eta=s["eta"],
             karras=s["karras"],
