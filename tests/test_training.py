@@ -436,6 +436,32 @@ def test_bad_text_encoder_options_exit_2_with_one_line(tiny_vae, tmp_path, capsy
     assert not out.exists()
 
 
+def test_evaluate_scores_the_short_prompts(tiny_vae, small_clip, tmp_path, capsys):
+    from minisd.train.evaluate import short_prompts
+    from minisd.train.shapes_dataset import COLOURS, DEFAULT_HELDOUT_PAIRS, SHAPES, parse_prompt
+
+    seen, heldout = short_prompts(heldout=False), short_prompts(heldout=True)
+    pairs = {(o.colour, o.shape) for p in seen + heldout for o in parse_prompt(p).objects}
+    assert len(seen) + len(heldout) == len(pairs) == len(COLOURS) * len(SHAPES)
+    assert {(o.colour, o.shape) for p in heldout for o in parse_prompt(p).objects} == set(
+        DEFAULT_HELDOUT_PAIRS
+    )
+    assert all(parse_prompt(p).objects[0].size is None for p in seen + heldout)
+
+    out = tmp_path / "run"
+    assert cli(frozen_args(tiny_vae, small_clip, out, 1)) == 0
+    report_file = tmp_path / "report.json"
+    small = ["--seen", "1", "--heldout", "1", "--select", "1", "--scales", "2", "--steps", "2"]
+    model = ["evaluate", "--model", str(out / "model.safetensors"), *small]
+    assert cli([*model, "--short", "2", "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    for key in ("guided", "unguided"):
+        assert report[key]["short"]["seen"]["count"] == 2 * len(seen)
+        assert report[key]["short"]["heldout"]["count"] == 2 * len(heldout)
+    assert cli([*model, "--short", "-1"]) == 2
+    assert "--short must be >= 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- several processes
 
 
