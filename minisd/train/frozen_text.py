@@ -1,9 +1,11 @@
 """Condition the diffusion model on a pretrained text tower, frozen, as Stable Diffusion does.
 
-SD trains its UNet to follow the token states of a CLIP text encoder that was pretrained
-contrastively and is never updated again (Rombach et al. 2022, section 3.3: τ_θ is CLIP's text
-transformer, kept fixed). `python -m minisd train --text-encoder tiny-clip` does the same with the
-tiny CLIP of chapter 13 (minisd/contrastive.py):
+Stable Diffusion trains its UNet to follow the token states of a CLIP text encoder that was
+pretrained contrastively and is never updated again (SD 1's model card: "a fixed, pretrained text
+encoder (CLIP ViT-L/14)"). The latent diffusion paper's own text-to-image model did the other thing:
+its transformer τ_θ was trained jointly with the UNet (Rombach et al. 2022, eq. 3), as minisd's
+default recipe does. `python -m minisd train --text-encoder tiny-clip` freezes the text tower of
+chapter 13's tiny CLIP (minisd/contrastive.py):
 
     c = LayerNorm_final(h^L'),   h^ℓ = the ℓ-th layer of the tiny CLIP's text tower,  no gradient
     L = ‖ UNet(z_t, t, c) − target ‖²                 only the UNet's parameters are optimised
