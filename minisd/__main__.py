@@ -31,7 +31,8 @@ COMMANDS = {
     ),
     "train": (
         "minisd.train.train_ldm",
-        "train the UNet and text encoder from scratch (needs a VAE from train-vae)",
+        "train the UNet and text encoder from scratch, or the UNet on the tiny CLIP's frozen text "
+        "tower (needs a VAE from train-vae)",
     ),
     "evaluate": (
         "minisd.train.evaluate",

@@ -17,7 +17,10 @@ import torch
 import minisd
 from minisd.train import training as T
 from minisd.__main__ import main as cli
+from minisd.clip import TextEncoderConfig
 from minisd.config import tiny
+from minisd.contrastive import ImageTowerConfig, TinyCLIP, TinyCLIPConfig, load_tiny_clip
+from minisd.contrastive import save_tiny_clip
 from minisd.train.lora import (
     LoRALinear,
     add_lora,
@@ -29,6 +32,7 @@ from minisd.train.lora import (
     unmerge_lora,
 )
 from minisd.pipeline import noise_schedule
+from minisd.train import frozen_text
 from minisd.train.train_ldm import Denoiser, diffusion_loss
 from minisd.train.train_vae import Reconstruct, vae_loss
 
@@ -36,6 +40,8 @@ QUIET = ["--no-progress", "--log-every", "1", "--sample-every", "0", "--checkpoi
 BUNDLED = Path(minisd.__file__).with_name("assets") / "bundled.safetensors"
 # Chosen by `python -m minisd evaluate` on its 50-prompt selection set (see the model card).
 BUNDLED_GUIDANCE = 1.5
+# the text tower of minisd/assets/tiny_clip.safetensors (README, tiny CLIP model card)
+TINY_CLIP_TEXT = TextEncoderConfig(width=64, layers=3, heads=4)
 
 
 @pytest.fixture(autouse=True)
@@ -295,6 +301,165 @@ def test_resume_with_another_architecture_is_refused(tiny_vae, tmp_path, capsys)
     )
     assert "different architecture" in capsys.readouterr().err
     assert folder_state(out) == before
+
+
+# ---------------------------------------------------------------- a pretrained text tower, frozen
+# (frozen_text.py)
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP file whose text tower (width 16, 2 layers) is narrower than the `tiny` preset's
+    cross-attention (32): training must widen nothing and narrow the UNet's context to 16."""
+    torch.manual_seed(0)
+    config = TinyCLIPConfig(
+        image=ImageTowerConfig(width=16, layers=1, heads=2),
+        text=TextEncoderConfig(width=16, layers=2, heads=2),
+        embed_dim=8,
+    )
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
+    save_tiny_clip(TinyCLIP(config), path)
+    return path
+
+
+PENULTIMATE = ("--text-layer", "penultimate")
+
+
+def frozen_args(vae, clip, out, steps, *extra):
+    return train_args(vae, out, steps, "--text-encoder", "tiny-clip", "--clip", str(clip), *extra)
+
+
+def test_frozen_tower_stays_bit_identical_and_resume_is_exact(tiny_vae, small_clip, tmp_path):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    assert cli(frozen_args(tiny_vae, small_clip, interrupted, 1, *PENULTIMATE)) == 0
+    first = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    resume = ["--resume", str(interrupted / "checkpoint.pt")]
+    # --text-encoder and --text-layer come back from the checkpoint (they are part of the recipe)
+    assert cli(train_args(tiny_vae, interrupted, 3, *resume)) == 0
+    assert cli(frozen_args(tiny_vae, small_clip, straight, 3, *PENULTIMATE)) == 0
+    a = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    b = torch.load(straight / "checkpoint.pt", weights_only=True)
+
+    tower = load_tiny_clip(small_clip).text_tower.state_dict()
+    for state in (first, a, b):
+        for key, value in tower.items():
+            # bit for bit: no gradient, no optimizer step, and the EMA's lerp(θ, θ, w) is θ
+            assert torch.equal(state["model"][f"text_encoder.{key}"], value), key
+            assert torch.equal(state["ema"][f"text_encoder.{key}"], value), key
+        # AdamW keeps state for the UNet's parameters only
+        unet = [k for k in state["model"] if k.startswith("unet.")]
+        assert len(state["optimizer"]["state"]) == len(unet)
+    changed = [k for k in a["model"] if k.startswith("unet.")]
+    assert any(not torch.equal(first["model"][k], a["model"][k]) for k in changed)
+
+    # resumed = uninterrupted, to float rounding (as in the test of the joint recipe above)
+    resumed, reference = (T.read_loss_log(p / "loss.jsonl") for p in (interrupted, straight))
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for x, y in zip(resumed, reference):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7), (x, y)
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_model_file_loads_and_generates(tiny_vae, small_clip, tmp_path):
+    out = tmp_path / "run"
+    assert cli(frozen_args(tiny_vae, small_clip, out, 1, *PENULTIMATE)) == 0
+    sd = minisd.load(out / "model.safetensors")
+    assert sd.config.unet.context_dim == 16 and sd.config.text.use_layers == 1
+    # the conditioning, written out independently of `use_layers`: SD 2's recipe, the output of
+    # the penultimate layer (here the first of two) under the causal mask, then the final LayerNorm
+    tower = load_tiny_clip(small_clip).text_tower
+    ids = sd.tokenizer(["a small red circle on the left", ""])
+    n = ids.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()  # True where token i may read token j <= i
+    with torch.no_grad():
+        h = tower.token_embedding(ids) + tower.position_embedding(torch.arange(n))
+        expected = tower.final_norm(tower.layers[0](h, mask))
+        got = sd.text_encoder(ids)
+    # same modules, same float32 operations in the same order: equal up to the attention kernel's
+    # summation order (a few ulps of values of order 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    image = sd.generate("a red circle", steps=2, seed=0, output_type="tensor")
+    assert image.shape == (1, 3, 32, 32) and bool(torch.isfinite(image).all())
+
+
+def test_frozen_denoiser_has_no_gradient_and_stays_in_eval_mode():
+    sd = minisd.StableDiffusion(tiny())
+    frozen_text.freeze(sd.text_encoder)
+    denoiser = Denoiser(sd, frozen_text=True).train()
+    assert denoiser.unet.training and not denoiser.text_encoder.training
+    z = torch.randn(2, 4, 16, 16)
+    ids = sd.tokenizer(["a red circle", ""])
+    denoiser(z, torch.tensor([10, 500]), ids).square().mean().backward()
+    assert all(p.grad is None for p in denoiser.text_encoder.parameters())
+    assert all(p.grad is not None for p in denoiser.unet.parameters() if p.requires_grad)
+
+
+def test_bundled_tiny_clip_is_the_default_tower(tiny_vae, tmp_path):
+    # the shipped tower: width 64, so the `tiny` preset's UNet cross-attends to 64-wide states
+    out = tmp_path / "run"
+    assert cli(train_args(tiny_vae, out, 1, "--text-encoder", "tiny-clip")) == 0
+    config = minisd.load(out / "model.safetensors").config
+    assert config.text == TINY_CLIP_TEXT and config.unet.context_dim == 64
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--text-encoder", "bert"], "--text-encoder must be one of"),
+        (["--text-layer", "penultimate"], "add --text-encoder tiny-clip"),
+        (["--text-encoder", "tiny-clip", "--text-layer", "last"], "--text-layer must be one of"),
+        (["--text-encoder", "tiny-clip", "--clip", "MISSING"], "no tiny CLIP file"),
+        (["--text-encoder", "tiny-clip", "--clip", "VAE"], "not a tiny CLIP file"),
+        (["--text-encoder", "tiny-clip", "--clip", "ONE_LAYER", "--text-layer", "penultimate"],
+         "at least 2 layers"),
+        (["--text-encoder", "tiny-clip", "--clip", "SMALL_VOCAB"], "embeds 1000 token ids"),
+    ],
+)
+def test_bad_text_encoder_options_exit_2_with_one_line(tiny_vae, tmp_path, capsys, extra, message):
+    odd = {
+        "ONE_LAYER": TextEncoderConfig(width=16, layers=1, heads=2),
+        "SMALL_VOCAB": TextEncoderConfig(vocab_size=1000, width=16, layers=1, heads=2),
+    }
+    extra = list(extra)
+    for i, value in enumerate(extra):
+        if value in odd:
+            extra[i] = str(tmp_path / f"{value}.safetensors")
+            image = ImageTowerConfig(width=16, layers=1, heads=2)
+            save_tiny_clip(TinyCLIP(TinyCLIPConfig(image=image, text=odd[value])), extra[i])
+        elif value in ("MISSING", "VAE"):
+            extra[i] = str(tmp_path / "missing") if value == "MISSING" else str(tiny_vae)
+    out = tmp_path / "run"
+    assert cli(train_args(tiny_vae, out, 1, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_evaluate_scores_the_short_prompts(tiny_vae, small_clip, tmp_path, capsys):
+    from minisd.train.evaluate import short_prompts
+    from minisd.train.shapes_dataset import COLOURS, DEFAULT_HELDOUT_PAIRS, SHAPES, parse_prompt
+
+    seen, heldout = short_prompts(heldout=False), short_prompts(heldout=True)
+    pairs = {(o.colour, o.shape) for p in seen + heldout for o in parse_prompt(p).objects}
+    assert len(seen) + len(heldout) == len(pairs) == len(COLOURS) * len(SHAPES)
+    assert {(o.colour, o.shape) for p in heldout for o in parse_prompt(p).objects} == set(
+        DEFAULT_HELDOUT_PAIRS
+    )
+    assert all(parse_prompt(p).objects[0].size is None for p in seen + heldout)
+
+    out = tmp_path / "run"
+    assert cli(frozen_args(tiny_vae, small_clip, out, 1)) == 0
+    report_file = tmp_path / "report.json"
+    small = ["--seen", "1", "--heldout", "1", "--select", "1", "--scales", "2", "--steps", "2"]
+    model = ["evaluate", "--model", str(out / "model.safetensors"), *small]
+    assert cli([*model, "--short", "2", "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    for key in ("guided", "unguided"):
+        assert report[key]["short"]["seen"]["count"] == 2 * len(seen)
+        assert report[key]["short"]["heldout"]["count"] == 2 * len(heldout)
+    assert cli([*model, "--short", "-1"]) == 2
+    assert "--short must be >= 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- several processes

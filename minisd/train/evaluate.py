@@ -14,6 +14,9 @@ Protocol (every number is a pure function of the seeds):
   3. Held-out: --heldout prompts of the held-out split (seed): each has at least one colour-shape
                pair never seen in training. Report the colour+shape rate.
   4. Both again at s = 1 (no guidance), to show what guidance buys.
+  5. Short prompts (--short K, optional): "a {colour} {shape}" for each of the 6 × 3 colour-shape
+     pairs, K images each, at s and at 1. Training captions always state size and position, so
+     these test robustness to a phrasing never seen; rates for seen and held-out pairs apart.
 Image i of a set is sampled with seed (image_seed + i), DDIM, --steps steps. The detector is
 minisd.train.fidelity.
 """
@@ -30,7 +33,14 @@ import torch
 from ..config import BUNDLED_MODEL
 from ..weights.convert import load
 from .fidelity import evaluate
-from .shapes_dataset import ShapesConfig, ShapesDataset, caption
+from .shapes_dataset import (
+    COLOURS,
+    DEFAULT_HELDOUT_PAIRS,
+    SHAPES,
+    ShapesConfig,
+    ShapesDataset,
+    caption,
+)
 
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 
@@ -40,6 +50,17 @@ def prompts_of(split: str, count: int, seed: int) -> list[str]:
     `seed`."""
     dataset = ShapesDataset(ShapesConfig(seed=seed, length=max(count, 1)), split)
     return [caption(dataset.spec_at(i)) for i in range(count)]
+
+
+def short_prompts(heldout: bool) -> list[str]:
+    """"a {colour} {shape}" for every colour-shape pair that is (heldout=False) or is not
+    (heldout=True) seen in training: 14 and 4 prompts."""
+    return [
+        f"a {colour} {shape}"
+        for colour in COLOURS
+        for shape in SHAPES
+        if ((colour, shape) in DEFAULT_HELDOUT_PAIRS) == heldout
+    ]
 
 
 @torch.no_grad()
@@ -100,6 +121,7 @@ def run_protocol(
     steps: int = 50,
     batch: int = 50,
     log=print,
+    short: int = 0,
 ) -> dict:
     report = {"seed": seed, "image_seed": image_seed, "steps": steps, "sampler": "ddim"}
     if guidance_scale is None:
@@ -134,6 +156,25 @@ def run_protocol(
             f"held-out ({heldout}) colour+shape {r['heldout']['colour_shape']:.1%}, full "
             f"{r['heldout']['full']:.1%}"
         )
+        if short > 0:  # each short prompt K times in a row: image i still uses image_seed + i
+            r["short"] = {
+                name: _rates(
+                    fidelity(
+                        sd,
+                        [p for p in short_prompts(name == "heldout") for _ in range(short)],
+                        scale,
+                        image_seed,
+                        steps,
+                        batch,
+                    )
+                )
+                for name in ("seen", "heldout")
+            }
+            log(
+                f"scale {scale}: short prompts ({short} images each), seen pairs colour+shape "
+                f"{r['short']['seen']['colour_shape']:.1%}, held-out pairs "
+                f"{r['short']['heldout']['colour_shape']:.1%}"
+            )
     return report
 
 
@@ -176,6 +217,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--image-seed", type=int, default=0, help="image i is sampled with seed image_seed + i"
     )
     p.add_argument("--batch", type=int, default=50, help="images generated together")
+    p.add_argument(
+        "--short",
+        type=int,
+        default=0,
+        help="also score the 18 short prompts 'a {colour} {shape}', this many images each",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the report here")
 
@@ -184,6 +231,8 @@ def main(args: argparse.Namespace) -> int:
     for name in ("seen", "heldout", "select", "steps", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.short < 0:
+        raise ValueError(f"--short must be >= 0, got {args.short}")
     try:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:
@@ -207,6 +256,7 @@ def main(args: argparse.Namespace) -> int:
         args.image_seed,
         args.steps,
         args.batch,
+        short=args.short,
     )
     report["model"] = str(args.model)
     report["seconds"] = round(time.time() - began, 1)

@@ -1,5 +1,5 @@
 """Train the latent diffusion model — UNet and CLIP-architecture text encoder together, from
-scratch.
+scratch, or the UNet alone on the tiny CLIP's frozen text tower (`--text-encoder tiny-clip`).
 
     python -m minisd train --vae runs/vae/vae.safetensors --out runs/ldm --steps 20000
 
@@ -8,6 +8,7 @@ One training step (Rombach et al. 2022, eq. 2), for a batch of (image, caption) 
     z₀ = latent_scale · (μ + σ ⊙ n),  (μ, σ) = VAE encoder(image)    (VAE trained first, frozen)
     t ~ U{0, …, T−1},  ε ~ N(0, I),   z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε          (schedule.q_sample)
     c = TextEncoder(tokens(caption)),  caption → "" with probability p_drop   (for CFG, guidance.py)
+        (the text encoder is trained too, or pretrained and frozen: frozen_text.py)
     L = ‖ UNet(z_t, t, c) − target ‖²,  target = ε or v = √ᾱ_t · ε − √(1 − ᾱ_t) · z₀
                                                                         (schedule.training_target)
 
@@ -35,6 +36,7 @@ from ..config import PREDICTION_TYPES
 from ..model import StableDiffusion
 from ..pipeline import noise_schedule
 from ..weights.minisd_file import save
+from . import frozen_text
 from . import training as T
 from .scene_language import caption_vocabulary as scene_vocabulary
 from .shapes_dataset import caption_vocabulary
@@ -52,6 +54,8 @@ RECIPE = (
     "weight_decay",
     "snr_gamma",
     "dataset",
+    "text_encoder",
+    "text_layer",
 )
 SAMPLE_PROMPTS = (
     "a large red circle in the center",
@@ -86,15 +90,24 @@ SAMPLE_PROMPTS_V2 = (  # --dataset scenes; the last four state held-out elements
 
 class Denoiser(nn.Module):
     """The trainable part: ε_θ(z_t, t, caption ids) = UNet(z_t, t, TextEncoder(ids)), one module for
-    DDP."""
+    DDP. With `frozen_text` the text encoder runs without gradients and stays in eval mode."""
 
-    def __init__(self, sd: StableDiffusion):
+    def __init__(self, sd: StableDiffusion, frozen_text: bool = False):
         super().__init__()
         self.unet = sd.unet
         self.text_encoder = sd.text_encoder
+        self.frozen_text = frozen_text
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.unet(z_t, t, self.text_encoder(ids))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_text):
+            context = self.text_encoder(ids)  # frozen: no graph through the tower, nothing to learn
+        return self.unet(z_t, t, context)
+
+    def train(self, mode: bool = True) -> "Denoiser":
+        super().train(mode)
+        if self.frozen_text:
+            self.text_encoder.eval()
+        return self
 
 
 def diffusion_loss(
@@ -177,6 +190,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight the loss by Min-SNR-γ (e.g. 5; faster convergence); default: plain MSE",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--text-encoder",
+        default="joint",
+        help="joint: a text encoder trained with the UNet from scratch; tiny-clip: the tiny CLIP's "
+        "pretrained text tower, frozen (frozen_text.py)",
+    )
+    p.add_argument(
+        "--text-layer",
+        default=None,
+        help="with tiny-clip: the tower's 'final' layer (SD 1; the default) or 'penultimate' "
+        "(SD 2), each followed by the final LayerNorm",
+    )
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="with tiny-clip: a tiny_clip.safetensors from `python -m minisd train-clip` "
+        "(default: the bundled one; not with --resume: the checkpoint holds the tower)",
+    )
     T.add_dataset_argument(p)
     p.add_argument(
         "--pool-size",
@@ -212,11 +243,16 @@ def same_architecture(a, b) -> bool:
 
 def setup(args, dist: T.Distributed):
     """Every check that can fail, before any work: returns (config, vae weights, checkpoint state or
-    None)."""
-    state = None
+    None, pretrained text tower weights or None)."""
+    state, tower = None, None
+    frozen_text.check_options(args.text_encoder, args.text_layer, args.clip)
     asked = T.resolve_config(args.preset, args.config) if (args.preset or args.config) else None
     if args.resume:
-        state, config = T.resume_run(args, "ldm", RECIPE)
+        state, config = T.resume_run(args, "ldm", RECIPE)  # sets --text-encoder/-layer as saved
+        if "text_encoder" not in state["args"]:  # from before the option: always joint
+            args.text_encoder, args.text_layer = "joint", None
+        if asked is not None and args.text_encoder != "joint":
+            asked = frozen_text.condition_on(asked, config.text)  # the tower comes from the run
         if asked is not None and not same_architecture(asked, config):
             raise T.UsageError(
                 f"checkpoint {args.resume} was trained with a different architecture than "
@@ -235,6 +271,10 @@ def setup(args, dist: T.Distributed):
             )
         vae_config, vae_weights = load_vae(args.vae)
         config = asked if asked is not None else vae_config
+        if args.text_encoder != "joint":
+            args.text_layer = args.text_layer or "final"
+            tower_config, tower = frozen_text.load_tower(args.clip, args.text_layer)
+            config = frozen_text.condition_on(config, tower_config)
         if config.vae != vae_config.vae:
             raise T.UsageError(
                 f"the VAE in {args.vae} ({vae_config.vae}) does not fit the architecture asked for "
@@ -253,7 +293,7 @@ def setup(args, dist: T.Distributed):
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise T.UsageError(f"--snr-gamma must be > 0, got {args.snr_gamma}")
     T.check_run_settings(args, dist)
-    return config, vae_weights, state
+    return config, vae_weights, state, tower
 
 
 @torch.no_grad()
@@ -275,19 +315,25 @@ def main(args: argparse.Namespace) -> int:
 
 
 def train(args, dist: T.Distributed, device: torch.device) -> int:
-    config, vae_weights, state = T.setup_on_every_rank(setup, args, dist)
+    config, vae_weights, state, tower = T.setup_on_every_rank(setup, args, dist)
     out = Path(args.out)
+    frozen = args.text_encoder != "joint"
 
     torch.manual_seed(args.seed)
     sd = StableDiffusion(config)
     sd.vae.load_state_dict(vae_weights)
+    if tower is not None:
+        sd.text_encoder.load_state_dict(tower)  # on resume it comes with the checkpoint instead
     sd = sd.to(device)
     sd.vae.requires_grad_(False).eval()
+    if frozen:
+        frozen_text.freeze(sd.text_encoder)
     schedule = noise_schedule(sd)
-    denoiser = Denoiser(sd)
+    denoiser = Denoiser(sd, frozen_text=frozen)
+    # The EMA also shadows a frozen tower: lerp(θ, θ, w) = θ exactly, so it is saved unchanged.
     ema = T.EMA(denoiser, args.ema_decay)
     optimizer = torch.optim.AdamW(
-        denoiser.parameters(),
+        [p for p in denoiser.parameters() if p.requires_grad],
         lr=args.lr,
         weight_decay=args.weight_decay,
         fused=device.type == "cuda",
@@ -317,9 +363,10 @@ def train(args, dist: T.Distributed, device: torch.device) -> int:
     caption_ids = sd.tokenizer(distinct + [""]).to(device)  # the last row is the empty caption
     empty = len(distinct)
     if dist.is_main:
+        text = f"frozen tiny CLIP, {args.text_layer} layer" if frozen else "trained"
         print(
             f"UNet {T.count_parameters(sd.unet):,} + text encoder "
-            f"{T.count_parameters(sd.text_encoder):,} "
+            f"{T.count_parameters(sd.text_encoder):,} ({text}) "
             f"parameters, latents {tuple(pool_mean.shape[1:])}, {config.prediction_type}, pool "
             f"{len(pool)} images "
             f"({len(distinct)} captions, {time.time() - began_setup:.0f} s to prepare), device "
