@@ -216,7 +216,8 @@ class Worker:
             )
 
     def op_setup(self, header, tensors):
-        """Wrap the calls the chapter's tasks forbid; once, before the first cell (later: refused)."""
+        """Wrap the calls the chapter's tasks forbid; once, before the first cell (later:
+        refused)."""
         if self.set_up:
             return {"status": "refused"}, None
         self.set_up = True
