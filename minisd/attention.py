@@ -13,6 +13,10 @@ The readable path below (`math`) is the default. `fused` calls torch's scaled_do
 which computes the same function in one kernel without storing the [tokens × tokens] matrix; tests
 check the two agree. The choice belongs to each layer (`set_attention_backend(sd, "fused")` sets the
 layers of one model), never to the process: two models in one notebook do not affect each other.
+
+The fast path can also fuse the projections (tools/fastpath.py, `fuse_projections`): W_q, W_k and
+W_v become row blocks of one matrix, so x [W_q; W_k; W_v]ᵀ is one matrix product instead of three
+(for cross-attention c [W_k; W_v]ᵀ, since q reads x while k and v read c).
 """
 from __future__ import annotations
 
@@ -129,6 +133,17 @@ class Attention(nn.Module):
         # Chapters set this to a function(probs [B, heads, n, m]) to look at attention maps (it
         # needs the probabilities, so the math path runs while it is set).
         self.probs_hook: Optional[Callable[[torch.Tensor], None]] = None
+        # fuse_projections (the fast path): the rows of [W_q; W_k; W_v] (cross-attention: [W_k;
+        # W_v]) in one matrix, whose row blocks *are* to_q/to_k/to_v's weights (views: no copy);
+        # None on the readable path. Buffers, so that .to() moves them too; not persistent, so
+        # that the state dict keeps its official names.
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    def plain_projections(self) -> bool:
+        """True while to_q, to_k, to_v are plain linear layers (an adapter such as LoRA, wrapped
+        around them after fusing, must run: then the fused matrix is not the whole projection)."""
+        return all(type(p) is nn.Linear for p in (self.to_q, self.to_k, self.to_v))
 
     def forward(
         self,
@@ -137,7 +152,13 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.fused_weight is None or torch.is_grad_enabled() or not self.plain_projections():
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif self.is_cross:  # one product for both projections of the context
+            q = self.to_q(x)
+            k, v = nn.functional.linear(context, self.fused_weight, self.fused_bias).chunk(2, -1)
+        else:  # one product for all three projections of x
+            q, k, v = nn.functional.linear(x, self.fused_weight, self.fused_bias).chunk(3, -1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         if self.probs_hook is not None:
             out, probs = attention_math(q, k, v, mask)

@@ -16,7 +16,8 @@ import torch
 import minisd
 from minisd.tools import bench
 from minisd.__main__ import main as cli
-from minisd.attention import attention_backend, get_attention_backend
+from minisd.attention import attention_backend, attention_layers, get_attention_backend
+from minisd.train.lora import add_lora, lora_layers, remove_lora
 from minisd.tools.fastpath import CUDAGraphCall, FastPath, slow_down, speed_up
 from minisd.tools.tiled_vae import WholeImageGroupNorm, decode_tiles, tiled_decode, _axis_tiles
 
@@ -108,7 +109,67 @@ def test_speed_up_refuses_bad_switches(sd):
         speed_up(sd, tiled_decode=True, tile_size=8, tile_overlap=8)
     with pytest.raises(ValueError, match="dtype"):
         speed_up(sd, dtype=torch.int8)
-    assert "fused+channels_last+compile" == FastPath(compile=True).describe()
+    assert "fused+fuse_projections+channels_last+compile" == FastPath(compile=True).describe()
+    assert "fused+compile" == FastPath(compile=True, fuse_projections=False,
+                                       channels_last=False).describe()
+
+
+def test_fused_projections_are_the_same_weights_and_the_same_function(sd, tmp_path):
+    """fuse_projections: one product x[W_q; W_k; W_v]ᵀ instead of three. The three blocks are the
+    same numbers, so the outputs differ only by the summation order of the matrix product (fp32
+    rounding, TOL); the parameters become views (no second copy), the state dict keeps its names,
+    training (grad on) takes the readable branch so gradients reach every W, the file written
+    afterwards is the same, and slow_down gives each projection its own memory back."""
+    x, t, ctx = unet_inputs(sd)
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in sd.state_dict().items()}
+    with torch.no_grad():
+        ref_unet, ref_image = sd.unet(x, t, ctx), sd.vae.decode(z)
+    speed_up(sd, attention="math", channels_last=False, fuse_projections=True)
+    layers = attention_layers(sd)
+    assert layers and all(layer.fused_weight is not None for layer in layers)
+    for layer in layers:
+        first = layer.to_k if layer.is_cross else layer.to_q
+        assert first.weight.data_ptr() == layer.fused_weight.data_ptr()  # a view, not a copy
+        width = layer.to_v.weight.shape[0]
+        assert torch.equal(layer.fused_weight[-width:], layer.to_v.weight)
+    after = sd.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert rel_err(sd.unet(x, t, ctx), ref_unet) < TOL
+        assert rel_err(sd.vae.decode(z), ref_image) < TOL
+    # with gradients: the readable branch, and every projection gets its gradient
+    sd.unet(x, t, ctx).square().mean().backward()
+    assert all(layer.to_q.weight.grad is not None and layer.to_k.weight.grad is not None
+               for layer in attention_layers(sd.unet))
+    sd.zero_grad(set_to_none=True)
+    path = tmp_path / "fused.safetensors"
+    minisd.save(sd, path)  # views into one matrix: written as separate tensors
+    reloaded = minisd.load(path).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in before.items())
+    slow_down(sd)
+    assert all(layer.fused_weight is None for layer in layers)
+    pointers = [layer.to_k.weight.data_ptr() for layer in layers]
+    assert all(p != layer.to_q.weight.data_ptr() for p, layer in zip(pointers, layers))
+
+
+def test_lora_wrapped_after_fusing_still_runs(sd):
+    """A LoRA adapter added after speed_up wraps to_q/to_k/to_v: the fused matrix is then not the
+    whole projection, so the layer must take the readable branch (the adapter's delta counts)."""
+    x, t, ctx = unet_inputs(sd)
+    speed_up(sd, attention="math", channels_last=False, fuse_projections=True)
+    add_lora(sd.unet, rank=2)
+    with torch.no_grad():
+        for layer in lora_layers(sd.unet).values():
+            layer.up.normal_(0, 0.5)  # a non-zero adapter
+        fused_on = sd.unet(x, t, ctx)
+        remove_lora(sd.unet, merge=True)  # the delta merged into the (view) weights in place
+        merged = sd.unet(x, t, ctx)
+    slow_down(sd)
+    with torch.no_grad():
+        readable = sd.unet(x, t, ctx)
+    assert rel_err(fused_on, readable) < TOL and rel_err(merged, readable) < TOL
 
 
 def test_cuda_graph_call_falls_back_where_it_cannot_record(sd):

@@ -12,6 +12,8 @@ For every model and image size, each variant below is measured for:
     peak GiB        (CUDA) the variant's weights + the most memory it held above them while making
                     an image (after its first image: what that left allocated counts, its one-time
                     scratch does not)
+    reserved GiB    the same counted as memory reserved from the card: a CUDA graph's replay
+                    does not go through the allocator, so its pool shows here, not in peak GiB
 
 Variants (the same weights in each):
     minisd-math         the readable path: attention written out as einsum, softmax, einsum; eager
@@ -309,8 +311,8 @@ def _fmt(value, spec):
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | size | dtype | variant | UNet ms | UNet it/s | × counterpart | s/image | first "
-        "image s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "image s | peak GiB | reserved GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = _ratio(rows, r)
@@ -320,7 +322,8 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r.get('unet_ms'), '.2f')} "
             f"| {_fmt(its, '.1f' if its and its >= 10 else '.2f')} | {ratio} | "
             f"{_fmt(r.get('image_s'), '.3f')} "
-            f"| {_fmt(r.get('first_image_s'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} |"
+            f"| {_fmt(r.get('first_image_s'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} "
+            f"| {_fmt(r.get('reserved_gib'), '.2f')} |"
             + (f" {r['error']}" if r.get("error") else "")
         )
     return "\n".join(lines)
@@ -373,6 +376,7 @@ def ratios(rows: list[dict]) -> list[str]:
                 ("unet_its", "UNet it/s", True),
                 ("image_s", "s/image", False),
                 ("peak_gib", "peak memory", False),
+                ("reserved_gib", "reserved memory", False),
             ):
                 if r.get(key) and other.get(key):
                     parts.append(f"{label} {r[key] / other[key]:.2f}×")

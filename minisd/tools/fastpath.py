@@ -18,6 +18,12 @@ asked to do it:
                          recording: one launch per denoising step instead of hundreds. The loop
                          calls the UNet with the same shapes every step, which is what makes a
                          recording reusable.
+                         The VAE decoder's call is recorded too (with compile), in the same
+                         memory pool: the decoder's activations reuse the memory the UNet's
+                         recording used, so the card holds max(UNet, decoder) scratch, not the sum.
+    fuse_projections     attention's W_q, W_k, W_v become row blocks of one matrix (views: the
+                         same memory), so x [W_q; W_k; W_v]ᵀ is one matrix product, not three
+                         (cross-attention: c [W_k; W_v]ᵀ). Same numbers up to summation order.
     cudnn_benchmark      let cuDNN time its convolution algorithms once per shape and keep the
                          fastest.
     attention_slicing    (memory) the math path builds the score matrix for a few (batch, head) rows
@@ -45,9 +51,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from .tiled_vae import tiled_decode
-from ..attention import set_attention_backend
+from ..attention import attention_layers, set_attention_backend
 from ..checks import check_number
 
 # recordings kept per model (one per input shape); each holds its own activation memory
@@ -69,6 +76,7 @@ class FastPath:
     compile_options: Optional[dict] = None
     compile_decoder: bool = True  # with compile=True, also compile the VAE decoder
     cuda_graphs: bool = False
+    fuse_projections: bool = True
     cudnn_benchmark: bool = True
     # (batch·head) rows at a time on the math path; None: all at once
     attention_slicing: Optional[int] = None
@@ -88,14 +96,25 @@ class FastPath:
             on.append(f"slicing{self.attention_slicing}")
         on += [
             name
-            for name in ("channels_last", "compile", "cuda_graphs", "tiled_decode")
+            for name in (
+                "fuse_projections", "channels_last", "compile", "cuda_graphs", "tiled_decode"
+            )
             if getattr(self, name)
         ]
         return "+".join(on)
 
 
+class GraphPool:
+    """The memory pool that a model's recordings share (torch.cuda.graph's `pool`). Sharing is safe
+    here because the recordings never run at the same time and each call copies its output out
+    before the next replay can overwrite it."""
+
+    def __init__(self):
+        self.handle = None
+
+
 class CUDAGraphCall:
-    """Replays one recorded call of `function(x, timesteps, context)` for inputs of the recorded
+    """Replays one recorded call of `function(*inputs)` (tensors) for inputs of the recorded
     shapes.
 
     A CUDA graph is a recording of kernel launches with fixed memory addresses. So the inputs are
@@ -104,28 +123,27 @@ class CUDAGraphCall:
     their own (up to CUDA_GRAPH_CACHE of them).
     """
 
-    def __init__(self, function: Callable, weights_probe: torch.Tensor):
+    def __init__(self, function: Callable, weights_probe: torch.Tensor, pool: GraphPool = None):
         self.function = function
         # a parameter: if its storage moves, the recordings are stale
         self.weights_probe = weights_probe
         self.probe_address = weights_probe.data_ptr()
         self.recordings: dict = {}
         # one memory pool shared by all recordings of this model
-        self.pool = None
+        self.pool = pool if pool is not None else GraphPool()
 
-    def __call__(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
-        timesteps = torch.as_tensor(timesteps, device=x.device)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
         if (
             torch.is_grad_enabled()
             or x.device.type != "cuda"
             or torch.cuda.is_current_stream_capturing()
         ):
             # training, CPU, or inside someone else's capture
-            return self.function(x, timesteps, context)
+            return self.function(*inputs)
         if self.weights_probe.data_ptr() != self.probe_address:
             self.recordings.clear()  # the model was moved: record again
             self.probe_address = self.weights_probe.data_ptr()
-        inputs = (x, timesteps, context)
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         if key not in self.recordings:
             if len(self.recordings) >= CUDA_GRAPH_CACHE:
@@ -135,7 +153,7 @@ class CUDAGraphCall:
         for buffer, value in zip(static_inputs, inputs):
             buffer.copy_(value)
         graph.replay()
-        return static_output.clone()  # the next replay overwrites static_output
+        return static_output.clone()  # the next replay (of any recording) overwrites static_output
 
     def _record(self, inputs):
         static_inputs = tuple(t.clone() for t in inputs)
@@ -149,10 +167,48 @@ class CUDAGraphCall:
                 self.function(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool.handle):
             static_output = self.function(*static_inputs)
-        self.pool = graph.pool()
+        self.pool.handle = graph.pool()
         return static_inputs, graph, static_output
+
+
+class UNetGraphCall(CUDAGraphCall):
+    """CUDAGraphCall for the UNet's (x, timesteps, context): timesteps may come as a number."""
+
+    def __call__(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x, torch.as_tensor(timesteps, device=x.device), context)
+
+
+def fuse_projections(modules) -> None:
+    """Make each attention layer's W_q, W_k, W_v (cross-attention: W_k, W_v) row blocks of one
+    matrix: the layer keeps its parameters, now views into `layer.fused_weight`."""
+    for layer in attention_layers(modules):
+        if layer.fused_weight is not None or not layer.plain_projections():
+            continue  # fused already, or wrapped (LoRA): left on the readable branch
+        parts = [layer.to_k, layer.to_v] if layer.is_cross else [layer.to_q, layer.to_k, layer.to_v]
+        for name in ("weight", "bias"):
+            if getattr(parts[0], name) is None:
+                continue
+            olds = [getattr(p, name) for p in parts]
+            fused = torch.cat([t.detach() for t in olds])
+            for p, old, block in zip(parts, olds, fused.split([t.shape[0] for t in olds])):
+                setattr(p, name, nn.Parameter(block, requires_grad=old.requires_grad))
+            setattr(layer, f"fused_{name}", fused)
+
+
+def unfuse_projections(modules) -> None:
+    """Undo fuse_projections: each projection gets its own memory again."""
+    for layer in attention_layers(modules):
+        if layer.fused_weight is None:
+            continue
+        for p in (layer.to_q, layer.to_k, layer.to_v):
+            p = p if isinstance(p, nn.Linear) else p.base  # a LoRA wrapped after fusing
+            for name in ("weight", "bias"):
+                old = getattr(p, name)
+                if old is not None:
+                    setattr(p, name, nn.Parameter(old.detach().clone(), old.requires_grad))
+        layer.fused_weight = layer.fused_bias = None
 
 
 def _check_switches(fast: FastPath, sd) -> None:
@@ -207,16 +263,25 @@ def speed_up(sd, fast: Optional[FastPath] = None, **switches) -> FastPath:
         sd.unet.to(memory_format=torch.channels_last)
         sd.vae.to(memory_format=torch.channels_last)
 
+    if fast.fuse_projections:
+        fuse_projections(sd)
+
     unet_forward = sd.unet.forward  # the readable method, bound to this instance
+    decoder_forward = None
     if fast.compile:
         settings = dict(mode=fast.compile_mode, options=fast.compile_options)
         unet_forward = torch.compile(unet_forward, **settings)
         if fast.compile_decoder:
-            sd.vae.decoder.forward = torch.compile(sd.vae.decoder.forward, **settings)
+            decoder_forward = torch.compile(sd.vae.decoder.forward, **settings)
     if fast.cuda_graphs:
-        unet_forward = CUDAGraphCall(unet_forward, next(sd.unet.parameters()))
+        pool = GraphPool()  # the UNet's and the decoder's recordings share one pool
+        unet_forward = UNetGraphCall(unet_forward, next(sd.unet.parameters()), pool)
+        if decoder_forward is not None:
+            decoder_forward = CUDAGraphCall(decoder_forward, sd.vae.decoder.conv_in.weight, pool)
     if fast.compile or fast.cuda_graphs:
         sd.unet.forward = unet_forward
+    if decoder_forward is not None:
+        sd.vae.decoder.forward = decoder_forward
     if fast.tiled_decode:
         sd.vae.decode = functools.partial(
             tiled_decode,
@@ -238,6 +303,7 @@ def slow_down(sd) -> None:
             module.__dict__.pop(name, None)
     if getattr(sd, "fast_path", None) is not None:
         set_attention_backend(sd, "math", None)
+        unfuse_projections(sd)
         if sd.fast_path.channels_last:
             sd.unet.to(memory_format=torch.contiguous_format)
             sd.vae.to(memory_format=torch.contiguous_format)

@@ -108,7 +108,14 @@ def state_dict_for_file(sd: StableDiffusion) -> dict[str, torch.Tensor]:
         f"{part}.{k}": v for part in PARTS for k, v in getattr(sd, part).state_dict().items()
     }
     tensors.update({f"{EXTRA}{k}": v for k, v in sd.extras.items()})
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return {k: _own_memory(v.detach().contiguous().cpu()) for k, v in tensors.items()}
+
+
+def _own_memory(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it if t is a view into a larger tensor (the fast path's fused attention
+    projections are): safetensors writes each tensor's own memory and refuses shared storage."""
+    own_bytes = t.numel() * t.element_size()
+    return t if t.untyped_storage().nbytes() == own_bytes else t.clone()
 
 
 def write_file(path: Union[str, Path], tensors: dict[str, torch.Tensor], config: SDConfig) -> None:
