@@ -20,9 +20,10 @@ Variants (the same weights in each):
     minisd              eager, fused attention (torch's scaled_dot_product_attention, which
                         diffusers uses too)
     minisd-cl           the same, channels_last weights
-    minisd-fast         the fast path (fastpath.py): fused attention, channels_last, and on a GPU
-                        torch.compile of the UNet and VAE decoder and a CUDA graph of the UNet call
-                        (--no-compile, --no-cuda-graphs)
+    minisd-fast         the fast path (fastpath.py) as the command line uses it: fused attention
+                        and fused q/k/v projections; on a GPU also channels_last, torch.compile of
+                        the UNet and VAE decoder and CUDA graphs of both (--no-compile,
+                        --no-cuda-graphs)
     diffusers, diffusers-cl    diffusers' UNet2DConditionModel and AutoencoderKL, transformers'
                                CLIPTextModel, eager
     diffusers-compiled  torch.compile(unet, fullgraph=True) + channels_last, no CUDA graphs (a

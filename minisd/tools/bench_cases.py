@@ -274,7 +274,8 @@ def prepare(case: Case, variant: str) -> str:
             speed_up(
                 case.sd,
                 attention="math" if s["attention_slicing"] else "fused",
-                channels_last=True,
+                # as the command line does: channels_last only where the tensor cores want it
+                channels_last=case.device.type == "cuda",
                 attention_slicing=s["attention_slicing"],
                 compile=s["compile"],
                 compile_mode=s["compile_mode"],

@@ -271,10 +271,10 @@ def view_scale(height: int, width: int, native_size: bool) -> int:
 
 @contextlib.contextmanager
 def fastest_proven_path(sd, readable: bool):
-    """Fused attention (proven equal to the readable math: tests/test_fastpath.py) everywhere, and
-    channels_last on a GPU, while the block runs; nothing with --readable. The switches belong to
-    this model alone (fastpath.speed_up); they are undone afterwards so that a model handed in by a
-    caller (a notebook, a test) comes back as it was."""
+    """Fused attention and fused q/k/v projections (proven equal to the readable math:
+    tests/test_fastpath.py) everywhere, and channels_last on a GPU, while the block runs; nothing
+    with --readable. The switches belong to this model alone (fastpath.speed_up); they are undone
+    afterwards so that a model handed in by a caller (a notebook, a test) comes back as it was."""
     if readable:
         yield
         return
