@@ -370,6 +370,11 @@ def test_generate_on_the_gpu_fast_path_matches_eager():
             eager = sd.generate("a red circle", **kwargs)
         speed_up(sd, compile=True, cuda_graphs=True)
         fast = sd.generate("a red circle", **kwargs)
+        again = sd.generate("a red circle", **kwargs)  # replays the UNet's and decoder's graphs
         assert (fast - eager).abs().max() < 2e-2  # images in [0, 1], float16 networks
+        assert torch.equal(again, fast)  # a replay is the same kernels on the same numbers
+        unet_graphs, decoder_graphs = sd.unet.forward, sd.vae.decoder.forward
+        assert len(decoder_graphs.recordings) == 1 and len(unet_graphs.recordings) == 1
+        assert decoder_graphs.pool is unet_graphs.pool  # the decoder reuses the UNet's scratch
     finally:
         slow_down(sd)
