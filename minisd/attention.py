@@ -102,6 +102,13 @@ def sliced_attention(q, k, v, mask, slice_size: int) -> torch.Tensor:
     return rearrange(out, "(b h) 1 n d -> b h n d", b=b, h=h)
 
 
+def _refuse_after_loading(layer: "Attention", incompatible_keys) -> None:
+    """After load_state_dict (children included; assign=True replaces the parameters), rebuild a
+    fused layer's matrix from the loaded parameters."""
+    if layer.fused_weight is not None:
+        layer.fuse_projections()
+
+
 class Attention(nn.Module):
     """Multi-head attention over tokens [B, n, query_dim], optionally attending to a context [B, m,
     context_dim].
@@ -133,17 +140,65 @@ class Attention(nn.Module):
         # Chapters set this to a function(probs [B, heads, n, m]) to look at attention maps (it
         # needs the probabilities, so the math path runs while it is set).
         self.probs_hook: Optional[Callable[[torch.Tensor], None]] = None
-        # fuse_projections (the fast path): the rows of [W_q; W_k; W_v] (cross-attention: [W_k;
-        # W_v]) in one matrix, whose row blocks *are* to_q/to_k/to_v's weights (views: no copy);
-        # None on the readable path. Buffers, so that .to() moves them too; not persistent, so
-        # that the state dict keeps its official names.
+        # The fast path's fused projections (fuse_projections below): the rows of [W_q; W_k; W_v]
+        # (cross-attention: [W_k; W_v]) in one matrix, whose row blocks *are* to_q/to_k/to_v's
+        # weights (views: no copy); None on the readable path. Not persistent, so that the state
+        # dict keeps its official names.
         self.register_buffer("fused_weight", None, persistent=False)
         self.register_buffer("fused_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refuse_after_loading)
 
     def plain_projections(self) -> bool:
         """True while to_q, to_k, to_v are plain linear layers (an adapter such as LoRA, wrapped
         around them after fusing, must run: then the fused matrix is not the whole projection)."""
         return all(type(p) is nn.Linear for p in (self.to_q, self.to_k, self.to_v))
+
+    # ------------------------------------------------ the fast path's fused projections
+    def _fused_parts(self) -> list[nn.Linear]:
+        return [self.to_k, self.to_v] if self.is_cross else [self.to_q, self.to_k, self.to_v]
+
+    def fuse_projections(self) -> None:
+        """Concatenate the projections' weights (and biases) into one matrix and make each
+        parameter a view of its row block: the same Parameter objects (an optimizer holding them
+        still works), the same numbers, no second copy. Built from the parameters, so calling it
+        again after they were replaced or converted re-links them."""
+        if not self.plain_projections():
+            return  # wrapped (LoRA): stays on the readable branch
+        parts = self._fused_parts()
+        for name in ("weight", "bias"):
+            if getattr(parts[0], name) is None:
+                continue
+            params = [getattr(p, name) for p in parts]
+            fused = torch.cat([t.detach() for t in params])
+            for param, block in zip(params, fused.split([t.shape[0] for t in params])):
+                param.data = block
+            setattr(self, f"fused_{name}", fused)
+
+    def unfuse_projections(self) -> None:
+        """Undo fuse_projections: each projection gets its own memory again (same objects)."""
+        if self.fused_weight is None:
+            return
+        for p in (self.to_q, self.to_k, self.to_v):
+            p = getattr(p, "base", p)  # a LoRA wrapped after fusing holds the linear as .base
+            for param in (p.weight, p.bias):
+                if param is not None:
+                    param.data = param.data.clone()
+        self.fused_weight = self.fused_bias = None
+
+    # Module conversions (.to, .half, .cuda), copies (deepcopy, pickling) and
+    # load_state_dict(assign=True) give the parameters and the fused matrix separate memory; the
+    # fused matrix is then rebuilt from the parameters (here and in _refuse_after_loading), so it
+    # never goes stale.
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.fused_weight is not None:
+            self.fuse_projections()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_buffers", {}).get("fused_weight") is not None:
+            self.fuse_projections()
 
     def forward(
         self,
@@ -151,14 +206,21 @@ class Attention(nn.Module):
         context: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        context = x if context is None else context
-        if self.fused_weight is None or torch.is_grad_enabled() or not self.plain_projections():
-            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        elif self.is_cross:  # one product for both projections of the context
+        # the fused projections serve inference only: with gradients the readable line runs
+        fused = (
+            self.fused_weight is not None
+            and not torch.is_grad_enabled()
+            and self.plain_projections()
+        )
+        if fused and self.is_cross:  # one product for both projections of the context
             q = self.to_q(x)
-            k, v = nn.functional.linear(context, self.fused_weight, self.fused_bias).chunk(2, -1)
-        else:  # one product for all three projections of x
+            c = x if context is None else context
+            k, v = nn.functional.linear(c, self.fused_weight, self.fused_bias).chunk(2, -1)
+        elif fused and context is None:  # one product for all three projections of x
             q, k, v = nn.functional.linear(x, self.fused_weight, self.fused_bias).chunk(3, -1)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         if self.probs_hook is not None:
             out, probs = attention_math(q, k, v, mask)

@@ -8,6 +8,7 @@ relative). GPU tests (compile, CUDA graphs, float16) skip without a GPU.
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -103,6 +104,8 @@ def test_generate_on_the_fast_path_matches_the_readable_path(sd):
 def test_speed_up_refuses_bad_switches(sd):
     with pytest.raises(ValueError, match="attention must be 'fused' or 'math'"):
         speed_up(sd, attention="flash")
+    with pytest.raises(ValueError, match="records CUDA graphs itself"):
+        speed_up(sd, compile=True, compile_mode="reduce-overhead", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         speed_up(sd, cuda_graphs=True)
     with pytest.raises(ValueError, match="tile_overlap"):
@@ -123,10 +126,19 @@ def test_fused_projections_are_the_same_weights_and_the_same_function(sd, tmp_pa
     x, t, ctx = unet_inputs(sd)
     z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
     before = {k: v.clone() for k, v in sd.state_dict().items()}
+    objects = [id(p) for p in sd.parameters()]
     with torch.no_grad():
         ref_unet, ref_image = sd.unet(x, t, ctx), sd.vae.decode(z)
     speed_up(sd, attention="math", channels_last=False, fuse_projections=True)
+    assert [id(p) for p in sd.parameters()] == objects  # an optimizer's parameters stay the model's
     layers = attention_layers(sd)
+    # the fused product replaces to_k's own call (both kinds of layer) while there is no gradient
+    to_k_calls = []
+    for layer in layers:
+        layer.to_k.register_forward_hook(lambda *_: to_k_calls.append(1))
+    with torch.no_grad():
+        sd.unet(x, t, ctx)
+    assert not to_k_calls
     assert layers and all(layer.fused_weight is not None for layer in layers)
     for layer in layers:
         first = layer.to_k if layer.is_cross else layer.to_q
@@ -141,6 +153,7 @@ def test_fused_projections_are_the_same_weights_and_the_same_function(sd, tmp_pa
         assert rel_err(sd.vae.decode(z), ref_image) < TOL
     # with gradients: the readable branch, and every projection gets its gradient
     sd.unet(x, t, ctx).square().mean().backward()
+    assert to_k_calls  # the readable line ran
     assert all(layer.to_q.weight.grad is not None and layer.to_k.weight.grad is not None
                for layer in attention_layers(sd.unet))
     sd.zero_grad(set_to_none=True)
@@ -149,9 +162,44 @@ def test_fused_projections_are_the_same_weights_and_the_same_function(sd, tmp_pa
     reloaded = minisd.load(path).state_dict()
     assert all(torch.equal(reloaded[k], v) for k, v in before.items())
     slow_down(sd)
+    assert [id(p) for p in sd.parameters()] == objects
     assert all(layer.fused_weight is None for layer in layers)
     pointers = [layer.to_k.weight.data_ptr() for layer in layers]
     assert all(p != layer.to_q.weight.data_ptr() for p, layer in zip(pointers, layers))
+
+
+def test_fused_projections_never_go_stale(sd):
+    """Conversions (.double()), copies (deepcopy) and load_state_dict(assign=True) give parameters
+    and fused matrix separate memory; the layer rebuilds the matrix, so later changes to the
+    parameters (a load, an optimizer step) reach the fused product too: fused (no grad) and readable
+    (grad on) outputs agree to fp rounding (TOL) after each."""
+    x, t, ctx = unet_inputs(sd)
+    speed_up(sd, attention="math", channels_last=False, fuse_projections=True)
+
+    def fused_vs_readable(model, dtype=torch.float32):
+        inputs = (x.to(dtype), t, ctx.to(dtype))
+        with torch.no_grad():
+            fused = model.unet(*inputs)
+        return rel_err(fused, model.unet(*inputs).detach())
+
+    def sgd_step(model, dtype):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.unet(x.to(dtype), t, ctx.to(dtype)).square().mean().backward()
+        optimizer.step()
+
+    sd.double()
+    sgd_step(sd, torch.float64)  # changes the parameters in place after a conversion
+    assert fused_vs_readable(sd, torch.float64) < TOL
+    copied = copy.deepcopy(sd)
+    sgd_step(copied, torch.float64)
+    assert fused_vs_readable(copied, torch.float64) < TOL
+    sd.load_state_dict(tiny_model(seed=1).double().state_dict())
+    assert fused_vs_readable(sd, torch.float64) < TOL
+    sd.float()
+    sd.load_state_dict(tiny_model(seed=3).state_dict(), assign=True)
+    assert fused_vs_readable(sd) < TOL
+    sgd_step(sd, torch.float32)
+    assert fused_vs_readable(sd) < TOL
 
 
 def test_lora_wrapped_after_fusing_still_runs(sd):
@@ -375,6 +423,9 @@ def test_generate_on_the_gpu_fast_path_matches_eager():
         assert torch.equal(again, fast)  # a replay is the same kernels on the same numbers
         unet_graphs, decoder_graphs = sd.unet.forward, sd.vae.decoder.forward
         assert len(decoder_graphs.recordings) == 1 and len(unet_graphs.recordings) == 1
-        assert decoder_graphs.pool is unet_graphs.pool  # the decoder reuses the UNet's scratch
+        # the decoder's recording was made in the UNet's pool: it reuses the UNet's scratch
+        recorded_pools = {rec[1].pool() for g in (unet_graphs, decoder_graphs)
+                          for rec in g.recordings.values()}
+        assert len(recorded_pools) == 1
     finally:
         slow_down(sd)

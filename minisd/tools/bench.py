@@ -275,6 +275,10 @@ def check_settings(args) -> dict:
     graphs = on_gpu if args.cuda_graphs is None else args.cuda_graphs
     if graphs and not on_gpu:
         raise ValueError("--cuda-graphs needs a CUDA device (--device cuda)")
+    if graphs and compile_ and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ValueError(
+            f"--compile-mode {args.compile_mode} records CUDA graphs itself: add --no-cuda-graphs"
+        )
     return dict(
         device=device,
         dtype=getattr(torch, dtype_name),

@@ -51,8 +51,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import nn
-
 from .tiled_vae import tiled_decode
 from ..attention import attention_layers, set_attention_backend
 from ..checks import check_number
@@ -181,34 +179,17 @@ class UNetGraphCall(CUDAGraphCall):
 
 
 def fuse_projections(modules) -> None:
-    """Make each attention layer's W_q, W_k, W_v (cross-attention: W_k, W_v) row blocks of one
-    matrix: the layer keeps its parameters, now views into `layer.fused_weight`."""
+    """Fuse every attention layer's projections (Attention.fuse_projections): x [W_q; W_k; W_v]ᵀ
+    as one matrix product, the parameters views of the fused matrix."""
     for layer in attention_layers(modules):
-        if layer.fused_weight is not None or not layer.plain_projections():
-            continue  # fused already, or wrapped (LoRA): left on the readable branch
-        parts = [layer.to_k, layer.to_v] if layer.is_cross else [layer.to_q, layer.to_k, layer.to_v]
-        for name in ("weight", "bias"):
-            if getattr(parts[0], name) is None:
-                continue
-            olds = [getattr(p, name) for p in parts]
-            fused = torch.cat([t.detach() for t in olds])
-            for p, old, block in zip(parts, olds, fused.split([t.shape[0] for t in olds])):
-                setattr(p, name, nn.Parameter(block, requires_grad=old.requires_grad))
-            setattr(layer, f"fused_{name}", fused)
+        if layer.fused_weight is None:
+            layer.fuse_projections()
 
 
 def unfuse_projections(modules) -> None:
     """Undo fuse_projections: each projection gets its own memory again."""
     for layer in attention_layers(modules):
-        if layer.fused_weight is None:
-            continue
-        for p in (layer.to_q, layer.to_k, layer.to_v):
-            p = p if isinstance(p, nn.Linear) else p.base  # a LoRA wrapped after fusing
-            for name in ("weight", "bias"):
-                old = getattr(p, name)
-                if old is not None:
-                    setattr(p, name, nn.Parameter(old.detach().clone(), old.requires_grad))
-        layer.fused_weight = layer.fused_bias = None
+        layer.unfuse_projections()
 
 
 def _check_switches(fast: FastPath, sd) -> None:
@@ -217,6 +198,14 @@ def _check_switches(fast: FastPath, sd) -> None:
     if fast.dtype is not None and fast.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(
             f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {fast.dtype}"
+        )
+    options = fast.compile_options or {}
+    if fast.cuda_graphs and (
+        fast.compile_mode in ("reduce-overhead", "max-autotune") or options.get("triton.cudagraphs")
+    ):
+        raise ValueError(
+            f"compile mode {fast.compile_mode or options!r} records CUDA graphs itself: give "
+            "cuda_graphs=False with it (two recordings of one call cannot nest)"
         )
     device = torch.device(fast.device) if fast.device is not None else sd.device
     if fast.cuda_graphs and device.type != "cuda":
