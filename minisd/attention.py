@@ -105,7 +105,7 @@ def sliced_attention(q, k, v, mask, slice_size: int) -> torch.Tensor:
 def _refuse_after_loading(layer: "Attention", incompatible_keys) -> None:
     """After load_state_dict (children included; assign=True replaces the parameters), rebuild a
     fused layer's matrix from the loaded parameters."""
-    if layer.fused_weight is not None:
+    if layer.fused_weight is not None and not layer.projections_linked():
         layer.fuse_projections()
 
 
@@ -189,9 +189,11 @@ class Attention(nn.Module):
     # load_state_dict(assign=True) give the parameters and the fused matrix separate memory; the
     # fused matrix is then rebuilt from the parameters (here and in _refuse_after_loading), so it
     # never goes stale.
+    # Only where a link is broken: re-fusing moves the weights, and a CUDA graph recorded on the
+    # fast path reads them at their addresses.
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.fused_weight is not None:
+        if self.fused_weight is not None and not self.projections_linked():
             self.fuse_projections()
         return self
 
@@ -199,6 +201,16 @@ class Attention(nn.Module):
         super().__setstate__(state)
         if self.__dict__.get("_buffers", {}).get("fused_weight") is not None:
             self.fuse_projections()
+
+    def projections_linked(self) -> bool:
+        """True while every fused parameter is still a view into the fused matrix."""
+        pairs = [("weight", self.fused_weight), ("bias", self.fused_bias)]
+        return all(
+            getattr(p, name).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+            for name, fused in pairs
+            if fused is not None
+            for p in self._fused_parts()
+        )
 
     def forward(
         self,

@@ -182,6 +182,13 @@ def test_fused_projections_never_go_stale(sd):
             fused = model.unet(*inputs)
         return rel_err(fused, model.unet(*inputs).detach())
 
+    # a no-op conversion or an in-place load leaves the matrix where it is (a CUDA graph recorded
+    # on the fast path reads the weights at their addresses)
+    addresses = [layer.fused_weight.data_ptr() for layer in attention_layers(sd)]
+    sd.to("cpu", torch.float32)
+    sd.load_state_dict(sd.state_dict())
+    assert [layer.fused_weight.data_ptr() for layer in attention_layers(sd)] == addresses
+
     def sgd_step(model, dtype):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         model.unet(x.to(dtype), t, ctx.to(dtype)).square().mean().backward()

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
 from .tiled_vae import tiled_decode
 from ..attention import attention_layers, set_attention_backend
 from ..checks import check_number
