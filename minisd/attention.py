@@ -103,10 +103,8 @@ def sliced_attention(q, k, v, mask, slice_size: int) -> torch.Tensor:
 
 
 def _refuse_after_loading(layer: "Attention", incompatible_keys) -> None:
-    """After load_state_dict (children included; assign=True replaces the parameters), rebuild a
-    fused layer's matrix from the loaded parameters."""
-    if layer.fused_weight is not None and not layer.projections_linked():
-        layer.fuse_projections()
+    """After load_state_dict (children included; assign=True replaces the parameters)."""
+    layer.refuse_if_unlinked()
 
 
 class Attention(nn.Module):
@@ -193,24 +191,27 @@ class Attention(nn.Module):
     # fast path reads them at their addresses.
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.fused_weight is not None and not self.projections_linked():
-            self.fuse_projections()
+        self.refuse_if_unlinked()
         return self
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if self.__dict__.get("_buffers", {}).get("fused_weight") is not None:
-            self.fuse_projections()
+        self.refuse_if_unlinked()
 
-    def projections_linked(self) -> bool:
-        """True while every fused parameter is still a view into the fused matrix."""
-        pairs = [("weight", self.fused_weight), ("bias", self.fused_bias)]
-        return all(
+    def refuse_if_unlinked(self) -> None:
+        """Rebuild the fused matrix from the parameters if any of them is no longer a view of it."""
+        buffers = self.__dict__.get("_buffers", {})  # .get: a layer pickled before fusing existed
+        pairs = [("weight", buffers.get("fused_weight")), ("bias", buffers.get("fused_bias"))]
+        if pairs[0][1] is None:
+            return
+        linked = all(
             getattr(p, name).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
             for name, fused in pairs
             if fused is not None
             for p in self._fused_parts()
         )
+        if not linked:
+            self.fuse_projections()
 
     def forward(
         self,
